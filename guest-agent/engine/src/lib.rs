@@ -1,0 +1,48 @@
+//! The wasmtime engine configuration of Bulwark, in one place.
+//!
+//! The host precompiles modules with Cranelift for the guest; the guest deserializes them. wasmtime
+//! refuses an artifact whose engine settings differ from the runtime's, so both sides build their
+//! `Config` from [`shared_config`] here. The host adds the compilation target with
+//! [`compiler_config`] (feature `compiler`); the guest adds its platform hooks.
+
+#![no_std]
+
+use wasmtime::Config;
+
+/// Target triple the host compiles for: the freestanding guest.
+pub const TARGET: &str = "x86_64-unknown-none";
+
+/// Cranelift ISA flags the host enables: the x86-64-v2 baseline. With SSE4.1 Cranelift lowers
+/// every float rounding op inline, so compiled code makes no float libcall (what makes the guest's
+/// `x86_float_abi_ok` sound). The guest checks each against CPUID when it loads an artifact.
+pub const CPU_FLAGS: &[&str] = &["has_sse3", "has_ssse3", "has_sse41", "has_sse42", "has_popcnt"];
+
+/// The settings both sides must share: no signal-based traps (the guest has no signals), no
+/// virtual-memory tricks (no reservation, guard pages or copy-on-write images: the guest has no
+/// `mmap`), and no relaxed SIMD (its FMA lowering could need a float libcall).
+pub fn shared_config() -> Config {
+    let mut config = Config::new();
+    config
+        .signals_based_traps(false)
+        .memory_reservation(0)
+        .memory_guard_size(0)
+        .memory_reservation_for_growth(0)
+        .memory_init_cow(false)
+        .wasm_relaxed_simd(false);
+    config
+}
+
+/// The host compiler's configuration: [`shared_config`] plus the guest target and [`CPU_FLAGS`].
+#[cfg(feature = "compiler")]
+pub fn compiler_config() -> wasmtime::Result<Config> {
+    let mut config = shared_config();
+    config.target(TARGET)?;
+    for flag in CPU_FLAGS {
+        // SAFETY: these flags describe the guest CPU baseline; the guest verifies each one with
+        // CPUID (through `detect_host_feature`) before it runs code compiled with them.
+        unsafe {
+            config.cranelift_flag_enable(flag);
+        }
+    }
+    Ok(config)
+}

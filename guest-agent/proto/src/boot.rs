@@ -1,0 +1,249 @@
+//! The boot-info block the VMM writes at [`BOOT_INFO`](crate::layout::BOOT_INFO) before the guest
+//! starts; the guest finds its address in RDI.
+
+/// Value of [`BootInfo::magic`]: `"BULWARK\0"` little-endian.
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"BULWARK\0");
+
+/// What the guest does after it is ready; the VMM sets it with `--guest-test` for fault tests.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestMode {
+    /// Normal operation.
+    None = 0,
+    /// Execute `ud2` (the VMM must report exception vector 6 and its RIP).
+    InvalidOpcode = 1,
+    /// Read [`MMIO_UNCLAIMED`](crate::layout::MMIO_UNCLAIMED), which no device claims.
+    UnclaimedMmio = 2,
+    /// Loop forever without exiting (the VMM's `--timeout` must end it).
+    Spin = 3,
+}
+
+impl TestMode {
+    /// Decodes a raw value from boot info; unknown values are `None` (the guest refuses them).
+    pub const fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::None),
+            1 => Some(Self::InvalidOpcode),
+            2 => Some(Self::UnclaimedMmio),
+            3 => Some(Self::Spin),
+            _ => None,
+        }
+    }
+}
+
+/// Boot information, `repr(C)` so both sides agree on every offset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootInfo {
+    /// Always [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`crate::ABI_VERSION`] of the VMM that wrote this block.
+    pub abi_version: u32,
+    /// A raw [`TestMode`].
+    pub test_mode: u32,
+    /// Size of guest RAM in bytes (RAM is guest-physical `0..mem_size`).
+    pub mem_size: u64,
+    /// First byte of the heap the guest may allocate from (2 MiB aligned).
+    pub heap_start: u64,
+    /// Size of the heap in bytes; it ends at `mem_size`.
+    pub heap_size: u64,
+    /// Address of the payload blob (0 bytes long when the VMM got none).
+    pub payload_start: u64,
+    /// Length of the payload blob in bytes.
+    pub payload_size: u64,
+    /// TSC frequency in kHz, as KVM reports it for the vCPU (0 if unknown).
+    pub tsc_khz: u64,
+}
+
+impl BootInfo {
+    /// Size of the block in guest memory.
+    pub const SIZE: usize = core::mem::size_of::<Self>();
+
+    /// Serializes the block as it lies in guest memory (little-endian, `repr(C)` order).
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let mut out = [0u8; Self::SIZE];
+        let fields: [&[u8]; 9] = [
+            &self.magic.to_le_bytes(),
+            &self.abi_version.to_le_bytes(),
+            &self.test_mode.to_le_bytes(),
+            &self.mem_size.to_le_bytes(),
+            &self.heap_start.to_le_bytes(),
+            &self.heap_size.to_le_bytes(),
+            &self.payload_start.to_le_bytes(),
+            &self.payload_size.to_le_bytes(),
+            &self.tsc_khz.to_le_bytes(),
+        ];
+        let mut at = 0;
+        for f in fields {
+            out[at..at + f.len()].copy_from_slice(f);
+            at += f.len();
+        }
+        out
+    }
+
+    /// Checks the block's internal consistency; `Err` names the first problem.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        use crate::layout::*;
+        if self.magic != BOOT_INFO_MAGIC {
+            return Err("bad magic");
+        }
+        if self.abi_version != crate::ABI_VERSION {
+            return Err("ABI version mismatch");
+        }
+        if TestMode::from_raw(self.test_mode).is_none() {
+            return Err("unknown test mode");
+        }
+        let payload_end = self.payload_start.checked_add(self.payload_size);
+        if self.payload_start != PAYLOAD_START || payload_end.is_none_or(|e| e > self.heap_start) {
+            return Err("payload outside its region");
+        }
+        let heap_end = self.heap_start.checked_add(self.heap_size);
+        if !self.heap_start.is_multiple_of(PAGE_SIZE) || heap_end != Some(self.mem_size) {
+            return Err("heap does not end at the end of RAM");
+        }
+        if self.mem_size > MAX_RAM_SIZE || self.heap_size < MIN_HEAP_SIZE {
+            return Err("RAM size out of range");
+        }
+        Ok(())
+    }
+}
+
+/// What the exception stub leaves on its stack when it reports to
+/// [`CONTROL_EXCEPTION`](crate::ports::CONTROL_EXCEPTION): the vector, the error code (0 for
+/// vectors without one), then the frame the CPU pushed. Each field is 8 bytes, from the stack
+/// pointer up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExceptionFrame {
+    /// Exception vector (0..=31).
+    pub vector: u64,
+    /// Error code pushed by the CPU, or 0 if the vector has none.
+    pub error_code: u64,
+    /// RIP of the faulting instruction.
+    pub rip: u64,
+    /// CS at the fault (its low two bits are the CPL).
+    pub cs: u64,
+    /// RFLAGS at the fault.
+    pub rflags: u64,
+    /// RSP at the fault.
+    pub rsp: u64,
+    /// SS at the fault.
+    pub ss: u64,
+}
+
+impl ExceptionFrame {
+    /// Size of the frame on the stack.
+    pub const SIZE: usize = 7 * 8;
+
+    /// Decodes the frame from the bytes at the stub's stack pointer.
+    pub fn from_bytes(b: &[u8; Self::SIZE]) -> Self {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        Self {
+            vector: word(0),
+            error_code: word(1),
+            rip: word(2),
+            cs: word(3),
+            rflags: word(4),
+            rsp: word(5),
+            ss: word(6),
+        }
+    }
+}
+
+/// Whether the CPU pushes an error code for exception `vector`.
+pub const fn exception_has_error_code(vector: u64) -> bool {
+    matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
+}
+
+/// Short mnemonic of an architectural exception vector, for reports.
+pub const fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "#DE divide error",
+        1 => "#DB debug",
+        2 => "NMI",
+        3 => "#BP breakpoint",
+        4 => "#OF overflow",
+        5 => "#BR bound range",
+        6 => "#UD invalid opcode",
+        7 => "#NM device not available",
+        8 => "#DF double fault",
+        10 => "#TS invalid TSS",
+        11 => "#NP segment not present",
+        12 => "#SS stack fault",
+        13 => "#GP general protection",
+        14 => "#PF page fault",
+        16 => "#MF x87 error",
+        17 => "#AC alignment check",
+        18 => "#MC machine check",
+        19 => "#XM SIMD exception",
+        20 => "#VE virtualization",
+        21 => "#CP control protection",
+        _ => "reserved vector",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::*;
+
+    fn sample() -> BootInfo {
+        let heap_start = heap_start(4096).unwrap();
+        BootInfo {
+            magic: BOOT_INFO_MAGIC,
+            abi_version: crate::ABI_VERSION,
+            test_mode: TestMode::None as u32,
+            mem_size: 256 << 20,
+            heap_start,
+            heap_size: (256 << 20) - heap_start,
+            payload_start: PAYLOAD_START,
+            payload_size: 4096,
+            tsc_khz: 2_000_000,
+        }
+    }
+
+    #[test]
+    fn bytes_match_the_repr_c_layout() {
+        let info = sample();
+        let bytes = info.to_bytes();
+        assert_eq!(bytes.len(), 64);
+        // SAFETY: BootInfo is repr(C), plain integers, and `bytes` is exactly its size.
+        let back: BootInfo = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        assert_eq!(back, info);
+    }
+
+    #[test]
+    fn validate_accepts_a_good_block_and_names_bad_fields() {
+        assert_eq!(sample().validate(), Ok(()));
+        let mut b = sample();
+        b.magic = 0;
+        assert_eq!(b.validate(), Err("bad magic"));
+        let mut b = sample();
+        b.abi_version += 1;
+        assert_eq!(b.validate(), Err("ABI version mismatch"));
+        let mut b = sample();
+        b.test_mode = 99;
+        assert_eq!(b.validate(), Err("unknown test mode"));
+        let mut b = sample();
+        b.payload_size = u64::MAX;
+        assert_eq!(b.validate(), Err("payload outside its region"));
+        let mut b = sample();
+        b.heap_size += 1;
+        assert_eq!(b.validate(), Err("heap does not end at the end of RAM"));
+    }
+
+    #[test]
+    fn exception_frame_decodes_words_in_order() {
+        let mut b = [0u8; ExceptionFrame::SIZE];
+        for i in 0..7 {
+            b[i * 8] = i as u8 + 1;
+        }
+        let f = ExceptionFrame::from_bytes(&b);
+        assert_eq!((f.vector, f.error_code, f.rip, f.ss), (1, 2, 3, 7));
+        assert!(exception_has_error_code(14) && !exception_has_error_code(6));
+    }
+}

@@ -1,0 +1,164 @@
+//! Guest-physical memory layout, identical to the guest's virtual layout (identity-mapped).
+//!
+//! Every address the VMM and the guest agree on is a constant here. Guest RAM starts at 0 and is
+//! mapped with 2 MiB pages only (1 GiB pages fault on kvm_pvm), so every region below is 2 MiB
+//! aligned and has the page attributes of its 2 MiB pages:
+//!
+//! ```text
+//! 0x0000_0000  SYSTEM       2 MiB  supervisor-only: page tables, GDT, TSS, IDT, exception stack
+//! 0x0020_0000  BOOT_INFO    2 MiB  user read-only: the `BootInfo` block
+//! 0x0040_0000  IMAGE       28 MiB  the guest ELF (exception stubs first, at EXCEPTION_STUBS)
+//! 0x0200_0000  STACK_GUARD  2 MiB  not mapped: a stack overflow faults instead of corrupting
+//! 0x0220_0000  STACK        4 MiB  the guest stack, growing down from STACK_TOP
+//! 0x0260_0000  PAYLOAD      ...    an optional blob the VMM loads, then the heap up to RAM's end
+//! 0xd000_0000  MMIO        256 MiB device registers; an access no device claims is fatal
+//! ```
+
+/// Size of one page in the guest's page tables (2 MiB).
+pub const PAGE_SIZE: u64 = 2 << 20;
+
+/// Start of the system region (supervisor-only): page tables, descriptor tables, exception stack.
+pub const SYSTEM_START: u64 = 0;
+/// Guest-physical address of the PML4 (loaded into CR3).
+pub const PML4: u64 = 0x1000;
+/// Guest-physical address of the single PDPT.
+pub const PDPT: u64 = 0x2000;
+/// Guest-physical address of the first of `PD_COUNT` page directories, one per GiB, back to back.
+pub const PD_START: u64 = 0x3000;
+/// Number of page directories: they map guest-physical 0..4 GiB.
+pub const PD_COUNT: u64 = 4;
+/// Guest-physical address of the GDT.
+pub const GDT: u64 = 0x8000;
+/// Guest-physical address of the 64-bit TSS, followed by its I/O permission bitmap.
+pub const TSS: u64 = 0x9000;
+/// Bytes reserved for the TSS and its I/O permission bitmap (one bit per port, plus the
+/// terminating byte).
+pub const TSS_AREA_SIZE: u64 = 0x3000;
+/// Guest-physical address of the IDT.
+pub const IDT: u64 = 0xc000;
+/// Top of the stack the CPU switches to (TSS.RSP0) when an exception enters the CPL0 stub.
+pub const EXCEPTION_STACK_TOP: u64 = SYSTEM_START + PAGE_SIZE;
+/// Top of the separate stack for double faults (TSS.IST1), so a #DF on a broken stack still
+/// reaches the stub. It is the bottom of the RSP0 stack.
+pub const DOUBLE_FAULT_STACK_TOP: u64 = 0x18_0000;
+/// Lowest address of the exception stacks (they must stay above the tables).
+pub const EXCEPTION_STACK_BOTTOM: u64 = 0x10_0000;
+
+/// Guest-physical address of the boot-info block (`crate::boot::BootInfo`).
+pub const BOOT_INFO: u64 = 0x20_0000;
+
+/// Start of the region the guest ELF's loadable segments must lie in.
+pub const IMAGE_START: u64 = 0x40_0000;
+/// End (exclusive) of the guest image region.
+pub const IMAGE_END: u64 = 0x200_0000;
+/// Address of the CPL0 exception stubs: the guest's linker script puts them first in the image.
+/// The stub for vector `v` starts at `EXCEPTION_STUBS + v * EXCEPTION_STUB_STRIDE`.
+pub const EXCEPTION_STUBS: u64 = IMAGE_START;
+/// Distance between two consecutive exception stubs, in bytes.
+pub const EXCEPTION_STUB_STRIDE: u64 = 16;
+/// Number of exception vectors with a stub (the architectural exceptions 0..=31).
+pub const EXCEPTION_VECTORS: u64 = 32;
+
+/// Start of the unmapped page below the stack.
+pub const STACK_GUARD: u64 = IMAGE_END;
+/// Lowest address of the guest stack.
+pub const STACK_BOTTOM: u64 = STACK_GUARD + PAGE_SIZE;
+/// Initial RSP: the top of the guest stack.
+pub const STACK_TOP: u64 = STACK_BOTTOM + (4 << 20);
+
+/// Where the VMM loads the optional payload blob; the heap starts at the next 2 MiB boundary after it.
+pub const PAYLOAD_START: u64 = STACK_TOP;
+
+/// Smallest heap the guest is given; a smaller RAM size is refused by the VMM.
+pub const MIN_HEAP_SIZE: u64 = 16 << 20;
+
+/// Largest guest RAM: RAM must end below the MMIO window and leave the 32-bit hole free.
+pub const MAX_RAM_SIZE: u64 = 3 << 30;
+
+/// Start of the MMIO window (mapped uncached, user-accessible, with no RAM behind it).
+pub const MMIO_START: u64 = 0xd000_0000;
+/// Size of the MMIO window.
+pub const MMIO_SIZE: u64 = 256 << 20;
+
+/// An address in the MMIO window that no device will ever claim; the guest's fault test touches it.
+pub const MMIO_UNCLAIMED: u64 = MMIO_START + MMIO_SIZE - 0x1000;
+
+/// Rounds `addr` up to the next multiple of [`PAGE_SIZE`], or `None` on overflow.
+pub const fn page_align_up(addr: u64) -> Option<u64> {
+    match addr.checked_add(PAGE_SIZE - 1) {
+        Some(a) => Some(a & !(PAGE_SIZE - 1)),
+        None => None,
+    }
+}
+
+/// Start of the heap for a payload of `payload_size` bytes, or `None` if that overflows.
+pub const fn heap_start(payload_size: u64) -> Option<u64> {
+    match PAYLOAD_START.checked_add(payload_size) {
+        Some(end) => page_align_up(end),
+        None => None,
+    }
+}
+
+// Compile-time checks of the layout: the MMIO window sits inside one GiB that the page
+// directories cover, and the exception stubs fit in the image region.
+const _: () = assert!(MMIO_START % (1 << 30) + MMIO_SIZE <= 1 << 30);
+const _: () = assert!(MMIO_START + MMIO_SIZE <= PD_COUNT << 30);
+const _: () = assert!(MAX_RAM_SIZE <= MMIO_START);
+const _: () = assert!(EXCEPTION_STUBS + EXCEPTION_VECTORS * EXCEPTION_STUB_STRIDE <= IMAGE_END);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_are_ordered_and_page_aligned() {
+        let starts = [
+            SYSTEM_START,
+            BOOT_INFO,
+            IMAGE_START,
+            IMAGE_END,
+            STACK_GUARD,
+            STACK_BOTTOM,
+            STACK_TOP,
+            PAYLOAD_START,
+            MAX_RAM_SIZE,
+            MMIO_START,
+        ];
+        for w in starts.windows(2) {
+            assert!(w[0] <= w[1], "{:#x} > {:#x}", w[0], w[1]);
+        }
+        for a in starts {
+            assert_eq!(a % PAGE_SIZE, 0, "{a:#x} is not 2 MiB aligned");
+        }
+    }
+
+    #[test]
+    fn system_tables_fit_in_the_system_page_without_overlap() {
+        let tables = [
+            (PML4, 0x1000),
+            (PDPT, 0x1000),
+            (PD_START, PD_COUNT * 0x1000),
+            (GDT, 0x1000),
+            (TSS, TSS_AREA_SIZE),
+            (IDT, 0x1000),
+            (
+                EXCEPTION_STACK_BOTTOM,
+                EXCEPTION_STACK_TOP - EXCEPTION_STACK_BOTTOM,
+            ),
+        ];
+        for (i, &(a, len)) in tables.iter().enumerate() {
+            assert!(a + len <= SYSTEM_START + PAGE_SIZE);
+            for &(b, blen) in &tables[i + 1..] {
+                assert!(a + len <= b || b + blen <= a, "{a:#x} overlaps {b:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn heap_start_is_aligned_and_overflow_checked() {
+        assert_eq!(heap_start(0), Some(PAYLOAD_START));
+        assert_eq!(heap_start(1), Some(PAYLOAD_START + PAGE_SIZE));
+        assert_eq!(heap_start(u64::MAX), None);
+        assert_eq!(page_align_up(u64::MAX - 1), None);
+    }
+}

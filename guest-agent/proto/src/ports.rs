@@ -1,0 +1,39 @@
+//! I/O ports the guest uses at CPL3. The TSS's I/O permission bitmap grants exactly these
+//! ranges ([`GUEST_PORTS`]); any other `in`/`out` raises #GP.
+
+/// First port of the 16550 UART used as the guest's serial console (COM1).
+pub const SERIAL_COM1: u16 = 0x3f8;
+/// Number of ports the UART decodes.
+pub const SERIAL_PORT_COUNT: u16 = 8;
+
+/// First port of the control block.
+pub const CONTROL_BASE: u16 = 0x600;
+/// `out` a 32-bit status here to end the VM; the VMM exits with it (see [`exit_status`]).
+pub const CONTROL_EXIT: u16 = CONTROL_BASE;
+/// The CPL0 exception stub `out`s the vector here (32-bit); the frame is on its stack (see
+/// [`ExceptionFrame`](crate::boot::ExceptionFrame)).
+pub const CONTROL_EXCEPTION: u16 = CONTROL_BASE + 4;
+/// Number of ports in the control block.
+pub const CONTROL_PORT_COUNT: u16 = 8;
+
+/// Guest exit statuses written to [`CONTROL_EXIT`].
+pub mod exit_status {
+    /// Everything the guest was asked to do succeeded.
+    pub const OK: u32 = 0;
+    /// The Wasm self-test failed (error on the console).
+    pub const SELF_TEST_FAILED: u32 = 1;
+    /// The guest panicked (message on the console).
+    pub const PANIC: u32 = 2;
+    /// The boot-info block was missing, of another ABI version, or inconsistent.
+    pub const BAD_BOOT_INFO: u32 = 3;
+    /// The guest's heap is exhausted.
+    pub const OUT_OF_MEMORY: u32 = 4;
+    /// Largest status the VMM passes through as its own exit code; larger values are clamped.
+    pub const MAX: u32 = 63;
+}
+
+/// Port ranges (first port, count) the guest may access; everything else is denied.
+pub const GUEST_PORTS: [(u16, u16); 2] = [
+    (SERIAL_COM1, SERIAL_PORT_COUNT),
+    (CONTROL_BASE, CONTROL_PORT_COUNT),
+];

@@ -1,0 +1,165 @@
+//! The boot-info block and the payload: where they go in guest RAM and how big RAM must be.
+
+use std::path::{Path, PathBuf};
+
+use bulwark_proto::ABI_VERSION;
+use bulwark_proto::boot::{BOOT_INFO_MAGIC, BootInfo, TestMode};
+use bulwark_proto::layout;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemory;
+
+/// Errors from placing the payload or writing boot info.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The payload file could not be read.
+    #[error("cannot read payload {path}: {source}")]
+    ReadPayload {
+        /// The payload path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Guest RAM cannot hold the image, stack, payload and the minimum heap.
+    #[error(
+        "--mem-mib {have_mib} is too small: the guest image, its stack{payload} and a {} MiB heap need at least {need_mib} MiB",
+        layout::MIN_HEAP_SIZE >> 20
+    )]
+    RamTooSmall {
+        /// RAM given, in MiB.
+        have_mib: u64,
+        /// RAM needed, in MiB.
+        need_mib: u64,
+        /// A note on the payload's size, or empty.
+        payload: String,
+    },
+    /// Writing into guest memory failed.
+    #[error("cannot write {what} into guest RAM: {source}")]
+    Write {
+        /// What was being written.
+        what: &'static str,
+        /// vm-memory's error.
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// The smallest RAM, in bytes, that holds everything for a payload of `payload_size` bytes.
+pub fn min_ram_size(payload_size: u64) -> Option<u64> {
+    layout::heap_start(payload_size)?.checked_add(layout::MIN_HEAP_SIZE)
+}
+
+/// Reads the payload file (if any) and builds the boot info for `mem`, checking that RAM is big
+/// enough. Returns the block and the payload bytes; nothing is written yet.
+pub fn plan(
+    mem_size: u64,
+    payload: Option<&Path>,
+    test_mode: TestMode,
+    tsc_khz: u64,
+) -> Result<(BootInfo, Vec<u8>), BootError> {
+    let too_small = |payload_size: u64| BootError::RamTooSmall {
+        have_mib: mem_size >> 20,
+        need_mib: min_ram_size(payload_size).map_or(u64::MAX, |s| s.div_ceil(1 << 20)),
+        payload: if payload_size > 0 {
+            format!(", a {payload_size}-byte payload")
+        } else {
+            String::new()
+        },
+    };
+    let fits = |payload_size: u64| min_ram_size(payload_size).is_some_and(|need| need <= mem_size);
+    let bytes = match payload {
+        Some(path) => {
+            let read_err = |source| BootError::ReadPayload {
+                path: path.to_owned(),
+                source,
+            };
+            // Check the size before reading, so a huge file is refused without being read.
+            let len = std::fs::metadata(path).map_err(read_err)?.len();
+            if !fits(len) {
+                return Err(too_small(len));
+            }
+            std::fs::read(path).map_err(read_err)?
+        }
+        None => Vec::new(),
+    };
+    let payload_size = bytes.len() as u64;
+    let heap_start = layout::heap_start(payload_size).ok_or_else(|| too_small(payload_size))?;
+    if !fits(payload_size) {
+        return Err(too_small(payload_size));
+    }
+    let info = BootInfo {
+        magic: BOOT_INFO_MAGIC,
+        abi_version: ABI_VERSION,
+        test_mode: test_mode as u32,
+        mem_size,
+        heap_start,
+        heap_size: mem_size - heap_start,
+        payload_start: layout::PAYLOAD_START,
+        payload_size,
+        tsc_khz,
+    };
+    Ok((info, bytes))
+}
+
+/// Writes the boot-info block and the payload into guest RAM.
+pub fn write(mem: &GuestMemory, info: &BootInfo, payload: &[u8]) -> Result<(), BootError> {
+    mem.write_slice(&info.to_bytes(), GuestAddress(layout::BOOT_INFO))
+        .map_err(|source| BootError::Write {
+            what: "boot info",
+            source,
+        })?;
+    mem.write_slice(payload, GuestAddress(info.payload_start))
+        .map_err(|source| BootError::Write {
+            what: "the payload",
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_places_the_heap_after_the_payload_and_validates() {
+        let dir = std::env::temp_dir().join(format!("bulwark-boot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("payload");
+        std::fs::write(&path, vec![7u8; 3 << 20]).unwrap();
+        let (info, bytes) = plan(256 << 20, Some(&path), TestMode::Spin, 1000).unwrap();
+        assert_eq!(bytes.len(), 3 << 20);
+        assert_eq!(info.heap_start, layout::PAYLOAD_START + (4 << 20));
+        assert_eq!(info.heap_start + info.heap_size, 256 << 20);
+        assert_eq!(info.test_mode, TestMode::Spin as u32);
+        assert_eq!(info.validate(), Ok(()));
+
+        let mem = crate::memory::create(256).unwrap();
+        write(&mem, &info, &bytes).unwrap();
+        let mut back = [0u8; BootInfo::SIZE];
+        mem.read_slice(&mut back, GuestAddress(layout::BOOT_INFO))
+            .unwrap();
+        assert_eq!(back, info.to_bytes());
+        let b: u8 = mem
+            .read_obj(GuestAddress(layout::PAYLOAD_START + (3 << 20) - 1))
+            .unwrap();
+        assert_eq!(b, 7);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn plan_refuses_ram_too_small_with_the_needed_size() {
+        let need = min_ram_size(0).unwrap();
+        assert!(plan(need, None, TestMode::None, 0).is_ok());
+        let e = plan(need - layout::PAGE_SIZE, None, TestMode::None, 0).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("at least {} MiB", need >> 20)),
+            "{e}"
+        );
+        let e = plan(
+            64 << 20,
+            Some(Path::new("/nonexistent/payload")),
+            TestMode::None,
+            0,
+        );
+        assert!(matches!(e, Err(BootError::ReadPayload { .. })));
+    }
+}

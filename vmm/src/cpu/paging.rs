@@ -1,0 +1,132 @@
+//! Identity-mapped page tables with 2 MiB pages (1 GiB pages fault on kvm_pvm).
+//!
+//! One PML4 entry, one PDPT with [`layout::PD_COUNT`] entries, and that many page directories
+//! cover guest-physical 0..4 GiB. Each 2 MiB page gets the attributes of the region it is in (see
+//! [`bulwark_proto::layout`]).
+
+use bulwark_proto::layout;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::CpuError;
+use crate::memory::GuestMemory;
+
+/// Page present.
+pub const PRESENT: u64 = 1 << 0;
+/// Writable.
+pub const WRITABLE: u64 = 1 << 1;
+/// Accessible from CPL3.
+pub const USER: u64 = 1 << 2;
+/// Write-through caching.
+pub const WRITE_THROUGH: u64 = 1 << 3;
+/// Caching disabled.
+pub const CACHE_DISABLE: u64 = 1 << 4;
+/// In a page-directory entry: the entry maps a 2 MiB page.
+pub const HUGE: u64 = 1 << 7;
+
+/// Entries per page table.
+const ENTRIES: u64 = 512;
+
+/// The page-directory entry that maps the 2 MiB page at guest-physical `addr`, for a guest with
+/// `mem_size` bytes of RAM.
+pub fn pd_entry(addr: u64, mem_size: u64) -> u64 {
+    let page = |flags| addr | flags | HUGE | PRESENT;
+    if (layout::SYSTEM_START..layout::SYSTEM_START + layout::PAGE_SIZE).contains(&addr) {
+        page(WRITABLE)
+    } else if addr == layout::BOOT_INFO {
+        page(USER)
+    } else if (layout::STACK_GUARD..layout::STACK_BOTTOM).contains(&addr) {
+        0
+    } else if addr < mem_size {
+        page(WRITABLE | USER)
+    } else if (layout::MMIO_START..layout::MMIO_START + layout::MMIO_SIZE).contains(&addr) {
+        page(WRITABLE | USER | WRITE_THROUGH | CACHE_DISABLE)
+    } else {
+        0
+    }
+}
+
+/// Writes the PML4, the PDPT and the page directories for a guest with `mem_size` bytes of RAM.
+pub fn write(mem: &GuestMemory, mem_size: u64) -> Result<(), CpuError> {
+    let put = |at: u64, value: u64| {
+        mem.write_obj(value, GuestAddress(at))
+            .map_err(|source| CpuError::Write {
+                what: "page tables",
+                source,
+            })
+    };
+    put(layout::PML4, layout::PDPT | PRESENT | WRITABLE | USER)?;
+    for pd in 0..layout::PD_COUNT {
+        let pd_addr = layout::PD_START + pd * 0x1000;
+        put(layout::PDPT + pd * 8, pd_addr | PRESENT | WRITABLE | USER)?;
+        for i in 0..ENTRIES {
+            let addr = ((pd * ENTRIES) + i) * layout::PAGE_SIZE;
+            put(pd_addr + i * 8, pd_entry(addr, mem_size))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEM: u64 = 256 << 20;
+
+    /// Walks the tables in guest memory like the CPU does, for a 2 MiB-page mapping.
+    fn walk(mem: &GuestMemory, vaddr: u64) -> Option<u64> {
+        let read = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).unwrap();
+        let pml4e = read(layout::PML4 + ((vaddr >> 39) & 511) * 8);
+        if pml4e & PRESENT == 0 {
+            return None;
+        }
+        let pdpte = read((pml4e & !0xfff) + ((vaddr >> 30) & 511) * 8);
+        if pdpte & PRESENT == 0 {
+            return None;
+        }
+        assert_eq!(pdpte & HUGE, 0, "1 GiB pages fault on kvm_pvm");
+        let pde = read((pdpte & !0xfff) + ((vaddr >> 21) & 511) * 8);
+        (pde & PRESENT != 0).then_some(pde)
+    }
+
+    #[test]
+    fn tables_identity_map_ram_with_region_attributes() {
+        let mem = crate::memory::create(MEM >> 20).unwrap();
+        write(&mem, MEM).unwrap();
+        let flags = |a| walk(&mem, a).map(|e| e & 0xfff);
+        assert_eq!(
+            flags(0),
+            Some(PRESENT | WRITABLE | HUGE),
+            "system page is supervisor-only"
+        );
+        assert_eq!(
+            flags(layout::BOOT_INFO),
+            Some(PRESENT | USER | HUGE),
+            "boot info is read-only"
+        );
+        assert_eq!(flags(layout::STACK_GUARD), None, "stack guard is unmapped");
+        for a in [
+            layout::IMAGE_START,
+            layout::STACK_BOTTOM,
+            layout::PAYLOAD_START,
+            MEM - layout::PAGE_SIZE,
+        ] {
+            let e = walk(&mem, a).unwrap();
+            assert_eq!(e & !0xfff, a, "identity map at {a:#x}");
+            assert_eq!(e & 0xfff, PRESENT | WRITABLE | USER | HUGE);
+        }
+        assert_eq!(flags(MEM), None, "nothing past RAM");
+        assert_eq!(flags(layout::MMIO_START - layout::PAGE_SIZE), None);
+        let mmio = walk(&mem, layout::MMIO_UNCLAIMED).unwrap();
+        assert_eq!(
+            mmio & !0xfff,
+            layout::MMIO_UNCLAIMED & !(layout::PAGE_SIZE - 1)
+        );
+        assert_ne!(mmio & CACHE_DISABLE, 0);
+        assert_eq!(flags(layout::MMIO_START + layout::MMIO_SIZE), None);
+        assert_eq!(
+            walk(&mem, 1 << 39),
+            None,
+            "only the first 512 GiB slot is used"
+        );
+    }
+}

@@ -1,0 +1,424 @@
+//! Loading the guest ELF: our own checks of every header field that matters, then linux-loader's
+//! ELF loader copies the segments into guest RAM.
+//!
+//! The image is untrusted input as far as the VMM is concerned: every offset and address is
+//! checked before anything is written, and each segment must lie inside the guest image region.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use bulwark_proto::layout;
+use linux_loader::loader::{KernelLoader, elf::Elf};
+use vm_memory::GuestAddress;
+
+use crate::memory::GuestMemory;
+
+/// Largest guest image file the VMM reads.
+pub const MAX_IMAGE_FILE: u64 = 64 << 20;
+
+const EHDR_SIZE: usize = 64;
+const PHDR_SIZE: usize = 56;
+const PT_LOAD: u32 = 1;
+const PF_X: u32 = 1;
+const ET_EXEC: u16 = 2;
+const EM_X86_64: u16 = 62;
+
+/// Errors from reading, checking or loading the guest image.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// The file could not be read.
+    #[error("cannot read guest image {path}: {source}")]
+    Read {
+        /// The image path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is larger than [`MAX_IMAGE_FILE`].
+    #[error("guest image {path} is {size} bytes, more than the {MAX_IMAGE_FILE}-byte limit")]
+    TooLarge {
+        /// The image path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// Not an ELF file at all.
+    #[error("guest image {0} is not an ELF file (build it with `make guest`)")]
+    NotElf(PathBuf),
+    /// An ELF file the VMM cannot run.
+    #[error("guest image {path} is not a 64-bit little-endian x86_64 executable: {why}")]
+    WrongKind {
+        /// The image path.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The program headers are malformed.
+    #[error("guest image {path} has malformed program headers: {why}")]
+    BadHeaders {
+        /// The image path.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A loadable segment lies outside the guest image region or outside guest RAM.
+    #[error(
+        "guest image {path}: segment {index} at [{start:#x}, {end:#x}) lies outside the guest image region [{:#x}, {:#x}) of guest RAM ({ram_mib} MiB)",
+        layout::IMAGE_START,
+        layout::IMAGE_END
+    )]
+    SegmentOutside {
+        /// The image path.
+        path: PathBuf,
+        /// Index of the program header.
+        index: usize,
+        /// First guest-physical byte of the segment.
+        start: u64,
+        /// End (exclusive) of the segment.
+        end: u64,
+        /// Size of guest RAM in MiB.
+        ram_mib: u64,
+    },
+    /// The entry point or the exception stubs are not inside executable code.
+    #[error("guest image {path}: {what} at {addr:#x} is not inside an executable segment")]
+    NotInCode {
+        /// The image path.
+        path: PathBuf,
+        /// What was looked for.
+        what: &'static str,
+        /// Its address.
+        addr: u64,
+    },
+    /// linux-loader failed to copy the segments.
+    #[error("cannot load guest image {path} into guest RAM: {source}")]
+    Load {
+        /// The image path.
+        path: PathBuf,
+        /// linux-loader's error.
+        source: linux_loader::loader::Error,
+    },
+}
+
+/// A loadable segment, as far as the checks need it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    offset: u64,
+    addr: u64,
+    file_size: u64,
+    mem_size: u64,
+    executable: bool,
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Checks an image's headers for a RAM of `ram_size` bytes and returns its entry and loadable
+/// segments. Nothing is written anywhere.
+fn check(path: &Path, image: &[u8], ram_size: u64) -> Result<(u64, Vec<Segment>), LoaderError> {
+    let wrong = |why: &str| LoaderError::WrongKind {
+        path: path.to_owned(),
+        why: why.to_owned(),
+    };
+    let bad = |why: String| LoaderError::BadHeaders {
+        path: path.to_owned(),
+        why,
+    };
+    if image.len() < 4 || &image[..4] != b"\x7fELF" {
+        return Err(LoaderError::NotElf(path.to_owned()));
+    }
+    if image.len() < EHDR_SIZE {
+        return Err(wrong("the ELF header is truncated"));
+    }
+    if image[4] != 2 {
+        return Err(wrong("it is a 32-bit ELF"));
+    }
+    if image[5] != 1 {
+        return Err(wrong("it is big-endian"));
+    }
+    let machine = u16_at(image, 18);
+    if machine != EM_X86_64 {
+        return Err(wrong(&format!("machine is {machine}, not x86_64 (62)")));
+    }
+    if u16_at(image, 16) != ET_EXEC {
+        return Err(wrong("it is not a static executable (ET_EXEC)"));
+    }
+    let entry = u64_at(image, 24);
+    let phoff = u64_at(image, 32);
+    let phentsize = usize::from(u16_at(image, 54));
+    let phnum = usize::from(u16_at(image, 56));
+    if phentsize != PHDR_SIZE {
+        return Err(bad(format!("entry size {phentsize}, expected {PHDR_SIZE}")));
+    }
+    let table_end = usize::try_from(phoff)
+        .ok()
+        .and_then(|o| o.checked_add(phnum * PHDR_SIZE))
+        .filter(|&end| end <= image.len());
+    let Some(table_end) = table_end else {
+        return Err(bad(format!(
+            "{phnum} headers at offset {phoff} run past the end of the file"
+        )));
+    };
+    let table = &image[table_end - phnum * PHDR_SIZE..table_end];
+
+    let mut segments = Vec::new();
+    for (index, ph) in table.chunks_exact(PHDR_SIZE).enumerate() {
+        if u32_at(ph, 0) != PT_LOAD {
+            continue;
+        }
+        let seg = Segment {
+            offset: u64_at(ph, 8),
+            addr: u64_at(ph, 24),
+            file_size: u64_at(ph, 32),
+            mem_size: u64_at(ph, 40),
+            executable: u32_at(ph, 4) & PF_X != 0,
+        };
+        if seg.file_size > seg.mem_size {
+            return Err(bad(format!(
+                "segment {index} has more file bytes than memory bytes"
+            )));
+        }
+        if seg
+            .offset
+            .checked_add(seg.file_size)
+            .is_none_or(|e| e > image.len() as u64)
+        {
+            return Err(bad(format!(
+                "segment {index} runs past the end of the file"
+            )));
+        }
+        let end = seg.addr.saturating_add(seg.mem_size);
+        if seg.addr < layout::IMAGE_START || end > layout::IMAGE_END || end > ram_size {
+            return Err(LoaderError::SegmentOutside {
+                path: path.to_owned(),
+                index,
+                start: seg.addr,
+                end,
+                ram_mib: ram_size >> 20,
+            });
+        }
+        segments.push(seg);
+    }
+    if segments.is_empty() {
+        return Err(bad("no loadable segment".to_owned()));
+    }
+    let in_code = |addr: u64, len: u64| {
+        segments.iter().any(|s| {
+            s.executable
+                && addr >= s.addr
+                && addr
+                    .checked_add(len)
+                    .is_some_and(|e| e <= s.addr + s.file_size)
+        })
+    };
+    let not_in_code = |what, addr| LoaderError::NotInCode {
+        path: path.to_owned(),
+        what,
+        addr,
+    };
+    if !in_code(entry, 1) {
+        return Err(not_in_code("the entry point", entry));
+    }
+    let stubs_len = layout::EXCEPTION_VECTORS * layout::EXCEPTION_STUB_STRIDE;
+    if !in_code(layout::EXCEPTION_STUBS, stubs_len) {
+        return Err(not_in_code("the exception stubs", layout::EXCEPTION_STUBS));
+    }
+    Ok((entry, segments))
+}
+
+/// A guest image read from disk and checked, ready to load.
+#[derive(Clone, Debug)]
+pub struct CheckedImage {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// Guest address of the first instruction.
+    pub entry: u64,
+    /// End (exclusive) of the highest segment in guest memory.
+    pub end: u64,
+}
+
+/// Reads the guest ELF at `path` and checks it for a RAM of `ram_size` bytes.
+pub fn read(path: &Path, ram_size: u64) -> Result<CheckedImage, LoaderError> {
+    let read_err = |source| LoaderError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let size = std::fs::metadata(path).map_err(read_err)?.len();
+    if size > MAX_IMAGE_FILE {
+        return Err(LoaderError::TooLarge {
+            path: path.to_owned(),
+            size,
+        });
+    }
+    let bytes = std::fs::read(path).map_err(read_err)?;
+    let (entry, segments) = check(path, &bytes, ram_size)?;
+    let end = segments
+        .iter()
+        .map(|s| s.addr + s.mem_size)
+        .max()
+        .unwrap_or(0);
+    Ok(CheckedImage {
+        path: path.to_owned(),
+        bytes,
+        entry,
+        end,
+    })
+}
+
+/// Copies a checked image's segments into `mem` with linux-loader.
+pub fn load(mem: &GuestMemory, image: &CheckedImage) -> Result<(), LoaderError> {
+    Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(&image.bytes),
+        Some(GuestAddress(layout::IMAGE_START)),
+    )
+    .map_err(|source| LoaderError::Load {
+        path: image.path.clone(),
+        source,
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Builds a minimal x86_64 ET_EXEC image with one executable segment of `code` at `addr`,
+    /// entry at `addr`.
+    pub(crate) fn tiny_elf(addr: u64, code: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; EHDR_SIZE + PHDR_SIZE];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[6] = 1;
+        f[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
+        f[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..32].copy_from_slice(&addr.to_le_bytes());
+        f[32..40].copy_from_slice(&(EHDR_SIZE as u64).to_le_bytes());
+        f[52..54].copy_from_slice(&(EHDR_SIZE as u16).to_le_bytes());
+        f[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+        f[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let ph = EHDR_SIZE;
+        let off = (EHDR_SIZE + PHDR_SIZE) as u64;
+        f[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        f[ph + 4..ph + 8].copy_from_slice(&(PF_X | 4).to_le_bytes());
+        f[ph + 8..ph + 16].copy_from_slice(&off.to_le_bytes());
+        f[ph + 16..ph + 24].copy_from_slice(&addr.to_le_bytes());
+        f[ph + 24..ph + 32].copy_from_slice(&addr.to_le_bytes());
+        f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+        f[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+        f.extend_from_slice(code);
+        f
+    }
+
+    fn stub_sized() -> Vec<u8> {
+        vec![0xf4; (layout::EXCEPTION_VECTORS * layout::EXCEPTION_STUB_STRIDE) as usize]
+    }
+
+    const RAM: u64 = 256 << 20;
+
+    #[test]
+    fn accepts_a_well_formed_image() {
+        let img = tiny_elf(layout::IMAGE_START, &stub_sized());
+        let (entry, segs) = check(Path::new("g"), &img, RAM).unwrap();
+        assert_eq!(entry, layout::IMAGE_START);
+        assert_eq!(segs.len(), 1);
+        assert!(segs[0].executable);
+    }
+
+    #[test]
+    fn loads_segments_into_guest_memory() {
+        use vm_memory::Bytes;
+        let dir = std::env::temp_dir().join(format!("bulwark-loader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("guest.elf");
+        let mut code = stub_sized();
+        code[5] = 0xab;
+        std::fs::write(&path, tiny_elf(layout::IMAGE_START, &code)).unwrap();
+        let mem = crate::memory::create(64).unwrap();
+        let img = read(&path, 64 << 20).unwrap();
+        load(&mem, &img).unwrap();
+        assert_eq!(img.entry, layout::IMAGE_START);
+        assert_eq!(img.end, layout::IMAGE_START + code.len() as u64);
+        let b: u8 = mem.read_obj(GuestAddress(layout::IMAGE_START + 5)).unwrap();
+        assert_eq!(b, 0xab);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_runnable_elf() {
+        let p = Path::new("g");
+        assert!(matches!(
+            check(p, b"hello", RAM),
+            Err(LoaderError::NotElf(_))
+        ));
+        let good = tiny_elf(layout::IMAGE_START, &stub_sized());
+        let mut arm = good.clone();
+        arm[18] = 183; // EM_AARCH64
+        let e = check(p, &arm, RAM).unwrap_err().to_string();
+        assert!(e.contains("machine is 183"), "{e}");
+        let mut elf32 = good.clone();
+        elf32[4] = 1;
+        assert!(matches!(
+            check(p, &elf32, RAM),
+            Err(LoaderError::WrongKind { .. })
+        ));
+        let mut dynamic = good.clone();
+        dynamic[16] = 3; // ET_DYN
+        assert!(matches!(
+            check(p, &dynamic, RAM),
+            Err(LoaderError::WrongKind { .. })
+        ));
+        assert!(matches!(
+            check(p, &good[..EHDR_SIZE + 10], RAM),
+            Err(LoaderError::BadHeaders { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_segments_outside_the_image_region_or_ram() {
+        let p = Path::new("g");
+        for addr in [
+            0,
+            layout::BOOT_INFO,
+            layout::IMAGE_END,
+            1 << 32,
+            u64::MAX - 4,
+        ] {
+            let img = tiny_elf(addr, &stub_sized());
+            assert!(
+                matches!(check(p, &img, RAM), Err(LoaderError::SegmentOutside { .. })),
+                "{addr:#x}"
+            );
+        }
+        let img = tiny_elf(layout::IMAGE_START, &stub_sized());
+        assert!(matches!(
+            check(p, &img, 2 << 20),
+            Err(LoaderError::SegmentOutside { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_an_image_without_exception_stubs_or_a_stray_entry() {
+        let p = Path::new("g");
+        let img = tiny_elf(layout::IMAGE_START, &[0xf4; 16]);
+        let e = check(p, &img, RAM).unwrap_err().to_string();
+        assert!(e.contains("exception stubs"), "{e}");
+        let mut img = tiny_elf(layout::IMAGE_START, &stub_sized());
+        img[24..32].copy_from_slice(&(layout::IMAGE_END - 8).to_le_bytes());
+        let e = check(p, &img, RAM).unwrap_err().to_string();
+        assert!(e.contains("entry point"), "{e}");
+    }
+}

@@ -1,0 +1,142 @@
+//! `bulwark-vmm`: runs one Bulwark guest in a KVM micro-VM and exits with its status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use bulwark_proto::boot::TestMode;
+use bulwark_vmm::{Console, VmConfig};
+use clap::{Parser, ValueEnum};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0-63  the guest's own exit status (larger statuses are reported as 63)
+  2     the command line could not be parsed
+  64    an option's value is unusable (--mem-mib too small, payload or console file)
+  65    the guest image is missing, not an x86_64 ELF executable, or does not fit guest RAM
+  66    /dev/kvm is missing, not accessible, or refused to set up the VM
+  70    the guest crashed: CPU exception (vector and RIP reported), triple fault, KVM internal
+        error, or an access to an I/O port or MMIO address no device serves
+  71    a KVM call failed while the guest ran
+  124   the --timeout ran out
+
+Every way a guest ends other than status 0 is reported on stderr in one line.";
+
+/// Runs one Bulwark guest (a freestanding ELF for x86_64-unknown-none) in a KVM micro-VM.
+///
+/// The guest starts in 64-bit mode at CPL3 with the CPU state, page tables and boot info this
+/// VMM builds; it has a serial console and a control port, and nothing else.
+#[derive(Parser, Debug)]
+#[command(version, after_help = EXIT_CODES)]
+struct Args {
+    /// The guest ELF image (build/bulwark-guest.elf after `make guest`).
+    guest: PathBuf,
+
+    /// Guest RAM in MiB (a multiple of 2, at most 3072).
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    mem_mib: u64,
+
+    /// A file loaded into guest RAM for the guest (the precompiled Wasm self-test module).
+    #[arg(long, value_name = "FILE")]
+    payload: Option<PathBuf>,
+
+    /// Where the guest's serial console goes: a file, or - for standard output. Default: discarded.
+    #[arg(long, value_name = "PATH|-")]
+    console: Option<PathBuf>,
+
+    /// Most bytes of console output recorded; the rest is dropped.
+    #[arg(long, value_name = "BYTES", default_value_t = bulwark_vmm::devices::serial::DEFAULT_CONSOLE_LIMIT)]
+    console_limit: u64,
+
+    /// Stop the guest after this many seconds of wall-clock time (e.g. 0.5). Default: no limit.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
+
+    /// Print setup and run times to standard error when the guest ends.
+    #[arg(long)]
+    timings: bool,
+
+    /// For tests: make the guest fault on purpose after it is ready.
+    #[arg(long, value_enum, value_name = "MODE")]
+    guest_test: Option<GuestTest>,
+}
+
+/// Deliberate guest faults, for the VMM's own tests.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum GuestTest {
+    /// Execute `ud2` (exception vector 6).
+    Ud2,
+    /// Read an MMIO address no device serves.
+    UnclaimedMmio,
+    /// Spin forever (needs --timeout).
+    Spin,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err("the timeout must be between 0 and 86400 seconds".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Peak resident set size of this process, in KiB.
+fn peak_rss_kib() -> Option<i64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a complete `rusage` into the pointer it is given, which points to
+    // memory of that type; it is read only if the call succeeded.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0;
+    // SAFETY: the call succeeded, so the struct is initialized.
+    ok.then(|| unsafe { usage.assume_init() }.ru_maxrss)
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let args = Args::parse();
+    let mut config = VmConfig::new(args.guest);
+    config.mem_mib = args.mem_mib;
+    config.payload = args.payload;
+    config.console = match args.console {
+        None => Console::None,
+        Some(p) if p.as_os_str() == "-" => Console::Stdout,
+        Some(p) => Console::File(p),
+    };
+    config.console_limit = args.console_limit;
+    config.timeout = args.timeout;
+    config.test_mode = match args.guest_test {
+        None => TestMode::None,
+        Some(GuestTest::Ud2) => TestMode::InvalidOpcode,
+        Some(GuestTest::UnclaimedMmio) => TestMode::UnclaimedMmio,
+        Some(GuestTest::Spin) => TestMode::Spin,
+    };
+
+    let report = match bulwark_vmm::run(&config) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("bulwark-vmm: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    let exit_code = report.exit.exit_code();
+    if exit_code != 0 {
+        eprintln!("bulwark-vmm: {}", report.exit);
+    }
+    if args.timings {
+        let t = report.times;
+        eprintln!(
+            "bulwark-vmm: {}; setup {:.2} ms, guest ran {:.2} ms, total {:.2} ms, peak RSS {} KiB",
+            report.exit,
+            ms(t.entered - started),
+            ms(t.stopped - t.entered),
+            ms(started.elapsed()),
+            peak_rss_kib().map_or("?".into(), |k| k.to_string()),
+        );
+    }
+    ExitCode::from(exit_code)
+}

@@ -1,0 +1,90 @@
+//! Guest RAM: one anonymous mapping at guest-physical 0, registered with KVM as slot 0.
+
+use bulwark_proto::layout;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Guest memory as the VMM sees it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+
+/// Errors from creating or registering guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is not a whole number of 2 MiB pages or is out of range.
+    #[error(
+        "guest RAM of {mib} MiB is out of range: it must be a multiple of 2 MiB and at most {max} MiB"
+    )]
+    BadSize {
+        /// Requested size in MiB.
+        mib: u64,
+        /// Largest size in MiB.
+        max: u64,
+    },
+    /// The host could not map the memory.
+    #[error("cannot allocate {mib} MiB of guest RAM: {source}")]
+    Allocate {
+        /// Requested size in MiB.
+        mib: u64,
+        /// What vm-memory reported.
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// KVM refused the memory slot.
+    #[error("KVM_SET_USER_MEMORY_REGION failed: {0}")]
+    Register(kvm_ioctls::Error),
+    /// The mapping has no host address (cannot happen with an mmap backend).
+    #[error("guest RAM has no host mapping")]
+    NoHostAddress,
+}
+
+/// Allocates `mib` MiB of zeroed guest RAM starting at guest-physical 0.
+pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
+    let max = layout::MAX_RAM_SIZE >> 20;
+    let size = mib
+        .checked_mul(1 << 20)
+        .filter(|&s| s > 0 && s <= layout::MAX_RAM_SIZE && s % layout::PAGE_SIZE == 0);
+    let size = size.ok_or(MemoryError::BadSize { mib, max })?;
+    let len = usize::try_from(size).map_err(|_| MemoryError::BadSize { mib, max })?;
+    GuestMemory::from_ranges(&[(GuestAddress(0), len)])
+        .map_err(|source| MemoryError::Allocate { mib, source })
+}
+
+/// Registers every region of `mem` with the VM, one KVM slot per region.
+pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| MemoryError::NoHostAddress)?;
+        let region_desc = kvm_userspace_memory_region {
+            slot: u32::try_from(slot).map_err(|_| MemoryError::NoHostAddress)?,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host range [host, host + len) is a live mapping owned by `mem`, which the
+        // caller keeps alive for as long as the VM exists (the Vm struct owns both and drops the
+        // VM fd first); no two slots overlap because vm-memory's regions do not.
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(MemoryError::Register)?;
+    }
+    Ok(())
+}
+
+/// Size of guest RAM in bytes.
+pub fn size(mem: &GuestMemory) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_checks_the_size() {
+        assert_eq!(size(&create(64).unwrap()), 64 << 20);
+        assert!(matches!(create(0), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(create(3), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(create(4096), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(create(u64::MAX), Err(MemoryError::BadSize { .. })));
+    }
+}

@@ -1,0 +1,252 @@
+//! One VM from configuration to exit: checks the inputs, sets up KVM, memory, CPU state and
+//! devices, runs the vCPU on its own thread and enforces the timeout.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bulwark_proto::boot::TestMode;
+use bulwark_proto::ports;
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::boot::{self, BootError};
+use crate::cpu::{self, CpuError};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::control::Control;
+use crate::devices::serial::{CappedSink, DEFAULT_CONSOLE_LIMIT, Serial};
+use crate::loader::{self, LoaderError};
+use crate::memory::{self, MemoryError};
+use crate::outcome::{VmExit, code};
+use crate::vcpu::{Vcpu, VcpuError, VcpuTimes};
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Console {
+    /// Discarded.
+    None,
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+}
+
+/// Everything that describes one VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The guest ELF.
+    pub guest: PathBuf,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// A blob loaded at [`bulwark_proto::layout::PAYLOAD_START`] for the guest.
+    pub payload: Option<PathBuf>,
+    /// Where the serial console goes.
+    pub console: Console,
+    /// Most console bytes recorded.
+    pub console_limit: u64,
+    /// Wall-clock limit for the guest's run.
+    pub timeout: Option<Duration>,
+    /// Fault-injection mode for tests.
+    pub test_mode: TestMode,
+}
+
+impl VmConfig {
+    /// A configuration with the defaults: 256 MiB, no payload, console discarded, no timeout.
+    pub fn new(guest: PathBuf) -> Self {
+        Self {
+            guest,
+            mem_mib: 256,
+            payload: None,
+            console: Console::None,
+            console_limit: DEFAULT_CONSOLE_LIMIT,
+            timeout: None,
+            test_mode: TestMode::None,
+        }
+    }
+}
+
+/// Errors that keep a VM from running.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Guest RAM could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The guest image is unusable.
+    #[error(transparent)]
+    Image(#[from] LoaderError),
+    /// The payload or RAM size is unusable.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// CPU state could not be set.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// `/dev/kvm` could not be used.
+    #[error("{0}")]
+    Kvm(String),
+    /// The console file could not be created.
+    #[error("cannot create console file {path}: {source}")]
+    Console {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A device could not be placed (a bug in the VMM's layout).
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    /// The vCPU failed while running.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The vCPU thread could not be started or panicked.
+    #[error("vCPU thread: {0}")]
+    Thread(String),
+}
+
+impl VmError {
+    /// The VMM's exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Image(_) => code::IMAGE,
+            Self::Memory(_) | Self::Boot(_) | Self::Console { .. } => code::CONFIG,
+            Self::Kvm(_) | Self::Cpu(_) => code::KVM,
+            Self::Bus(_) | Self::Vcpu(_) | Self::Thread(_) => code::VMM_FAILURE,
+        }
+    }
+}
+
+/// How a VM ran.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// Why it stopped.
+    pub exit: VmExit,
+    /// When the vCPU first entered the guest and when it stopped.
+    pub times: VcpuTimes,
+}
+
+fn kvm_error(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> VmError + '_ {
+    move |e| VmError::Kvm(format!("{what} failed: {e}"))
+}
+
+/// Opens `/dev/kvm` with an error that says what to do.
+fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(|e| {
+        let hint = match e.errno() {
+            libc::ENOENT => "the host has no KVM: load kvm_intel/kvm_amd, or use a VM with nested virtualization",
+            libc::EACCES | libc::EPERM => "run as root or add your user to the `kvm` group",
+            _ => "check that /dev/kvm is a working KVM device",
+        };
+        VmError::Kvm(format!("cannot open /dev/kvm: {e}; {hint}"))
+    })?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(VmError::Kvm(format!(
+            "/dev/kvm speaks KVM API version {version}, this VMM needs 12"
+        )));
+    }
+    Ok(kvm)
+}
+
+fn console_sink(config: &VmConfig) -> Result<CappedSink, VmError> {
+    let out: Box<dyn Write + Send> = match &config.console {
+        Console::None => Box::new(std::io::sink()),
+        Console::Stdout => Box::new(std::io::stdout()),
+        Console::File(path) => Box::new(File::create(path).map_err(|source| VmError::Console {
+            path: path.clone(),
+            source,
+        })?),
+    };
+    Ok(CappedSink::new(out, config.console_limit))
+}
+
+/// Does nothing: the signal only has to interrupt `KVM_RUN`.
+extern "C" fn interrupt_vcpu(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Builds the VM described by `config`, runs it to its end and reports why it ended.
+pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
+    // Inputs first: a bad file or size is reported before /dev/kvm is touched.
+    let mem_size = config.mem_mib.saturating_mul(1 << 20);
+    let image = loader::read(&config.guest, mem_size)?;
+    let (mut info, payload) = boot::plan(mem_size, config.payload.as_deref(), config.test_mode, 0)?;
+    let sink = console_sink(config)?;
+
+    let kvm = open_kvm()?;
+    let vm = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+    let mem = memory::create(config.mem_mib)?;
+    memory::register(&vm, &mem)?;
+    let vcpu_fd = vm.create_vcpu(0).map_err(kvm_error("KVM_CREATE_VCPU"))?;
+
+    loader::load(&mem, &image)?;
+    info.tsc_khz = vcpu_fd.get_tsc_khz().map_or(0, u64::from);
+    boot::write(&mem, &info, &payload)?;
+    cpu::paging::write(&mem, mem_size)?;
+    cpu::gdt::write(&mem)?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu_fd
+        .set_cpuid2(&cpu::cpuid::filter(&supported)?)
+        .map_err(kvm_error("KVM_SET_CPUID2"))?;
+    cpu::regs::set_special(&vcpu_fd)?;
+    cpu::regs::set_general(&vcpu_fd, image.entry)?;
+
+    let mut pio = Bus::new();
+    pio.insert(
+        u64::from(ports::SERIAL_COM1),
+        u64::from(ports::SERIAL_PORT_COUNT),
+        Box::new(Serial::new(sink)),
+    )?;
+    pio.insert(
+        u64::from(ports::CONTROL_BASE),
+        u64::from(ports::CONTROL_PORT_COUNT),
+        Box::new(Control),
+    )?;
+
+    register_signal_handler(SIGRTMIN(), interrupt_vcpu)
+        .map_err(|e| VmError::Thread(format!("cannot install the vCPU kick signal: {e}")))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut vcpu = Vcpu {
+        fd: vcpu_fd,
+        mem,
+        pio,
+        mmio: Bus::new(),
+        stop: Arc::clone(&stop),
+        timeout: config.timeout,
+    };
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("bulwark-vcpu0".into())
+        .spawn(move || {
+            let result = vcpu.run();
+            // Drop the vCPU (and flush the console) before the main thread reports.
+            drop(vcpu);
+            let _ = done_tx.send(());
+            result
+        })
+        .map_err(|e| VmError::Thread(format!("cannot start the vCPU thread: {e}")))?;
+
+    let timed_out = config.timeout.is_some_and(|timeout| {
+        matches!(
+            done_rx.recv_timeout(timeout),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        )
+    });
+    if timed_out {
+        stop.store(true, Ordering::Release);
+        // Kick until the vCPU notices: a signal that lands outside KVM_RUN is lost, so repeat.
+        while !thread.is_finished() {
+            let _ = thread.kill(SIGRTMIN());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let result = thread
+        .join()
+        .map_err(|_| VmError::Thread("the vCPU thread panicked".into()))?;
+    drop(vm);
+    let (exit, times) = result?;
+    Ok(RunReport { exit, times })
+}
