@@ -1,0 +1,21 @@
+//! The global allocator: Talc over the heap region boot info describes.
+
+use talc::TalcLock;
+use talc::source::Manual;
+
+#[global_allocator]
+static ALLOCATOR: TalcLock<spinning_top::RawSpinlock, Manual> = TalcLock::new(Manual);
+
+/// Hands the heap to the allocator.
+///
+/// # Safety
+/// `[start, start + size)` must be mapped, writable guest RAM that nothing else uses, and this
+/// must be called once, before the first allocation.
+pub unsafe fn init(start: u64, size: u64) {
+    // SAFETY: the caller guarantees the region is ours alone and valid for writes.
+    let claimed = unsafe { ALLOCATOR.lock().claim(start as *mut u8, size as usize) };
+    if claimed.is_none() {
+        crate::console::print("bulwark-guest: the heap is too small to use\n");
+        crate::control::exit(bulwark_proto::ports::exit_status::OUT_OF_MEMORY);
+    }
+}

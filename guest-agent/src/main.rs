@@ -1,0 +1,103 @@
+//! `bulwark-guest`: the whole Bulwark guest, a freestanding program with no kernel under it.
+//!
+//! The VMM enters `_start` in 64-bit mode at CPL3 with RSP at the top of the stack and RDI
+//! pointing at the boot-info block. The guest checks boot info, sets up its heap, reports ready
+//! on the serial console, runs the Wasm self-test from the payload, and exits through the
+//! control port.
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod clock;
+mod console;
+mod control;
+mod exceptions;
+mod heap;
+mod runtime;
+
+use bulwark_proto::boot::{BootInfo, TestMode};
+use bulwark_proto::layout;
+use bulwark_proto::ports::exit_status;
+
+core::arch::global_asm!(
+    ".section .text._start, \"ax\"",
+    ".global _start",
+    "_start:",
+    "xor ebp, ebp",
+    // RSP is 16-byte aligned; the call pushes the return address as the ABI expects.
+    "call {main}",
+    "ud2",
+    main = sym guest_main,
+);
+
+/// The Rust entry point, called from `_start` with the boot-info address.
+extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
+    let entered = clock::now();
+    if boot_info as u64 != layout::BOOT_INFO {
+        console::print("bulwark-guest: boot info is not where the ABI puts it\n");
+        control::exit(exit_status::BAD_BOOT_INFO);
+    }
+    // SAFETY: the VMM wrote a BootInfo at layout::BOOT_INFO (checked above), a mapped,
+    // user-readable page; it is read once, by value, and validated before use.
+    let info = unsafe { core::ptr::read_volatile(boot_info) };
+    if let Err(why) = info.validate() {
+        console::print("bulwark-guest: bad boot info: ");
+        console::print(why);
+        console::print("\n");
+        control::exit(exit_status::BAD_BOOT_INFO);
+    }
+    if exceptions::stubs_address() != layout::EXCEPTION_STUBS {
+        console::print("bulwark-guest: exception stubs are not at EXCEPTION_STUBS\n");
+        control::exit(exit_status::BAD_BOOT_INFO);
+    }
+    // SAFETY: boot info was validated: the heap lies in guest RAM after the payload, is used by
+    // nothing else, and this is the only call.
+    unsafe { heap::init(info.heap_start, info.heap_size) };
+    let clock = clock::Clock::new(info.tsc_khz);
+    println!("bulwark-guest ready in {}", clock.since(entered));
+
+    match TestMode::from_raw(info.test_mode) {
+        Some(TestMode::InvalidOpcode) => exceptions::invalid_opcode(),
+        Some(TestMode::UnclaimedMmio) => {
+            // SAFETY: a read of the MMIO window, which is mapped; no device claims this address,
+            // so the VMM stops the VM here, which is what this test mode is for.
+            let value = unsafe { core::ptr::read_volatile(layout::MMIO_UNCLAIMED as *const u32) };
+            println!("unclaimed MMIO read returned {value:#x}");
+        }
+        Some(TestMode::Spin) => loop {
+            core::hint::spin_loop();
+        },
+        Some(TestMode::None) | None => {}
+    }
+
+    // SAFETY: boot info was validated: the payload lies in guest RAM below the heap, and no one
+    // writes it while this slice lives.
+    let payload = unsafe {
+        core::slice::from_raw_parts(info.payload_start as *const u8, info.payload_size as usize)
+    };
+    if payload.is_empty() {
+        println!("wasm self-test: skipped (no payload)");
+        control::exit(exit_status::OK);
+    }
+    match runtime::self_test(payload, &clock) {
+        Ok(report) => {
+            println!(
+                "wasm self-test: run() = {} ({})",
+                report.result, report.timings
+            );
+            control::exit(exit_status::OK)
+        }
+        Err(e) => {
+            println!("wasm self-test failed: {e:?}");
+            control::exit(exit_status::SELF_TEST_FAILED)
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    println!("guest panic: {info}");
+    control::exit(exit_status::PANIC)
+}

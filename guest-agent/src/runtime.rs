@@ -1,0 +1,128 @@
+//! wasmtime in the guest: the platform hooks it needs without an operating system, the engine,
+//! and the self-test.
+//!
+//! wasmtime's `custom` platform asks the embedder for thread-local storage only
+//! (`wasmtime_tls_get/set`); there is one thread, so two statics serve. Compiled code needs no
+//! `mprotect`: guest RAM is mapped executable, so publishing code is a no-op.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicPtr, Ordering};
+
+use wasmtime::{Config, CustomCodeMemory, Engine, Instance, Module, Store};
+
+use crate::clock::{self, Clock};
+
+/// wasmtime's TLS slots: 0 for the runtime, 1 for component-model async state.
+static TLS: [AtomicPtr<u8>; 2] = [
+    AtomicPtr::new(core::ptr::null_mut()),
+    AtomicPtr::new(core::ptr::null_mut()),
+];
+
+/// wasmtime's TLS getter. Unknown slots read as null.
+#[unsafe(no_mangle)]
+pub extern "C" fn wasmtime_tls_get(slot: usize) -> *mut u8 {
+    TLS.get(slot)
+        .map_or(core::ptr::null_mut(), |p| p.load(Ordering::Relaxed))
+}
+
+/// wasmtime's TLS setter. Unknown slots are ignored.
+#[unsafe(no_mangle)]
+pub extern "C" fn wasmtime_tls_set(slot: usize, ptr: *mut u8) {
+    if let Some(p) = TLS.get(slot) {
+        p.store(ptr, Ordering::Relaxed);
+    }
+}
+
+/// Code memory that is always executable: the VMM maps all guest RAM without NX.
+struct AlwaysExecutable;
+
+impl CustomCodeMemory for AlwaysExecutable {
+    fn required_alignment(&self) -> usize {
+        1
+    }
+
+    fn publish_executable(&self, _ptr: *const u8, _len: usize) -> wasmtime::Result<()> {
+        Ok(())
+    }
+
+    fn unpublish_executable(&self, _ptr: *const u8, _len: usize) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+/// Answers wasmtime's CPU feature questions from CPUID, which the VMM filtered to what the
+/// guest may use (no AVX: XSAVE state is never enabled).
+fn detect_feature(name: &str) -> Option<bool> {
+    use core::arch::x86_64::__cpuid_count;
+    let leaf1 = __cpuid_count(1, 0);
+    let leaf7 = __cpuid_count(7, 0);
+    let ext1 = __cpuid_count(0x8000_0001, 0);
+    let bit = |reg: u32, n: u32| reg & (1 << n) != 0;
+    Some(match name {
+        "sse3" => bit(leaf1.ecx, 0),
+        "ssse3" => bit(leaf1.ecx, 9),
+        "sse4.1" => bit(leaf1.ecx, 19),
+        "sse4.2" => bit(leaf1.ecx, 20),
+        "popcnt" => bit(leaf1.ecx, 23),
+        "cmpxchg16b" => bit(leaf1.ecx, 13),
+        "bmi1" => bit(leaf7.ebx, 3),
+        "bmi2" => bit(leaf7.ebx, 8),
+        "lzcnt" => bit(ext1.ecx, 5),
+        "avx" | "avx2" | "fma" | "f16c" => false,
+        name if name.starts_with("avx512") => false,
+        _ => return None,
+    })
+}
+
+/// The guest's engine configuration: the shared settings plus this platform's hooks.
+pub fn config() -> Config {
+    let mut config = bulwark_engine::shared_config();
+    config.with_custom_code_memory(Some(Arc::new(AlwaysExecutable)));
+    // SAFETY: x86_64-unknown-none is a soft-float target; float arguments only cross between
+    // Rust and compiled Wasm through libcalls, and the host compiles with
+    // `bulwark_engine::CPU_FLAGS` (SSE4.1 and up), under which Cranelift emits no float libcall.
+    unsafe {
+        config.x86_float_abi_ok(true);
+    }
+    // SAFETY: `detect_feature` answers from CPUID, so it reports only what the CPU has.
+    unsafe {
+        config.detect_host_feature(detect_feature);
+    }
+    config
+}
+
+/// What the self-test produced.
+pub struct SelfTest {
+    /// The value `run` returned.
+    pub result: i64,
+    /// Time of each stage, for the console.
+    pub timings: String,
+}
+
+/// Deserializes `artifact` (precompiled by the host for this engine), instantiates it with no
+/// imports, and calls its export `run: () -> i64`.
+pub fn self_test(artifact: &[u8], clock: &Clock) -> wasmtime::Result<SelfTest> {
+    let t0 = clock::now();
+    let engine = Engine::new(&config())?;
+    let t1 = clock::now();
+    // SAFETY: the artifact is the build's own precompiled self-test, handed over by the VMM;
+    // deserialize checks that it was compiled by this wasmtime version with this configuration.
+    let module = unsafe { Module::deserialize(&engine, artifact) }?;
+    let t2 = clock::now();
+    let mut store = Store::new(&engine, ());
+    let instance = Instance::new(&mut store, &module, &[])?;
+    let run = instance.get_typed_func::<(), i64>(&mut store, "run")?;
+    let t3 = clock::now();
+    let result = run.call(&mut store, ())?;
+    let t4 = clock::now();
+    let timings = format!(
+        "engine {} us, deserialize {} us, instantiate {} us, call {} us",
+        clock.micros(t1 - t0),
+        clock.micros(t2 - t1),
+        clock.micros(t3 - t2),
+        clock.micros(t4 - t3),
+    );
+    Ok(SelfTest { result, timings })
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds into $BUILD_DIR (default: build/ at the repository root):
+#   bulwark-guest.elf   the guest image (x86_64-unknown-none, fixed addresses, see guest-agent/link.ld)
+#   selftest.cwasm      images/selftest.wat precompiled for the guest by `bulwark compile`
+# and the host binaries in target/release (bulwark-vmm, bulwark). Prints each output's SHA-256.
+# Builds use the committed Cargo.lock (--locked); the same sources give the same guest image.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+build_dir="${BUILD_DIR:-build}"
+mkdir -p "$build_dir"
+
+say() { printf '==> %s\n' "$*"; }
+
+say "building the guest image (bulwark-guest, x86_64-unknown-none)"
+cargo build --locked --release -p bulwark-guest --target x86_64-unknown-none
+cp target/x86_64-unknown-none/release/bulwark-guest "$build_dir/bulwark-guest.elf.tmp"
+mv "$build_dir/bulwark-guest.elf.tmp" "$build_dir/bulwark-guest.elf"
+
+say "building bulwark-vmm and bulwark (the first build compiles wasmtime and Cranelift: minutes)"
+cargo build --locked --release -p bulwark-vmm -p bulwark-cli
+
+say "precompiling the Wasm self-test"
+target/release/bulwark compile images/selftest.wat -o "$build_dir/selftest.cwasm"
+
+say "outputs"
+(cd "$build_dir" && sha256sum bulwark-guest.elf selftest.cwasm && ls -l bulwark-guest.elf selftest.cwasm | awk '{print "    " $5 " bytes  " $9}')
