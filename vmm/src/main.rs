@@ -56,6 +56,20 @@ struct Args {
     #[arg(long)]
     timings: bool,
 
+    /// Serve a virtio-vsock device whose host side is this Unix socket (Firecracker's
+    /// convention): connect and write `CONNECT <port>\n` to reach guest port <port>; guest
+    /// connections to host port P go to the socket `PATH_P`.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+
+    /// The guest's vsock context ID (3 to 4294967294).
+    #[arg(long, default_value_t = bulwark_proto::vsock::DEFAULT_GUEST_CID)]
+    cid: u64,
+
+    /// The KVM device node.
+    #[arg(long, value_name = "PATH", default_value = bulwark_vmm::vm::DEFAULT_KVM_DEVICE)]
+    kvm_device: PathBuf,
+
     /// For tests: make the guest fault on purpose after it is ready.
     #[arg(long, value_enum, value_name = "MODE")]
     guest_test: Option<GuestTest>,
@@ -109,6 +123,9 @@ fn main() -> ExitCode {
     };
     config.console_limit = args.console_limit;
     config.timeout = args.timeout;
+    config.kvm_device = args.kvm_device;
+    config.vsock_uds = args.vsock_uds;
+    config.cid = args.cid;
     config.test_mode = match args.guest_test {
         None => TestMode::None,
         Some(GuestTest::Ud2) => TestMode::InvalidOpcode,

@@ -75,6 +75,13 @@ pub enum VmExit {
         /// RIP of the instruction.
         rip: u64,
     },
+    /// The guest broke a device's protocol (malformed virtqueue, bad register sequence).
+    DeviceBroken {
+        /// What the device found.
+        detail: String,
+        /// RIP of the access that found it.
+        rip: u64,
+    },
     /// KVM_EXIT_HLT: the guest halted (only the exception stub ever halts).
     Halted {
         /// RIP after the `hlt`.
@@ -153,6 +160,9 @@ impl fmt::Display for VmExit {
                 "guest crashed: MMIO address {addr:#x}: {detail} at RIP {rip:#x}"
             ),
             Self::Halted { rip } => write!(f, "guest crashed: it halted at RIP {rip:#x}"),
+            Self::DeviceBroken { detail, rip } => {
+                write!(f, "guest broke a device: {detail} (at RIP {rip:#x})")
+            }
             Self::Unexpected { exit, rip } => {
                 write!(
                     f,

@@ -104,6 +104,12 @@ impl Vcpu {
                 Step::Request(DeviceRequest::ExceptionReported(vector)) => {
                     break self.exception(vector)?;
                 }
+                Step::Request(DeviceRequest::DeviceBroken(detail)) => {
+                    break VmExit::DeviceBroken {
+                        detail,
+                        rip: self.rip()?,
+                    };
+                }
                 Step::Stop(make) => break make(self.rip()?),
                 Step::InternalError => {
                     break VmExit::InternalError {
@@ -195,7 +201,7 @@ fn serve(exit: VcpuExit<'_>, pio: &mut Bus, mmio: &mut Bus) -> Step {
         },
         VcpuExit::IoIn(port, data) => match pio.get(u64::from(port), 1) {
             Some((offset, dev)) => match dev.read(offset, data) {
-                Ok(()) => Step::Continue,
+                Ok(req) => Step::Request(req),
                 Err(e) => Step::BadPort(port, access_detail(Some(e), false, data.len())),
             },
             None => Step::BadPort(port, access_detail(None, false, data.len())),
@@ -209,7 +215,7 @@ fn serve(exit: VcpuExit<'_>, pio: &mut Bus, mmio: &mut Bus) -> Step {
         },
         VcpuExit::MmioRead(addr, data) => match mmio.get(addr, data.len()) {
             Some((offset, dev)) => match dev.read(offset, data) {
-                Ok(()) => Step::Continue,
+                Ok(req) => Step::Request(req),
                 Err(e) => Step::BadMmio(addr, access_detail(Some(e), false, data.len())),
             },
             None => Step::BadMmio(addr, access_detail(None, false, data.len())),

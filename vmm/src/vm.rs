@@ -1,16 +1,18 @@
 //! One VM from configuration to exit: checks the inputs, sets up KVM, memory, CPU state and
 //! devices, runs the vCPU on its own thread and enforces the timeout.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bulwark_proto::boot::TestMode;
-use bulwark_proto::ports;
+use bulwark_proto::{layout, ports};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -20,10 +22,17 @@ use crate::cpu::{self, CpuError};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::control::Control;
 use crate::devices::serial::{CappedSink, DEFAULT_CONSOLE_LIMIT, Serial};
+use crate::devices::virtio::DeviceFault;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::VsockDevice;
+use crate::devices::virtio::vsock::muxer::MuxerError;
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::outcome::{VmExit, code};
 use crate::vcpu::{Vcpu, VcpuError, VcpuTimes};
+
+/// The KVM device node used unless configured otherwise.
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +62,12 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Fault-injection mode for tests.
     pub test_mode: TestMode,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+    /// The Unix socket the vsock device listens on; no vsock device without it.
+    pub vsock_uds: Option<PathBuf>,
+    /// The guest's vsock CID.
+    pub cid: u64,
 }
 
 impl VmConfig {
@@ -66,6 +81,9 @@ impl VmConfig {
             console_limit: DEFAULT_CONSOLE_LIMIT,
             timeout: None,
             test_mode: TestMode::None,
+            kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+            vsock_uds: None,
+            cid: bulwark_proto::vsock::DEFAULT_GUEST_CID,
         }
     }
 }
@@ -99,6 +117,12 @@ pub enum VmError {
     /// A device could not be placed (a bug in the VMM's layout).
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    /// The vsock device could not be set up.
+    #[error(transparent)]
+    Vsock(#[from] MuxerError),
+    /// The vsock device refused its configuration.
+    #[error("vsock device: {0}")]
+    VsockDevice(#[from] DeviceFault),
     /// The vCPU failed while running.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -112,9 +136,11 @@ impl VmError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Image(_) => code::IMAGE,
-            Self::Memory(_) | Self::Boot(_) | Self::Console { .. } => code::CONFIG,
+            Self::Memory(_) | Self::Boot(_) | Self::Console { .. } | Self::Vsock(_) => code::CONFIG,
             Self::Kvm(_) | Self::Cpu(_) => code::KVM,
-            Self::Bus(_) | Self::Vcpu(_) | Self::Thread(_) => code::VMM_FAILURE,
+            Self::Bus(_) | Self::Vcpu(_) | Self::Thread(_) | Self::VsockDevice(_) => {
+                code::VMM_FAILURE
+            }
         }
     }
 }
@@ -132,20 +158,23 @@ fn kvm_error(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> VmError + '_ {
     move |e| VmError::Kvm(format!("{what} failed: {e}"))
 }
 
-/// Opens `/dev/kvm` with an error that says what to do.
-fn open_kvm() -> Result<Kvm, VmError> {
-    let kvm = Kvm::new().map_err(|e| {
+/// Opens the KVM device with an error that says what to do.
+fn open_kvm(device: &Path) -> Result<Kvm, VmError> {
+    let path = CString::new(device.as_os_str().as_bytes())
+        .map_err(|_| VmError::Kvm(format!("bad KVM device path {}", device.display())))?;
+    let kvm = Kvm::new_with_path(&path).map_err(|e| {
         let hint = match e.errno() {
             libc::ENOENT => "the host has no KVM: load kvm_intel/kvm_amd, or use a VM with nested virtualization",
             libc::EACCES | libc::EPERM => "run as root or add your user to the `kvm` group",
             _ => "check that /dev/kvm is a working KVM device",
         };
-        VmError::Kvm(format!("cannot open /dev/kvm: {e}; {hint}"))
+        VmError::Kvm(format!("cannot open {}: {e}; {hint}", device.display()))
     })?;
     let version = kvm.get_api_version();
     if version != 12 {
         return Err(VmError::Kvm(format!(
-            "/dev/kvm speaks KVM API version {version}, this VMM needs 12"
+            "{} speaks KVM API version {version}, this VMM needs 12",
+            device.display()
         )));
     }
     Ok(kvm)
@@ -173,8 +202,18 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
     let image = loader::read(&config.guest, mem_size)?;
     let (mut info, payload) = boot::plan(mem_size, config.payload.as_deref(), config.test_mode, 0)?;
     let sink = console_sink(config)?;
+    if config.cid <= bulwark_proto::vsock::HOST_CID || config.cid >= u64::from(u32::MAX) {
+        return Err(VmError::VsockDevice(DeviceFault(format!(
+            "--cid {} is reserved: use 3 to 4294967294",
+            config.cid
+        ))));
+    }
+    let vsock = match &config.vsock_uds {
+        Some(path) => Some(Arc::new(Mutex::new(VsockDevice::new(config.cid, path)?))),
+        None => None,
+    };
 
-    let kvm = open_kvm()?;
+    let kvm = open_kvm(&config.kvm_device)?;
     let vm = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
     let mem = memory::create(config.mem_mib)?;
     memory::register(&vm, &mem)?;
@@ -200,20 +239,29 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
         u64::from(ports::SERIAL_PORT_COUNT),
         Box::new(Serial::new(sink)),
     )?;
+    let stop = Arc::new(AtomicBool::new(false));
     pio.insert(
         u64::from(ports::CONTROL_BASE),
         u64::from(ports::CONTROL_PORT_COUNT),
-        Box::new(Control),
+        Box::new(Control::new(vsock.clone(), Arc::clone(&stop))),
     )?;
+    let mut mmio = Bus::new();
+    if let Some(vsock) = vsock {
+        let transport = MmioTransport::new(vsock, mem.clone())?;
+        mmio.insert(
+            layout::VIRTIO_VSOCK_MMIO,
+            layout::VIRTIO_MMIO_SIZE,
+            Box::new(transport),
+        )?;
+    }
 
     register_signal_handler(SIGRTMIN(), interrupt_vcpu)
         .map_err(|e| VmError::Thread(format!("cannot install the vCPU kick signal: {e}")))?;
-    let stop = Arc::new(AtomicBool::new(false));
     let mut vcpu = Vcpu {
         fd: vcpu_fd,
         mem,
         pio,
-        mmio: Bus::new(),
+        mmio,
         stop: Arc::clone(&stop),
         timeout: config.timeout,
     };

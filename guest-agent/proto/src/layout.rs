@@ -80,6 +80,11 @@ pub const MMIO_START: u64 = 0xd000_0000;
 /// Size of the MMIO window.
 pub const MMIO_SIZE: u64 = 256 << 20;
 
+/// Base of the virtio-mmio transport of the vsock device.
+pub const VIRTIO_VSOCK_MMIO: u64 = MMIO_START;
+/// Size of one virtio-mmio register window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+
 /// An address in the MMIO window that no device will ever claim; the guest's fault test touches it.
 pub const MMIO_UNCLAIMED: u64 = MMIO_START + MMIO_SIZE - 0x1000;
 

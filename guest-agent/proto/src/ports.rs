@@ -13,8 +13,20 @@ pub const CONTROL_EXIT: u16 = CONTROL_BASE;
 /// The CPL0 exception stub `out`s the vector here (32-bit); the frame is on its stack (see
 /// [`ExceptionFrame`](crate::boot::ExceptionFrame)).
 pub const CONTROL_EXCEPTION: u16 = CONTROL_BASE + 4;
+/// `in` a 32-bit value here to wait: the VMM first serves the vsock device's queues, then blocks
+/// until it has something for the guest (a used RX buffer) or the VM is stopped. The value read
+/// is a bit set of [`wait_result`]. This is how the guest sleeps: it has no interrupts.
+pub const CONTROL_WAIT: u16 = CONTROL_BASE + 8;
 /// Number of ports in the control block.
-pub const CONTROL_PORT_COUNT: u16 = 8;
+pub const CONTROL_PORT_COUNT: u16 = 12;
+
+/// Bits of the value read from [`CONTROL_WAIT`].
+pub mod wait_result {
+    /// The vsock device put buffers on its RX used ring.
+    pub const VSOCK_RX: u32 = 1 << 0;
+    /// The vsock device put buffers on its TX used ring.
+    pub const VSOCK_TX: u32 = 1 << 1;
+}
 
 /// Guest exit statuses written to [`CONTROL_EXIT`].
 pub mod exit_status {

@@ -78,9 +78,9 @@ mod tests {
         fn name(&self) -> &'static str {
             self.0
         }
-        fn read(&mut self, offset: u64, data: &mut [u8]) -> Result<(), BadAccess> {
+        fn read(&mut self, offset: u64, data: &mut [u8]) -> Result<DeviceRequest, BadAccess> {
             data.fill(offset as u8);
-            Ok(())
+            Ok(DeviceRequest::None)
         }
         fn write(&mut self, _offset: u64, _data: &[u8]) -> Result<DeviceRequest, BadAccess> {
             Ok(DeviceRequest::None)

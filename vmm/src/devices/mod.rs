@@ -3,9 +3,10 @@
 pub mod bus;
 pub mod control;
 pub mod serial;
+pub mod virtio;
 
 /// What a device asks of the VM after a guest access.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceRequest {
     /// Nothing: the guest continues.
     None,
@@ -13,6 +14,8 @@ pub enum DeviceRequest {
     Exit(u32),
     /// The exception stub reported this vector; its frame is on the stub's stack.
     ExceptionReported(u32),
+    /// The guest broke a device (malformed queue, protocol violation); the VM must stop.
+    DeviceBroken(String),
 }
 
 /// A guest access a device refuses (wrong size or offset): fatal for the VM.
@@ -34,7 +37,7 @@ pub trait BusDevice: Send {
     /// Name used in error reports.
     fn name(&self) -> &'static str;
     /// The guest reads `data.len()` bytes at `offset` from the device's base.
-    fn read(&mut self, offset: u64, data: &mut [u8]) -> Result<(), BadAccess>;
+    fn read(&mut self, offset: u64, data: &mut [u8]) -> Result<DeviceRequest, BadAccess>;
     /// The guest writes `data` at `offset` from the device's base.
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<DeviceRequest, BadAccess>;
 }

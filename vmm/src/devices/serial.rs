@@ -89,11 +89,11 @@ impl BusDevice for Serial {
         "serial port"
     }
 
-    fn read(&mut self, offset: u64, data: &mut [u8]) -> Result<(), BadAccess> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) -> Result<DeviceRequest, BadAccess> {
         match (u8::try_from(offset), data) {
             (Ok(o), [b]) => {
                 *b = self.uart.read(o);
-                Ok(())
+                Ok(DeviceRequest::None)
             }
             (_, data) => Err(BadAccess {
                 device: "serial port",

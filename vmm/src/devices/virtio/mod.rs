@@ -1,0 +1,55 @@
+//! Virtio devices and their MMIO transport.
+
+pub mod mmio;
+pub mod vsock;
+
+use virtio_queue::Queue;
+
+use crate::memory::GuestMemory;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest knows how to drive it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is set up and ready to drive the device.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from.
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    /// The guest gave up on the device.
+    pub const FAILED: u32 = 128;
+}
+
+/// VIRTIO_F_VERSION_1: the device is a modern (virtio 1.x) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// A guest error that breaks a device: the VM is stopped with this description.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DeviceFault(pub String);
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (19 for vsock).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each of the device's queues; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers.
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space at `offset`; bytes past its end read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Starts the device with the guest's queues, after the driver set DRIVER_OK.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        features: u64,
+    ) -> Result<(), DeviceFault>;
+    /// The guest notified queue `index`.
+    fn queue_notify(&mut self, index: u32) -> Result<(), DeviceFault>;
+    /// The guest reset the device: forget the queues and every piece of state.
+    fn reset(&mut self);
+}

@@ -1,0 +1,477 @@
+//! The host side of the vsock device: the Unix listener, the clients still sending their
+//! `CONNECT` line, every established connection, and one epoll set for all of them.
+//!
+//! The muxer never blocks except in [`Muxer::poll`], which the vCPU thread calls when the guest
+//! waits; everything it sends to the guest is pulled by the device from
+//! [`Muxer::next_packet_for_guest`] into the guest's RX buffers.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use bulwark_proto::vsock::HOST_CID;
+use vm_memory::VolatileSlice;
+use vm_memory::bitmap::BitmapSlice;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::connection::{Connection, State};
+use super::packet::{Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
+
+/// Most connections at once; requests beyond are refused with RST.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Most host clients that have connected but not yet sent their `CONNECT` line.
+pub const MAX_PENDING_CLIENTS: usize = 64;
+/// Longest `CONNECT <port>\n` line accepted.
+const MAX_CONNECT_LINE: usize = 32;
+/// First host-side port handed to host-initiated connections.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Epoll token of the listener (the others are file descriptors).
+const LISTENER: u64 = u64::MAX;
+
+/// (host-side port, guest-side port).
+type Key = (u32, u32);
+
+/// A host client that has not finished its `CONNECT <port>\n` line.
+struct PendingClient {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// The host side of the device.
+pub struct Muxer {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    clients: HashMap<RawFd, PendingClient>,
+    conns: HashMap<Key, Connection>,
+    by_fd: HashMap<RawFd, Key>,
+    readable: VecDeque<Key>,
+    control: VecDeque<Header>,
+    next_local_port: u32,
+}
+
+/// Errors from setting up the host side.
+#[derive(Debug, thiserror::Error)]
+pub enum MuxerError {
+    /// The Unix socket path is taken.
+    #[error("vsock socket {0} already exists: remove it, or pick another --vsock-uds path")]
+    PathExists(PathBuf),
+    /// Binding or epoll setup failed.
+    #[error("cannot listen on vsock socket {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+impl Muxer {
+    /// Listens on `uds_path` for a guest with CID `guest_cid`.
+    pub fn new(uds_path: &Path, guest_cid: u64) -> Result<Self, MuxerError> {
+        if uds_path.exists() {
+            return Err(MuxerError::PathExists(uds_path.to_owned()));
+        }
+        let listen_err = |source| MuxerError::Listen {
+            path: uds_path.to_owned(),
+            source,
+        };
+        let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let epoll = Epoll::new().map_err(listen_err)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER),
+            )
+            .map_err(listen_err)?;
+        Ok(Self {
+            guest_cid,
+            uds_path: uds_path.to_owned(),
+            listener,
+            epoll,
+            clients: HashMap::new(),
+            conns: HashMap::new(),
+            by_fd: HashMap::new(),
+            readable: VecDeque::new(),
+            control: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+        })
+    }
+
+    /// Number of open connections (for tests and reports).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether a packet is waiting to go to the guest.
+    pub fn has_work(&self) -> bool {
+        !self.control.is_empty()
+            || self
+                .readable
+                .iter()
+                .any(|k| self.conns.get(k).is_some_and(Connection::wants_rx))
+    }
+
+    /// A header addressed to the guest, from `key`'s host port to its guest port.
+    fn header(&self, key: Key, op: u16) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: key.0,
+            dst_port: key.1,
+            type_: TYPE_STREAM,
+            op,
+            ..Header::default()
+        }
+    }
+
+    /// Queues a packet without payload for the guest, stamped with the connection's credit.
+    fn queue_control(&mut self, key: Key, op: u16, flags: u32) {
+        let mut hdr = self.header(key, op);
+        hdr.flags = flags;
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.stamp(&mut hdr);
+        }
+        self.control.push_back(hdr);
+    }
+
+    /// Drops a connection (closing its socket) and tells the guest with RST.
+    fn reset(&mut self, key: Key) {
+        if let Some(conn) = self.conns.remove(&key) {
+            self.by_fd.remove(&conn.stream.as_raw_fd());
+        }
+        self.control.push_back(self.header(key, op::RST));
+    }
+
+    fn mark_readable(&mut self, key: Key) {
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.host_readable = true;
+            if conn.wants_rx() {
+                self.readable.push_back(key);
+            }
+        }
+    }
+
+    /// Handles one packet the guest sent. Anything malformed or unexpected is answered with RST
+    /// (never with an error for the VMM).
+    pub fn handle_guest_packet<B: BitmapSlice>(
+        &mut self,
+        hdr: &Header,
+        data: Option<&VolatileSlice<'_, B>>,
+    ) {
+        let key = (hdr.dst_port, hdr.src_port);
+        if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID || hdr.type_ != TYPE_STREAM {
+            if hdr.op != op::RST {
+                self.control.push_back(self.header(key, op::RST));
+            }
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.update_peer_credit(hdr);
+        }
+        match hdr.op {
+            op::REQUEST => self.guest_connect(key),
+            op::RESPONSE => match self.conns.get_mut(&key) {
+                Some(conn) if conn.state == State::Connecting => {
+                    conn.state = State::Established;
+                    let line = format!("OK {}\n", key.0);
+                    // A fresh socket's buffer always takes these few bytes.
+                    if conn.stream.write_all(line.as_bytes()).is_err() {
+                        self.reset(key);
+                    } else {
+                        self.mark_readable(key);
+                    }
+                }
+                _ => self.reset(key),
+            },
+            op::RW => self.guest_data(key, data),
+            op::SHUTDOWN => self.guest_shutdown(key, hdr.flags),
+            op::RST => {
+                if let Some(conn) = self.conns.remove(&key) {
+                    self.by_fd.remove(&conn.stream.as_raw_fd());
+                }
+            }
+            op::CREDIT_UPDATE => self.mark_readable_if_known(key),
+            op::CREDIT_REQUEST => {
+                if self.conns.contains_key(&key) {
+                    self.queue_control(key, op::CREDIT_UPDATE, 0);
+                } else {
+                    self.reset(key);
+                }
+            }
+            _ => self.reset(key),
+        }
+    }
+
+    fn mark_readable_if_known(&mut self, key: Key) {
+        match self.conns.get(&key) {
+            Some(conn) if conn.host_readable => self.mark_readable(key),
+            Some(_) => {}
+            None => self.reset(key),
+        }
+    }
+
+    /// The guest asks for a connection to host port `key.0`: the Unix socket `<path>_<port>`.
+    fn guest_connect(&mut self, key: Key) {
+        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
+            self.reset(key);
+            return;
+        }
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{}", key.0));
+        let stream = match UnixStream::connect(&path) {
+            Ok(s) if s.set_nonblocking(true).is_ok() => s,
+            _ => {
+                self.control.push_back(self.header(key, op::RST));
+                return;
+            }
+        };
+        let fd = stream.as_raw_fd();
+        let event = EpollEvent::new(
+            EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+            fd as u64,
+        );
+        if self.epoll.ctl(ControlOperation::Add, fd, event).is_err() {
+            self.control.push_back(self.header(key, op::RST));
+            return;
+        }
+        self.conns.insert(
+            key,
+            Connection::new(stream, key.0, key.1, State::Established),
+        );
+        self.by_fd.insert(fd, key);
+        self.queue_control(key, op::RESPONSE, 0);
+    }
+
+    fn guest_data<B: BitmapSlice>(&mut self, key: Key, data: Option<&VolatileSlice<'_, B>>) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            self.reset(key);
+            return;
+        };
+        if conn.state != State::Established || conn.peer_shut_send {
+            self.reset(key);
+            return;
+        }
+        if let Some(Err(_)) = data.map(|d| conn.send_to_host(d)) {
+            self.reset(key);
+            return;
+        }
+        if conn.needs_credit_update() {
+            self.queue_control(key, op::CREDIT_UPDATE, 0);
+        }
+    }
+
+    fn guest_shutdown(&mut self, key: Key, flags: u32) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            self.reset(key);
+            return;
+        };
+        conn.peer_shut_send |= flags & SHUTDOWN_SEND != 0;
+        conn.peer_shut_recv |= flags & SHUTDOWN_RCV != 0;
+        if conn.flush().is_err() {
+            self.reset(key);
+            return;
+        }
+        self.close_if_done(key);
+    }
+
+    /// A connection both sides have finished with is closed, and the guest told with RST.
+    fn close_if_done(&mut self, key: Key) {
+        let done = self.conns.get(&key).is_some_and(|c| {
+            !c.has_pending() && c.peer_shut_send && (c.peer_shut_recv || c.host_eof)
+        });
+        if done {
+            self.reset(key);
+        }
+    }
+
+    /// Fills the next packet for the guest: a control packet, or host data read into `buf`.
+    /// Returns `None` if there is nothing to send.
+    pub fn next_packet_for_guest<B: BitmapSlice>(
+        &mut self,
+        buf: Option<&VolatileSlice<'_, B>>,
+    ) -> Option<Header> {
+        if let Some(hdr) = self.control.pop_front() {
+            return Some(hdr);
+        }
+        let buf = buf?;
+        while let Some(key) = self.readable.pop_front() {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            if !conn.wants_rx() {
+                continue;
+            }
+            let n = conn.read_from_host(buf);
+            if n > 0 {
+                let requeue = conn.wants_rx();
+                let mut hdr = self.header(key, op::RW);
+                hdr.len = n as u32;
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    conn.stamp(&mut hdr);
+                }
+                if requeue {
+                    self.readable.push_back(key);
+                }
+                return Some(hdr);
+            }
+            if conn.host_eof {
+                // The host will send no more: tell the guest, and close if it is done too.
+                self.queue_control(key, op::SHUTDOWN, SHUTDOWN_SEND);
+                self.close_if_done(key);
+                return self.control.pop_front();
+            }
+        }
+        None
+    }
+
+    /// Waits up to `timeout_ms` (-1: no limit) for host events and handles them: new clients,
+    /// `CONNECT` lines, readable or writable connections. An interrupted wait returns `Ok`.
+    pub fn poll(&mut self, timeout_ms: i32) -> io::Result<()> {
+        let mut events = [EpollEvent::default(); 64];
+        let n = match self.epoll.wait(timeout_ms, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for event in &events[..n] {
+            match event.data() {
+                LISTENER => self.accept_clients(),
+                fd => self.fd_event(fd as RawFd),
+            }
+        }
+        Ok(())
+    }
+
+    fn accept_clients(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            let full =
+                self.clients.len() >= MAX_PENDING_CLIENTS || self.conns.len() >= MAX_CONNECTIONS;
+            if full || stream.set_nonblocking(true).is_err() {
+                continue; // dropping the stream closes it: the client sees EOF
+            }
+            let fd = stream.as_raw_fd();
+            let event = EpollEvent::new(
+                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                fd as u64,
+            );
+            if self.epoll.ctl(ControlOperation::Add, fd, event).is_ok() {
+                self.clients.insert(
+                    fd,
+                    PendingClient {
+                        stream,
+                        line: Vec::new(),
+                    },
+                );
+                // Data may have arrived before registration; edge-triggered epoll won't say so.
+                self.client_readable(fd);
+            }
+        }
+    }
+
+    fn fd_event(&mut self, fd: RawFd) {
+        if self.clients.contains_key(&fd) {
+            self.client_readable(fd);
+            return;
+        }
+        let Some(&key) = self.by_fd.get(&fd) else {
+            return;
+        };
+        let flushed = self.conns.get_mut(&key).map(Connection::flush);
+        if let Some(Err(_)) = flushed {
+            self.reset(key);
+            return;
+        }
+        self.close_if_done(key);
+        self.mark_readable(key);
+    }
+
+    /// Reads a client's `CONNECT <port>\n` line; a complete one becomes a connection request to
+    /// the guest, a bad one closes the client.
+    fn client_readable(&mut self, fd: RawFd) {
+        let Some(client) = self.clients.get_mut(&fd) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        // Byte by byte, so nothing after the newline (the client's first data) is consumed.
+        let outcome = loop {
+            match client.stream.read(&mut byte) {
+                Ok(0) => break Err(()),
+                Ok(_) if byte[0] == b'\n' => break Ok(Some(parse_connect(&client.line))),
+                Ok(_) if client.line.len() >= MAX_CONNECT_LINE => break Err(()),
+                Ok(_) => client.line.push(byte[0]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break Ok(None),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break Err(()),
+            }
+        };
+        match outcome {
+            Ok(None) => {}
+            Ok(Some(Some(port))) => {
+                if let Some(client) = self.clients.remove(&fd) {
+                    self.host_connect(client.stream, port);
+                }
+            }
+            Ok(Some(None)) | Err(()) => {
+                self.clients.remove(&fd);
+            }
+        }
+    }
+
+    /// A host client asked for guest port `port`: send REQUEST and wait for the guest's answer.
+    fn host_connect(&mut self, stream: UnixStream, port: u32) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            return;
+        }
+        let mut local = self.next_local_port;
+        while self.conns.contains_key(&(local, port)) {
+            local = local.wrapping_add(1).max(FIRST_LOCAL_PORT);
+        }
+        self.next_local_port = local.wrapping_add(1).max(FIRST_LOCAL_PORT);
+        let key = (local, port);
+        self.by_fd.insert(stream.as_raw_fd(), key);
+        self.conns
+            .insert(key, Connection::new(stream, local, port, State::Connecting));
+        self.queue_control(key, op::REQUEST, 0);
+    }
+}
+
+/// Parses `CONNECT <port>` (the newline already stripped).
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?;
+    let port = text.trim_end_matches('\r').strip_prefix("CONNECT ")?;
+    port.trim().parse().ok()
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_lines_are_parsed_strictly() {
+        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT 4294967295"), Some(u32::MAX));
+        for bad in [
+            &b"CONNECT"[..],
+            b"connect 52",
+            b"CONNECT -1",
+            b"CONNECT 4294967296",
+            b"CONNECT x",
+            b"\xff",
+        ] {
+            assert_eq!(parse_connect(bad), None, "{bad:?}");
+        }
+    }
+}
