@@ -1,0 +1,91 @@
+//! Start-up benchmark: `bulwark-vmm` process start to the guest's ready line, and to exit, with
+//! the Wasm self-test as payload; plus the VMM's peak RSS. Run with `make bench` (or
+//! `cargo bench -p bulwark-tests` after `make guest`). `BULWARK_BENCH_RUNS` sets the run count.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bulwark_tests::*;
+
+struct Sample {
+    ready: Duration,
+    exit: Duration,
+    peak_rss_kib: i64,
+}
+
+// The child is reaped with wait4 (for its rusage), which clippy cannot see.
+#[expect(clippy::zombie_processes, reason = "reaped with wait4 to read its peak RSS")]
+fn one_run() -> Sample {
+    let started = Instant::now();
+    let mut child = Command::new(vmm_binary())
+        .args(["--console", "-", "--timeout", "30", "--payload"])
+        .arg(selftest_module())
+        .arg(guest_image())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start bulwark-vmm: {e}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut ready = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("console output is text");
+        if ready.is_none() && line.starts_with("bulwark-guest ready in ") {
+            ready = Some(started.elapsed());
+        }
+    }
+    let pid = i32::try_from(child.id()).expect("pid fits i32");
+    let mut status = 0;
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `pid` is our own child, not yet reaped; `status` and `usage` point to writable
+    // memory of the types wait4 fills in.
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, usage.as_mut_ptr()) };
+    let exit = started.elapsed();
+    assert_eq!(reaped, pid, "wait4 failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "bulwark-vmm failed (wait status {status:#x})"
+    );
+    // SAFETY: wait4 succeeded, so it filled in the rusage struct.
+    let usage = unsafe { usage.assume_init() };
+    Sample {
+        ready: ready.expect("the guest printed its ready line"),
+        exit,
+        peak_rss_kib: usage.ru_maxrss,
+    }
+}
+
+fn summary<T: Copy + PartialOrd>(mut v: Vec<T>) -> (T, T, T) {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a plain `cargo test` of this target runs nothing.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    if !kvm_available() {
+        return;
+    }
+    let runs: usize = std::env::var("BULWARK_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(30);
+    one_run(); // warm the page cache
+    let samples: Vec<Sample> = (0..runs).map(|_| one_run()).collect();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (rmin, rmed, rmax) = summary(samples.iter().map(|s| ms(s.ready)).collect());
+    let (emin, emed, emax) = summary(samples.iter().map(|s| ms(s.exit)).collect());
+    let (kmin, kmed, kmax) = summary(samples.iter().map(|s| s.peak_rss_kib).collect());
+    println!("bulwark-vmm start-up, {runs} runs (payload: Wasm self-test)");
+    println!(
+        "  process start -> ready line  min {rmin:7.2} ms  median {rmed:7.2} ms  max {rmax:7.2} ms"
+    );
+    println!(
+        "  process start -> exit        min {emin:7.2} ms  median {emed:7.2} ms  max {emax:7.2} ms"
+    );
+    println!(
+        "  peak RSS of bulwark-vmm      min {kmin:7} KiB median {kmed:7} KiB max {kmax:7} KiB"
+    );
+}

@@ -1,0 +1,125 @@
+//! Helpers for Bulwark's end-to-end tests and benchmarks: finding the built artifacts, checking
+//! that `/dev/kvm` works, and running the VMM.
+//!
+//! The guest image and the precompiled self-test are built by `images/build.sh` (run by
+//! `make test`) into `build/` at the repository root, or `$BULWARK_BUILD_DIR`.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The directory `images/build.sh` writes into.
+pub fn build_dir() -> PathBuf {
+    std::env::var_os("BULWARK_BUILD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("build"))
+}
+
+/// A file in the build directory; panics with what to run if it is missing.
+pub fn built(name: &str) -> PathBuf {
+    let path = build_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make guest` (images/build.sh) first",
+        path.display()
+    );
+    path
+}
+
+/// The guest ELF image.
+pub fn guest_image() -> PathBuf {
+    built("bulwark-guest.elf")
+}
+
+/// The precompiled Wasm self-test module.
+pub fn selftest_module() -> PathBuf {
+    built("selftest.cwasm")
+}
+
+/// The value the self-test's `run` export must return, from `images/selftest.expected`.
+pub fn selftest_expected() -> i64 {
+    let path = repo_root().join("images/selftest.expected");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{} does not hold a number: {e}", path.display()))
+}
+
+/// A binary of this workspace built by the same cargo invocation as the running test (it sits
+/// next to the test's `deps` directory), or the path in the environment variable `env`.
+pub fn workspace_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build it (`cargo build -p bulwark-vmm`) or set {env}",
+        path.display()
+    );
+    path
+}
+
+/// The `bulwark-vmm` binary.
+pub fn vmm_binary() -> PathBuf {
+    workspace_binary("bulwark-vmm", "BULWARK_VMM")
+}
+
+/// Whether tests that need `/dev/kvm` can run. Under CI (`CI=true`) a missing or unusable
+/// `/dev/kvm` fails the test; elsewhere the test is skipped with a loud message.
+pub fn kvm_available() -> bool {
+    let problem = match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => return true,
+        Err(e) => format!("/dev/kvm is not usable: {e}"),
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true and {problem}: the end-to-end tests need KVM");
+    }
+    eprintln!("\n*** SKIPPED: {problem}. This test boots a real VM and needs /dev/kvm. ***\n");
+    false
+}
+
+/// Runs `bulwark-vmm` with `args` and returns its output.
+pub fn run_vmm<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(vmm_binary())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start bulwark-vmm: {e}"))
+}
+
+/// Standard error as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Standard output as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bulwark-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}

@@ -1,0 +1,79 @@
+//! Guest faults on a real VM: each is reported in one line with its cause, and the VMM exits
+//! non-zero without panicking.
+
+use bulwark_proto::layout;
+use bulwark_tests::*;
+use bulwark_vmm::outcome::code;
+
+fn run_test_mode(mode: &str, timeout: &str) -> (Option<i32>, String) {
+    let out = run_vmm([
+        "--guest-test".as_ref(),
+        mode.as_ref(),
+        "--timeout".as_ref(),
+        timeout.as_ref(),
+        guest_image().as_os_str(),
+    ]);
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line:\n{err}");
+    (out.status.code(), err)
+}
+
+/// The hexadecimal number after `marker` in `line`.
+fn hex_after(line: &str, marker: &str) -> u64 {
+    let at = line
+        .find(marker)
+        .unwrap_or_else(|| panic!("no `{marker}` in {line}"));
+    let digits: String = line[at + marker.len()..]
+        .chars()
+        .take_while(char::is_ascii_hexdigit)
+        .collect();
+    u64::from_str_radix(&digits, 16).unwrap_or_else(|e| panic!("bad hex in {line}: {e}"))
+}
+
+#[test]
+fn ud2_is_reported_as_vector_6_with_its_rip() {
+    if !kvm_available() {
+        return;
+    }
+    let (status, err) = run_test_mode("ud2", "30");
+    assert_eq!(status, Some(code::GUEST_CRASH.into()), "{err}");
+    assert!(
+        err.contains("CPU exception 6 (#UD invalid opcode)"),
+        "{err}"
+    );
+    let rip = hex_after(&err, "at RIP 0x");
+    assert!(
+        (layout::IMAGE_START..layout::IMAGE_END).contains(&rip),
+        "RIP {rip:#x} is in the guest image: {err}"
+    );
+}
+
+#[test]
+fn an_unclaimed_mmio_access_is_reported_with_its_address() {
+    if !kvm_available() {
+        return;
+    }
+    let (status, err) = run_test_mode("unclaimed-mmio", "30");
+    assert_eq!(status, Some(code::GUEST_CRASH.into()), "{err}");
+    assert_eq!(
+        hex_after(&err, "MMIO address 0x"),
+        layout::MMIO_UNCLAIMED,
+        "{err}"
+    );
+    assert!(err.contains("no device here"), "{err}");
+}
+
+#[test]
+fn a_spinning_guest_is_stopped_by_the_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let (status, err) = run_test_mode("spin", "0.5");
+    assert_eq!(status, Some(code::TIMEOUT.into()), "{err}");
+    assert!(err.contains("timed out"), "{err}");
+    assert!(err.contains("after 0.500 s"), "{err}");
+    // Functional, not a speed goal: the VMM did wait for the timeout before stopping the guest.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500));
+}
