@@ -15,7 +15,13 @@ pub const TARGET: &str = "x86_64-unknown-none";
 /// Cranelift ISA flags the host enables: the x86-64-v2 baseline. With SSE4.1 Cranelift lowers
 /// every float rounding op inline, so compiled code makes no float libcall (what makes the guest's
 /// `x86_float_abi_ok` sound). The guest checks each against CPUID when it loads an artifact.
-pub const CPU_FLAGS: &[&str] = &["has_sse3", "has_ssse3", "has_sse41", "has_sse42", "has_popcnt"];
+pub const CPU_FLAGS: &[&str] = &[
+    "has_sse3",
+    "has_ssse3",
+    "has_sse41",
+    "has_sse42",
+    "has_popcnt",
+];
 
 /// The settings both sides must share: no signal-based traps (the guest has no signals), no
 /// virtual-memory tricks (no reservation, guard pages or copy-on-write images: the guest has no
