@@ -16,6 +16,8 @@ mod control;
 mod exceptions;
 mod heap;
 mod runtime;
+mod services;
+mod virtio;
 
 use bulwark_proto::boot::{BootInfo, TestMode};
 use bulwark_proto::layout;
@@ -69,6 +71,9 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
         Some(TestMode::Spin) => loop {
             core::hint::spin_loop();
         },
+        Some(mode @ (TestMode::VsockEcho | TestMode::VsockConnect)) => {
+            vsock_test(mode, info.vsock_cid)
+        }
         Some(TestMode::None) | None => {}
     }
 
@@ -91,6 +96,32 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
         }
         Err(e) => {
             println!("wasm self-test failed: {e:?}");
+            control::exit(exit_status::SELF_TEST_FAILED)
+        }
+    }
+}
+
+/// Runs a vsock test service; never returns.
+fn vsock_test(mode: TestMode, cid: u64) -> ! {
+    if cid == 0 {
+        println!("bulwark-guest: this test mode needs a vsock device (--vsock-uds)");
+        control::exit(exit_status::BAD_BOOT_INFO);
+    }
+    let mut vsock = match virtio::vsock::Vsock::init(cid) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("bulwark-guest: vsock setup failed: {e:?}");
+            control::exit(exit_status::SELF_TEST_FAILED);
+        }
+    };
+    println!("vsock ready (cid {cid})");
+    if mode == TestMode::VsockEcho {
+        services::echo_server(&mut vsock, bulwark_proto::vsock::ECHO_PORT);
+    }
+    match services::connect_test(&mut vsock) {
+        Ok(()) => control::exit(exit_status::OK),
+        Err(e) => {
+            println!("vsock connect test failed: {e:?}");
             control::exit(exit_status::SELF_TEST_FAILED)
         }
     }

@@ -15,7 +15,10 @@ struct Sample {
 }
 
 // The child is reaped with wait4 (for its rusage), which clippy cannot see.
-#[expect(clippy::zombie_processes, reason = "reaped with wait4 to read its peak RSS")]
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped with wait4 to read its peak RSS"
+)]
 fn one_run() -> Sample {
     let started = Instant::now();
     let mut child = Command::new(vmm_binary())

@@ -96,6 +96,7 @@ pub fn plan(
         payload_start: layout::PAYLOAD_START,
         payload_size,
         tsc_khz,
+        vsock_cid: 0,
     };
     Ok((info, bytes))
 }

@@ -84,6 +84,10 @@ enum GuestTest {
     UnclaimedMmio,
     /// Spin forever (needs --timeout).
     Spin,
+    /// Serve the vsock echo service on guest port 1234 (needs --vsock-uds).
+    VsockEcho,
+    /// Connect to host port 5000 over vsock, greet, echo until EOF (needs --vsock-uds).
+    VsockConnect,
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -131,6 +135,8 @@ fn main() -> ExitCode {
         Some(GuestTest::Ud2) => TestMode::InvalidOpcode,
         Some(GuestTest::UnclaimedMmio) => TestMode::UnclaimedMmio,
         Some(GuestTest::Spin) => TestMode::Spin,
+        Some(GuestTest::VsockEcho) => TestMode::VsockEcho,
+        Some(GuestTest::VsockConnect) => TestMode::VsockConnect,
     };
 
     let report = match bulwark_vmm::run(&config) {

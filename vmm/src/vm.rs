@@ -221,6 +221,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
 
     loader::load(&mem, &image)?;
     info.tsc_khz = vcpu_fd.get_tsc_khz().map_or(0, u64::from);
+    info.vsock_cid = if vsock.is_some() { config.cid } else { 0 };
     boot::write(&mem, &info, &payload)?;
     cpu::paging::write(&mem, mem_size)?;
     cpu::gdt::write(&mem)?;

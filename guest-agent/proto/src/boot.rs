@@ -16,6 +16,11 @@ pub enum TestMode {
     UnclaimedMmio = 2,
     /// Loop forever without exiting (the VMM's `--timeout` must end it).
     Spin = 3,
+    /// Serve the vsock echo service on [`ECHO_PORT`](crate::vsock::ECHO_PORT) until stopped.
+    VsockEcho = 4,
+    /// Connect to host port [`HOST_TEST_PORT`](crate::vsock::HOST_TEST_PORT), write a greeting,
+    /// echo what comes back until the host closes, then exit with status 0.
+    VsockConnect = 5,
 }
 
 impl TestMode {
@@ -26,6 +31,8 @@ impl TestMode {
             1 => Some(Self::InvalidOpcode),
             2 => Some(Self::UnclaimedMmio),
             3 => Some(Self::Spin),
+            4 => Some(Self::VsockEcho),
+            5 => Some(Self::VsockConnect),
             _ => None,
         }
     }
@@ -53,6 +60,9 @@ pub struct BootInfo {
     pub payload_size: u64,
     /// TSC frequency in kHz, as KVM reports it for the vCPU (0 if unknown).
     pub tsc_khz: u64,
+    /// The guest's vsock CID if the VM has a virtio-vsock device at
+    /// [`VIRTIO_VSOCK_MMIO`](crate::layout::VIRTIO_VSOCK_MMIO), else 0.
+    pub vsock_cid: u64,
 }
 
 impl BootInfo {
@@ -62,7 +72,7 @@ impl BootInfo {
     /// Serializes the block as it lies in guest memory (little-endian, `repr(C)` order).
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
         let mut out = [0u8; Self::SIZE];
-        let fields: [&[u8]; 9] = [
+        let fields: [&[u8]; 10] = [
             &self.magic.to_le_bytes(),
             &self.abi_version.to_le_bytes(),
             &self.test_mode.to_le_bytes(),
@@ -72,6 +82,7 @@ impl BootInfo {
             &self.payload_start.to_le_bytes(),
             &self.payload_size.to_le_bytes(),
             &self.tsc_khz.to_le_bytes(),
+            &self.vsock_cid.to_le_bytes(),
         ];
         let mut at = 0;
         for f in fields {
@@ -103,6 +114,9 @@ impl BootInfo {
         }
         if self.mem_size > MAX_RAM_SIZE || self.heap_size < MIN_HEAP_SIZE {
             return Err("RAM size out of range");
+        }
+        if self.vsock_cid != 0 && !(3..0xffff_ffff).contains(&self.vsock_cid) {
+            return Err("reserved vsock CID");
         }
         Ok(())
     }
@@ -203,6 +217,7 @@ mod tests {
             payload_start: PAYLOAD_START,
             payload_size: 4096,
             tsc_khz: 2_000_000,
+            vsock_cid: 3,
         }
     }
 
@@ -210,7 +225,7 @@ mod tests {
     fn bytes_match_the_repr_c_layout() {
         let info = sample();
         let bytes = info.to_bytes();
-        assert_eq!(bytes.len(), 64);
+        assert_eq!(bytes.len(), 72);
         // SAFETY: BootInfo is repr(C), plain integers, and `bytes` is exactly its size.
         let back: BootInfo = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
         assert_eq!(back, info);
@@ -234,6 +249,9 @@ mod tests {
         let mut b = sample();
         b.heap_size += 1;
         assert_eq!(b.validate(), Err("heap does not end at the end of RAM"));
+        let mut b = sample();
+        b.vsock_cid = 2;
+        assert_eq!(b.validate(), Err("reserved vsock CID"));
     }
 
     #[test]

@@ -23,4 +23,8 @@ pub mod vsock {
     pub const MAX_PACKET_DATA: u32 = 64 * 1024;
     /// Guest port of the echo service the guest runs for tests.
     pub const ECHO_PORT: u32 = 1234;
+    /// Host port the guest connects to in its connect test mode.
+    pub const HOST_TEST_PORT: u32 = 5000;
+    /// The greeting the guest writes first in its connect test mode.
+    pub const GUEST_GREETING: &[u8] = b"hello from the guest\n";
 }

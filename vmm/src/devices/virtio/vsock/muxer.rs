@@ -387,6 +387,14 @@ impl Muxer {
             self.reset(key);
             return;
         }
+        // The host took buffered guest data: tell the guest its credit grew.
+        if self
+            .conns
+            .get(&key)
+            .is_some_and(Connection::needs_credit_update)
+        {
+            self.queue_control(key, op::CREDIT_UPDATE, 0);
+        }
         self.close_if_done(key);
         self.mark_readable(key);
     }

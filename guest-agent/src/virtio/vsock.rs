@@ -1,0 +1,483 @@
+//! The guest's virtio-vsock driver and a small stream API over it.
+//!
+//! Packets go out through TX buffers (header and data in one descriptor) and come in through RX
+//! buffers the driver keeps posted. Nothing interrupts the guest: [`Vsock::poll`] takes what
+//! the device delivered, and [`Vsock::wait`] reads the VMM's wait register, which first sends
+//! everything queued on TX and then blocks until RX has something. A guest that queues its
+//! replies and then waits needs one VM exit per round trip.
+//!
+//! Every packet from the device is checked (addresses, ports, lengths, credit); a peer that
+//! breaks the protocol gets its connection reset, never a panic.
+
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+use bulwark_proto::layout;
+use bulwark_proto::ports;
+use bulwark_proto::vsock::{HOST_CID, MAX_PACKET_DATA};
+
+use super::mmio::{SetupError, Transport};
+use super::queue::{DESC_F_WRITE, Queue, zeroed};
+
+const DEVICE_ID: u32 = 19;
+const F_STREAM: u64 = 1;
+const QUEUE_SIZE: u16 = 64;
+const HEADER: usize = 44;
+const BUF_SIZE: usize = HEADER + MAX_PACKET_DATA as usize;
+const TX: u32 = 1;
+/// Receive buffer per connection that the guest advertises (bytes it will hold unread).
+pub const BUF_ALLOC: u32 = 1 << 20;
+/// Most connections at once.
+pub const MAX_CONNECTIONS: usize = 256;
+const FIRST_EPHEMERAL_PORT: u32 = 49152;
+
+mod op {
+    pub const REQUEST: u16 = 1;
+    pub const RESPONSE: u16 = 2;
+    pub const RST: u16 = 3;
+    pub const SHUTDOWN: u16 = 4;
+    pub const RW: u16 = 5;
+    pub const CREDIT_UPDATE: u16 = 6;
+    pub const CREDIT_REQUEST: u16 = 7;
+}
+const TYPE_STREAM: u16 = 1;
+const SHUTDOWN_RCV: u32 = 1;
+const SHUTDOWN_SEND: u32 = 2;
+
+/// A packet header, decoded.
+#[derive(Clone, Copy, Debug, Default)]
+struct Header {
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    type_: u16,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+impl Header {
+    fn decode(b: &[u8]) -> Self {
+        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
+        Self {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+
+    fn encode(&self, b: &mut [u8]) {
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+    }
+}
+
+/// A stream: (local port, peer port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stream {
+    local: u32,
+    peer: u32,
+}
+
+/// Why a stream operation did not complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamError {
+    /// Nothing to read, or no credit or buffer to send, right now: poll or wait, then retry.
+    WouldBlock,
+    /// The peer reset the stream, or it does not exist.
+    Reset,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Connecting,
+    Established,
+    Reset,
+}
+
+struct Conn {
+    state: State,
+    rx: VecDeque<u8>,
+    fwd_cnt: u32,
+    last_fwd_cnt_sent: u32,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    tx_cnt: u32,
+    peer_shut_send: bool,
+}
+
+impl Conn {
+    fn new(state: State) -> Self {
+        Self {
+            state,
+            rx: VecDeque::new(),
+            fwd_cnt: 0,
+            last_fwd_cnt_sent: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            peer_shut_send: false,
+        }
+    }
+
+    fn credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+}
+
+/// The vsock device and every stream on it.
+pub struct Vsock {
+    transport: Transport,
+    cid: u64,
+    rx: Queue,
+    tx: Queue,
+    rx_bufs: NonNull<u8>,
+    tx_bufs: NonNull<u8>,
+    tx_free: Vec<u16>,
+    tx_queued: bool,
+    conns: BTreeMap<Stream, Conn>,
+    listening: BTreeSet<u32>,
+    accepted: VecDeque<Stream>,
+    next_port: u32,
+}
+
+impl Vsock {
+    /// Sets up the device the VMM placed at `layout::VIRTIO_VSOCK_MMIO` for CID `cid`.
+    pub fn init(cid: u64) -> Result<Self, SetupError> {
+        let oom = |_| SetupError::NotFound;
+        let transport = Transport::new(layout::VIRTIO_VSOCK_MMIO);
+        let rx = Queue::new(QUEUE_SIZE).map_err(oom)?;
+        let tx = Queue::new(QUEUE_SIZE).map_err(oom)?;
+        let event = Queue::new(QUEUE_SIZE).map_err(oom)?;
+        let bufs = BUF_SIZE * usize::from(QUEUE_SIZE);
+        let rx_bufs = zeroed(bufs, 4096).map_err(oom)?;
+        let tx_bufs = zeroed(bufs, 4096).map_err(oom)?;
+        transport.setup(DEVICE_ID, F_STREAM, &[&rx, &tx, &event])?;
+        let device_cid = transport.config_u64(0);
+        if device_cid != cid {
+            return Err(SetupError::NotFound);
+        }
+        let mut vsock = Self {
+            transport,
+            cid,
+            rx,
+            tx,
+            rx_bufs,
+            tx_bufs,
+            tx_free: (0..QUEUE_SIZE).collect(),
+            tx_queued: false,
+            conns: BTreeMap::new(),
+            listening: BTreeSet::new(),
+            accepted: VecDeque::new(),
+            next_port: FIRST_EPHEMERAL_PORT,
+        };
+        for id in 0..QUEUE_SIZE {
+            vsock.post_rx(id);
+        }
+        vsock.rx.publish();
+        Ok(vsock)
+    }
+
+    fn buf(&mut self, base: NonNull<u8>, id: u16) -> &mut [u8] {
+        let offset = usize::from(id % QUEUE_SIZE) * BUF_SIZE;
+        // SAFETY: the buffer area holds QUEUE_SIZE buffers of BUF_SIZE bytes, allocated in
+        // `init` and never freed; `id % QUEUE_SIZE` selects one, and `&mut self` guarantees no
+        // other slice into it is alive. The device only writes RX buffers while the guest is in
+        // a VM exit, never while this slice is used.
+        unsafe { core::slice::from_raw_parts_mut(base.as_ptr().add(offset), BUF_SIZE) }
+    }
+
+    fn post_rx(&mut self, id: u16) {
+        let addr = self.buf(self.rx_bufs, id).as_ptr() as u64;
+        self.rx
+            .set_descriptor(id, addr, BUF_SIZE as u32, DESC_F_WRITE);
+        self.rx.push_avail(id);
+    }
+
+    /// Accepts connections to guest port `port` from now on.
+    pub fn listen(&mut self, port: u32) {
+        self.listening.insert(port);
+    }
+
+    /// A connection accepted on a listening port, if one is waiting.
+    pub fn accept(&mut self) -> Option<Stream> {
+        self.accepted.pop_front()
+    }
+
+    /// Opens a stream to host port `port`, waiting for the host's answer.
+    pub fn connect(&mut self, port: u32) -> Result<Stream, StreamError> {
+        let mut local = self.next_port;
+        while self.conns.keys().any(|s| s.local == local) {
+            local = local.wrapping_add(1).max(FIRST_EPHEMERAL_PORT);
+        }
+        self.next_port = local.wrapping_add(1).max(FIRST_EPHEMERAL_PORT);
+        let stream = Stream { local, peer: port };
+        self.conns.insert(stream, Conn::new(State::Connecting));
+        self.send_control(stream, op::REQUEST, 0);
+        loop {
+            match self.conns.get(&stream).map(|c| c.state) {
+                Some(State::Established) => return Ok(stream),
+                Some(State::Connecting) => self.wait(),
+                _ => {
+                    self.conns.remove(&stream);
+                    return Err(StreamError::Reset);
+                }
+            }
+        }
+    }
+
+    /// Bytes that [`Vsock::send`] on `stream` can take now.
+    pub fn send_capacity(&self, stream: Stream) -> usize {
+        match self.conns.get(&stream) {
+            Some(c) if c.state == State::Established => c.credit() as usize,
+            _ => 0,
+        }
+    }
+
+    /// Reads what has arrived on `stream`. `Ok(0)` is end of stream (the peer shut its sending
+    /// side and everything was read).
+    pub fn recv(&mut self, stream: Stream, buf: &mut [u8]) -> Result<usize, StreamError> {
+        let conn = self.conns.get_mut(&stream).ok_or(StreamError::Reset)?;
+        if conn.rx.is_empty() {
+            return match conn.state {
+                State::Reset => Err(StreamError::Reset),
+                _ if conn.peer_shut_send => Ok(0),
+                _ if buf.is_empty() => Ok(0),
+                _ => Err(StreamError::WouldBlock),
+            };
+        }
+        let n = buf.len().min(conn.rx.len());
+        for (dst, src) in buf.iter_mut().zip(conn.rx.drain(..n)) {
+            *dst = src;
+        }
+        conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
+        if conn.fwd_cnt.wrapping_sub(conn.last_fwd_cnt_sent) >= BUF_ALLOC / 2 {
+            self.send_control(stream, op::CREDIT_UPDATE, 0);
+        }
+        Ok(n)
+    }
+
+    /// Queues as much of `data` as the peer's credit allows, in packets of at most 64 KiB.
+    pub fn send(&mut self, stream: Stream, data: &[u8]) -> Result<usize, StreamError> {
+        let conn = self.conns.get(&stream).ok_or(StreamError::Reset)?;
+        if conn.state != State::Established {
+            return Err(StreamError::Reset);
+        }
+        let mut sent = 0;
+        while sent < data.len() {
+            let room = self.send_capacity(stream).min(MAX_PACKET_DATA as usize);
+            let n = room.min(data.len() - sent);
+            if n == 0 || !self.send_packet(stream, op::RW, 0, &data[sent..sent + n]) {
+                break;
+            }
+            if let Some(conn) = self.conns.get_mut(&stream) {
+                conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
+            }
+            sent += n;
+        }
+        if sent == 0 && !data.is_empty() {
+            return Err(StreamError::WouldBlock);
+        }
+        Ok(sent)
+    }
+
+    /// Closes `stream` in both directions and forgets it.
+    pub fn close(&mut self, stream: Stream) {
+        let open = self
+            .conns
+            .remove(&stream)
+            .is_some_and(|c| c.state != State::Reset);
+        if open {
+            self.send_packet(stream, op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, &[]);
+        }
+    }
+
+    fn header(&mut self, stream: Stream, op: u16, flags: u32, len: usize) -> Header {
+        let mut hdr = Header {
+            src_cid: self.cid,
+            dst_cid: HOST_CID,
+            src_port: stream.local,
+            dst_port: stream.peer,
+            len: len as u32,
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt: 0,
+        };
+        if let Some(conn) = self.conns.get_mut(&stream) {
+            hdr.fwd_cnt = conn.fwd_cnt;
+            conn.last_fwd_cnt_sent = conn.fwd_cnt;
+        }
+        hdr
+    }
+
+    fn send_control(&mut self, stream: Stream, op: u16, flags: u32) {
+        self.send_packet(stream, op, flags, &[]);
+    }
+
+    /// Puts one packet on the TX queue (published at the next wait or flush). Returns false if
+    /// no TX buffer came free even after the device was kicked.
+    fn send_packet(&mut self, stream: Stream, op: u16, flags: u32, data: &[u8]) -> bool {
+        if self.tx_free.is_empty() {
+            self.flush();
+            self.reclaim_tx();
+        }
+        let Some(id) = self.tx_free.pop() else {
+            return false;
+        };
+        let hdr = self.header(stream, op, flags, data.len());
+        let buf = self.buf(self.tx_bufs, id);
+        hdr.encode(&mut buf[..HEADER]);
+        buf[HEADER..HEADER + data.len()].copy_from_slice(data);
+        let addr = buf.as_ptr() as u64;
+        self.tx
+            .set_descriptor(id, addr, (HEADER + data.len()) as u32, 0);
+        self.tx.push_avail(id);
+        self.tx_queued = true;
+        true
+    }
+
+    /// Publishes queued TX packets and notifies the device (one VM exit), if any are queued.
+    pub fn flush(&mut self) {
+        if self.tx_queued {
+            self.tx.publish();
+            self.tx_queued = false;
+            self.transport.notify(TX);
+        }
+        self.poll();
+    }
+
+    fn reclaim_tx(&mut self) {
+        while let Some(used) = self.tx.pop_used() {
+            if !self.tx_free.contains(&used.id) {
+                self.tx_free.push(used.id);
+            }
+        }
+    }
+
+    /// Takes what the device delivered (no VM exit).
+    pub fn poll(&mut self) {
+        self.reclaim_tx();
+        let mut reposted = false;
+        while let Some(used) = self.rx.pop_used() {
+            let len = (used.len as usize).min(BUF_SIZE);
+            if len >= HEADER {
+                let buf = self.buf(self.rx_bufs, used.id);
+                let hdr = Header::decode(&buf[..HEADER]);
+                let data_len = (hdr.len as usize).min(len - HEADER);
+                let data: Vec<u8> = buf[HEADER..HEADER + data_len].to_vec();
+                if data_len == hdr.len as usize {
+                    self.dispatch(hdr, &data);
+                }
+            }
+            self.post_rx(used.id);
+            reposted = true;
+        }
+        if reposted {
+            self.rx.publish();
+        }
+    }
+
+    /// Sleeps in the VMM until the device delivers something, then takes it. Queued TX packets
+    /// are published first; the VMM sends them before it blocks.
+    pub fn wait(&mut self) {
+        if self.tx_queued {
+            self.tx.publish();
+            self.tx_queued = false;
+        }
+        let _bits: u32;
+        // SAFETY: a 32-bit `in` from the wait register, granted by the TSS I/O bitmap; the VMM
+        // serves the queues in guest memory during it, which the volatile ring accesses in
+        // `poll` account for.
+        unsafe {
+            core::arch::asm!("in eax, dx", in("dx") ports::CONTROL_WAIT, out("eax") _bits, options(nostack));
+        }
+        self.poll();
+    }
+
+    fn dispatch(&mut self, hdr: Header, data: &[u8]) {
+        let stream = Stream {
+            local: hdr.dst_port,
+            peer: hdr.src_port,
+        };
+        if hdr.src_cid != HOST_CID || hdr.dst_cid != self.cid || hdr.type_ != TYPE_STREAM {
+            if hdr.op != op::RST {
+                self.send_control(stream, op::RST, 0);
+            }
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(&stream) {
+            conn.peer_buf_alloc = hdr.buf_alloc;
+            conn.peer_fwd_cnt = hdr.fwd_cnt;
+        }
+        let state = self.conns.get(&stream).map(|c| c.state);
+        match (hdr.op, state) {
+            (op::REQUEST, None)
+                if self.listening.contains(&stream.local) && self.conns.len() < MAX_CONNECTIONS =>
+            {
+                let mut conn = Conn::new(State::Established);
+                conn.peer_buf_alloc = hdr.buf_alloc;
+                conn.peer_fwd_cnt = hdr.fwd_cnt;
+                self.conns.insert(stream, conn);
+                self.accepted.push_back(stream);
+                self.send_control(stream, op::RESPONSE, 0);
+            }
+            (op::RESPONSE, Some(State::Connecting)) => {
+                if let Some(conn) = self.conns.get_mut(&stream) {
+                    conn.state = State::Established;
+                }
+            }
+            (op::RW, Some(State::Established)) => {
+                let Some(conn) = self.conns.get_mut(&stream) else {
+                    return;
+                };
+                // Data past a SHUTDOWN, or beyond the credit this side gave, breaks the stream.
+                let overrun =
+                    conn.peer_shut_send || conn.rx.len() + data.len() > BUF_ALLOC as usize;
+                if overrun {
+                    conn.state = State::Reset;
+                    self.send_control(stream, op::RST, 0);
+                } else {
+                    conn.rx.extend(data);
+                }
+            }
+            (op::SHUTDOWN, Some(_)) => {
+                if let Some(conn) = self.conns.get_mut(&stream) {
+                    conn.peer_shut_send |= hdr.flags & SHUTDOWN_SEND != 0;
+                }
+            }
+            (op::RST, Some(_)) => {
+                if let Some(conn) = self.conns.get_mut(&stream) {
+                    conn.state = State::Reset;
+                }
+            }
+            (op::RST, None) => {}
+            (op::CREDIT_UPDATE, Some(_)) => {}
+            (op::CREDIT_REQUEST, Some(_)) => self.send_control(stream, op::CREDIT_UPDATE, 0),
+            _ => self.send_control(stream, op::RST, 0),
+        }
+    }
+}
