@@ -1,39 +1,63 @@
-//! Serial console output on COM1.
+//! Console output, through the control port's console records.
 //!
-//! Each `out` instruction is a VM exit (tens of microseconds under kvm_pvm), so text goes out
-//! with `rep outsb`: one exit for a whole line.
+//! The UART costs one VM exit per byte under kvm_pvm (KVM splits `rep outsb` into single-byte
+//! exits there), tens of microseconds each. A console record costs one exit for up to 4 KiB:
+//! the text goes into a record in guest memory and its address is written to
+//! `ports::CONTROL_CONSOLE`; the VMM copies it to the same sink as the UART.
 
+use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
 
 use bulwark_proto::ports;
 
-/// Most bytes one `rep outsb` sends (KVM hands the VMM at most a page per exit).
-const CHUNK: usize = 4096;
+const CAPACITY: usize = ports::MAX_CONSOLE_RECORD as usize;
 
-/// Writes raw bytes to the serial port.
+/// The record the VMM reads: length, then text.
+#[repr(C, align(8))]
+struct Record {
+    len: u32,
+    text: [u8; CAPACITY],
+}
+
+/// The one console record. The guest has a single thread and nothing re-enters `write_bytes`.
+struct RecordCell(UnsafeCell<Record>);
+
+// SAFETY: the guest runs one thread without interrupts, so the cell is never shared across
+// threads; `write_bytes` does not re-enter.
+unsafe impl Sync for RecordCell {}
+
+static RECORD: RecordCell = RecordCell(UnsafeCell::new(Record {
+    len: 0,
+    text: [0; CAPACITY],
+}));
+
+/// Writes raw bytes to the console, one VM exit per 4 KiB.
 pub fn write_bytes(bytes: &[u8]) {
-    for chunk in bytes.chunks(CHUNK) {
-        // SAFETY: `rep outsb` reads `chunk.len()` bytes from `chunk` (a live slice) and writes
-        // them to COM1, which the TSS I/O bitmap grants; the direction flag is clear as the ABI
-        // requires, and nothing else is touched.
+    for chunk in bytes.chunks(CAPACITY) {
+        let record = RECORD.0.get();
+        // SAFETY: single thread, no re-entry (see `RecordCell`): nothing else accesses the
+        // record now; `chunk` fits the text array.
         unsafe {
-            core::arch::asm!(
-                "rep outsb",
-                in("dx") ports::SERIAL_COM1,
-                inout("rsi") chunk.as_ptr() => _,
-                inout("rcx") chunk.len() => _,
-                options(nostack, readonly),
-            );
+            let record = &mut *record;
+            record.text[..chunk.len()].copy_from_slice(chunk);
+            record.len = chunk.len() as u32;
+        }
+        // The image lives below 4 GiB, so the address fits the 32-bit port value.
+        let addr = record as usize as u32;
+        // SAFETY: `out` to the console port, granted by the TSS I/O bitmap; the VMM only reads
+        // the record, which the compiler sees as read by the asm (no `nomem`).
+        unsafe {
+            core::arch::asm!("out dx, eax", in("dx") ports::CONTROL_CONSOLE, in("eax") addr, options(nostack, preserves_flags));
         }
     }
 }
 
-/// Writes a string to the serial port.
+/// Writes a string to the console.
 pub fn print(s: &str) {
     write_bytes(s.as_bytes());
 }
 
-/// A formatter that collects a line in a fixed buffer and sends it in one `rep outsb`.
+/// A formatter that collects a line in a fixed buffer and sends it in one record.
 pub struct LineWriter {
     buf: [u8; 512],
     len: usize,
@@ -68,7 +92,7 @@ impl Write for LineWriter {
     }
 }
 
-/// Prints formatted text and a newline to the serial console.
+/// Prints formatted text and a newline to the console.
 #[macro_export]
 macro_rules! println {
     ($($arg:tt)*) => {{

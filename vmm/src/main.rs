@@ -153,11 +153,12 @@ fn main() -> ExitCode {
     if args.timings {
         let t = report.times;
         eprintln!(
-            "bulwark-vmm: {}; setup {:.2} ms, guest ran {:.2} ms, total {:.2} ms, peak RSS {} KiB",
+            "bulwark-vmm: {}; setup {:.2} ms, guest ran {:.2} ms, total {:.2} ms, {} VM exits, peak RSS {} KiB",
             report.exit,
             ms(t.entered - started),
             ms(t.stopped - t.entered),
             ms(started.elapsed()),
+            t.exits,
             peak_rss_kib().map_or("?".into(), |k| k.to_string()),
         );
     }

@@ -21,7 +21,7 @@ use crate::boot::{self, BootError};
 use crate::cpu::{self, CpuError};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::control::Control;
-use crate::devices::serial::{CappedSink, DEFAULT_CONSOLE_LIMIT, Serial};
+use crate::devices::serial::{CappedSink, DEFAULT_CONSOLE_LIMIT, Serial, SharedSink};
 use crate::devices::virtio::DeviceFault;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::VsockDevice;
@@ -201,7 +201,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
     let mem_size = config.mem_mib.saturating_mul(1 << 20);
     let image = loader::read(&config.guest, mem_size)?;
     let (mut info, payload) = boot::plan(mem_size, config.payload.as_deref(), config.test_mode, 0)?;
-    let sink = console_sink(config)?;
+    let sink = SharedSink::new(console_sink(config)?);
     if config.cid <= bulwark_proto::vsock::HOST_CID || config.cid >= u64::from(u32::MAX) {
         return Err(VmError::VsockDevice(DeviceFault(format!(
             "--cid {} is reserved: use 3 to 4294967294",
@@ -238,13 +238,18 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
     pio.insert(
         u64::from(ports::SERIAL_COM1),
         u64::from(ports::SERIAL_PORT_COUNT),
-        Box::new(Serial::new(sink)),
+        Box::new(Serial::new(sink.clone())),
     )?;
     let stop = Arc::new(AtomicBool::new(false));
     pio.insert(
         u64::from(ports::CONTROL_BASE),
         u64::from(ports::CONTROL_PORT_COUNT),
-        Box::new(Control::new(vsock.clone(), Arc::clone(&stop))),
+        Box::new(Control::new(
+            vsock.clone(),
+            Arc::clone(&stop),
+            mem.clone(),
+            sink,
+        )),
     )?;
     let mut mmio = Bus::new();
     if let Some(vsock) = vsock {

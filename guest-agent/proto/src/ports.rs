@@ -17,8 +17,14 @@ pub const CONTROL_EXCEPTION: u16 = CONTROL_BASE + 4;
 /// until it has something for the guest (a used RX buffer) or the VM is stopped. The value read
 /// is a bit set of [`wait_result`]. This is how the guest sleeps: it has no interrupts.
 pub const CONTROL_WAIT: u16 = CONTROL_BASE + 8;
+/// `out` a 32-bit guest-physical address here to print a console record: a little-endian u32
+/// length followed by that many bytes (at most [`MAX_CONSOLE_RECORD`]). One VM exit per record,
+/// where the UART costs one per byte under kvm_pvm (`rep outsb` is split into single bytes).
+pub const CONTROL_CONSOLE: u16 = CONTROL_BASE + 12;
+/// Largest console record, in bytes of text.
+pub const MAX_CONSOLE_RECORD: u32 = 4096;
 /// Number of ports in the control block.
-pub const CONTROL_PORT_COUNT: u16 = 12;
+pub const CONTROL_PORT_COUNT: u16 = 16;
 
 /// Bits of the value read from [`CONTROL_WAIT`].
 pub mod wait_result {

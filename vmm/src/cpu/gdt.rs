@@ -220,7 +220,16 @@ mod tests {
         for port in 0x600..0x600 + ports::CONTROL_PORT_COUNT {
             assert!(allowed(port), "{port:#x}");
         }
-        for port in [0u16, 0x80, 0x3f7, 0x400, 0x5ff, 0x60c, 0xcf8, 0xffff] {
+        for port in [
+            0u16,
+            0x80,
+            0x3f7,
+            0x400,
+            0x5ff,
+            ports::CONTROL_BASE + ports::CONTROL_PORT_COUNT,
+            0xcf8,
+            0xffff,
+        ] {
             assert!(!allowed(port), "{port:#x}");
         }
         assert_eq!(bitmap.last(), Some(&0xff), "terminating byte");

@@ -4,28 +4,77 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use bulwark_proto::ports;
+use std::io::Write;
 
+use bulwark_proto::ports;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::serial::SharedSink;
 use super::virtio::mmio::lock;
 use super::virtio::vsock::VsockDevice;
 use super::{BadAccess, BusDevice, DeviceRequest};
+use crate::memory::GuestMemory;
 
 const EXIT: u64 = (ports::CONTROL_EXIT - ports::CONTROL_BASE) as u64;
 const EXCEPTION: u64 = (ports::CONTROL_EXCEPTION - ports::CONTROL_BASE) as u64;
 const WAIT: u64 = (ports::CONTROL_WAIT - ports::CONTROL_BASE) as u64;
+const CONSOLE: u64 = (ports::CONTROL_CONSOLE - ports::CONTROL_BASE) as u64;
 
 /// The control device at [`ports::CONTROL_BASE`].
-#[derive(Default)]
 pub struct Control {
     vsock: Option<Arc<Mutex<VsockDevice>>>,
     stop: Arc<AtomicBool>,
+    mem: GuestMemory,
+    console: SharedSink,
 }
 
 impl Control {
     /// A control block whose wait register sleeps on `vsock` (if the VM has one) until it has
-    /// something for the guest or `stop` is set.
-    pub fn new(vsock: Option<Arc<Mutex<VsockDevice>>>, stop: Arc<AtomicBool>) -> Self {
-        Self { vsock, stop }
+    /// something for the guest or `stop` is set, and whose console records go to `console`.
+    pub fn new(
+        vsock: Option<Arc<Mutex<VsockDevice>>>,
+        stop: Arc<AtomicBool>,
+        mem: GuestMemory,
+        console: SharedSink,
+    ) -> Self {
+        Self {
+            vsock,
+            stop,
+            mem,
+            console,
+        }
+    }
+
+    /// Prints the console record at guest address `addr`. The record is guest data: its length
+    /// is capped and every byte is read through bounds-checked guest memory.
+    fn console_record(&mut self, addr: u32) -> DeviceRequest {
+        let addr = GuestAddress(u64::from(addr));
+        let Ok(len) = self.mem.read_obj::<u32>(addr) else {
+            return DeviceRequest::DeviceBroken(format!(
+                "console record at {:#x} is outside RAM",
+                addr.0
+            ));
+        };
+        if len > ports::MAX_CONSOLE_RECORD {
+            return DeviceRequest::DeviceBroken(format!(
+                "console record of {len} bytes is over the {}-byte limit",
+                ports::MAX_CONSOLE_RECORD
+            ));
+        }
+        let mut text = vec![0u8; len as usize];
+        if self
+            .mem
+            .read_slice(&mut text, GuestAddress(addr.0 + 4))
+            .is_err()
+        {
+            return DeviceRequest::DeviceBroken(format!(
+                "console record at {:#x} runs past RAM",
+                addr.0
+            ));
+        }
+        // A failing console sink must not stop the guest: the text is dropped.
+        let _ = self.console.write_all(&text);
+        DeviceRequest::None
     }
 }
 
@@ -59,6 +108,7 @@ impl BusDevice for Control {
         match (offset, value) {
             (EXIT, Ok(status)) => Ok(DeviceRequest::Exit(status)),
             (EXCEPTION, Ok(vector)) => Ok(DeviceRequest::ExceptionReported(vector)),
+            (CONSOLE, Ok(addr)) => Ok(self.console_record(addr)),
             _ => Err(BadAccess {
                 device: self.name(),
                 what: "write",
@@ -72,10 +122,57 @@ impl BusDevice for Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::serial::CappedSink;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn control() -> (Control, Captured) {
+        let out = Captured::default();
+        let sink = SharedSink::new(CappedSink::new(Box::new(out.clone()), 1 << 20));
+        let mem = crate::memory::create(4).unwrap();
+        (Control::new(None, Arc::default(), mem, sink), out)
+    }
+
+    #[test]
+    fn console_records_are_read_from_guest_memory_with_bounds() {
+        let (mut c, out) = control();
+        c.mem.write_obj(5u32, GuestAddress(0x1000)).unwrap();
+        c.mem.write_slice(b"hello", GuestAddress(0x1004)).unwrap();
+        assert_eq!(
+            c.write(CONSOLE, &0x1000u32.to_le_bytes()),
+            Ok(DeviceRequest::None)
+        );
+        c.console.flush().unwrap();
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hello");
+        c.mem
+            .write_obj(ports::MAX_CONSOLE_RECORD + 1, GuestAddress(0x2000))
+            .unwrap();
+        let too_long = c.write(CONSOLE, &0x2000u32.to_le_bytes()).unwrap();
+        assert!(matches!(too_long, DeviceRequest::DeviceBroken(m) if m.contains("limit")));
+        let end = (4u32 << 20) - 4;
+        c.mem
+            .write_obj(100u32, GuestAddress(u64::from(end)))
+            .unwrap();
+        let past = c.write(CONSOLE, &end.to_le_bytes()).unwrap();
+        assert!(matches!(past, DeviceRequest::DeviceBroken(m) if m.contains("past RAM")));
+        let outside = c.write(CONSOLE, &u32::MAX.to_le_bytes()).unwrap();
+        assert!(matches!(outside, DeviceRequest::DeviceBroken(m) if m.contains("outside RAM")));
+    }
 
     #[test]
     fn decodes_exit_and_exception_writes() {
-        let mut c = Control::default();
+        let (mut c, _) = control();
         assert_eq!(c.write(0, &7u32.to_le_bytes()), Ok(DeviceRequest::Exit(7)));
         assert_eq!(
             c.write(4, &14u32.to_le_bytes()),
@@ -88,7 +185,7 @@ mod tests {
 
     #[test]
     fn wait_without_vsock_returns_at_once() {
-        let mut c = Control::default();
+        let (mut c, _) = control();
         let mut v = [0xffu8; 4];
         assert_eq!(c.read(WAIT, &mut v), Ok(DeviceRequest::None));
         assert_eq!(v, [0; 4]);

@@ -4,6 +4,7 @@
 //! guest that floods its console stops being recorded once the cap is reached.
 
 use std::io::{self, Write};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use vm_superio::{Serial as Uart, Trigger};
 
@@ -65,14 +66,41 @@ impl Write for CappedSink {
     }
 }
 
+/// A console sink shared by the UART and the control port's console records.
+#[derive(Clone)]
+pub struct SharedSink(Arc<Mutex<CappedSink>>);
+
+impl SharedSink {
+    /// Shares `sink`.
+    pub fn new(sink: CappedSink) -> Self {
+        Self(Arc::new(Mutex::new(sink)))
+    }
+}
+
+impl Write for SharedSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .flush()
+    }
+}
+
 /// The COM1 UART.
 pub struct Serial {
-    uart: Uart<NoInterrupt, vm_superio::serial::NoEvents, CappedSink>,
+    uart: Uart<NoInterrupt, vm_superio::serial::NoEvents, SharedSink>,
 }
 
 impl Serial {
     /// A UART writing to `sink`.
-    pub fn new(sink: CappedSink) -> Self {
+    pub fn new(sink: SharedSink) -> Self {
         Self {
             uart: Uart::new(NoInterrupt, sink),
         }
@@ -146,7 +174,10 @@ mod tests {
     #[test]
     fn bytes_written_to_thr_reach_the_console() {
         let out = Shared::default();
-        let mut s = Serial::new(CappedSink::new(Box::new(out.clone()), 1024));
+        let mut s = Serial::new(SharedSink::new(CappedSink::new(
+            Box::new(out.clone()),
+            1024,
+        )));
         for b in b"hi\n" {
             s.write(0, &[*b]).unwrap();
         }
