@@ -3,13 +3,16 @@
 #   make test    unit tests and end-to-end tests on real VMs (needs /dev/kvm)
 #   make bench   start-up benchmark (process start to ready line, to exit; peak RSS)
 #   make lint    rustfmt and clippy, for the host crates and the guest
+#   make fuzz    fuzz the vsock device's queue and packet parsing (nightly + cargo-fuzz; FUZZ_SECONDS)
 #   make guest   build the guest image, the binaries and the precompiled self-test into build/
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 BUILD_DIR ?= build
 export BULWARK_BUILD_DIR := $(abspath $(BUILD_DIR))
 
-.PHONY: all setup guest demo test bench lint clean
+FUZZ_SECONDS ?= 60
+
+.PHONY: all setup guest demo test bench lint fuzz clean
 all: guest
 
 setup:
@@ -28,12 +31,17 @@ test: guest
 	cargo test --release --locked
 
 bench: guest
-	cargo bench --locked -p bulwark-tests --bench boot
+	cargo bench --locked -p bulwark-tests --bench boot --bench vsock
 
 lint: setup
 	cargo fmt --all --check
 	cargo clippy --release --locked --all-targets -- -D warnings
 	cargo clippy --release --locked -p bulwark-guest --target x86_64-unknown-none -- -D warnings
+
+fuzz: setup
+	@command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	cd fuzz && cargo +nightly fuzz run vsock_queues -- -max_total_time=$(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -63,6 +63,8 @@ pub struct Connection {
     pub peer_shut_send: bool,
     /// The guest will receive no more (SHUTDOWN with RCV).
     pub peer_shut_recv: bool,
+    /// The connection is in the muxer's queue of connections with host data to deliver.
+    pub rx_queued: bool,
     pending: VecDeque<u8>,
     fwd_cnt: Wrapping<u32>,
     last_fwd_cnt_sent: Wrapping<u32>,
@@ -84,6 +86,7 @@ impl Connection {
             host_eof: false,
             peer_shut_send: false,
             peer_shut_recv: false,
+            rx_queued: false,
             pending: VecDeque::new(),
             fwd_cnt: Wrapping(0),
             last_fwd_cnt_sent: Wrapping(0),

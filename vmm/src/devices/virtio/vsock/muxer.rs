@@ -27,6 +27,9 @@ pub const MAX_PENDING_CLIENTS: usize = 64;
 const MAX_CONNECT_LINE: usize = 32;
 /// First host-side port handed to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Most packets waiting for the guest's RX buffers. A guest that sends but never reads cannot
+/// make the VMM queue answers without bound: past this, answers are dropped.
+pub const MAX_CONTROL_QUEUE: usize = 4096;
 /// Epoll token of the listener (the others are file descriptors).
 const LISTENER: u64 = u64::MAX;
 
@@ -137,7 +140,13 @@ impl Muxer {
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.stamp(&mut hdr);
         }
-        self.control.push_back(hdr);
+        self.push_control(hdr);
+    }
+
+    fn push_control(&mut self, hdr: Header) {
+        if self.control.len() < MAX_CONTROL_QUEUE {
+            self.control.push_back(hdr);
+        }
     }
 
     /// Drops a connection (closing its socket) and tells the guest with RST.
@@ -145,13 +154,14 @@ impl Muxer {
         if let Some(conn) = self.conns.remove(&key) {
             self.by_fd.remove(&conn.stream.as_raw_fd());
         }
-        self.control.push_back(self.header(key, op::RST));
+        self.push_control(self.header(key, op::RST));
     }
 
     fn mark_readable(&mut self, key: Key) {
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.host_readable = true;
-            if conn.wants_rx() {
+            if conn.wants_rx() && !conn.rx_queued {
+                conn.rx_queued = true;
                 self.readable.push_back(key);
             }
         }
@@ -167,7 +177,7 @@ impl Muxer {
         let key = (hdr.dst_port, hdr.src_port);
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID || hdr.type_ != TYPE_STREAM {
             if hdr.op != op::RST {
-                self.control.push_back(self.header(key, op::RST));
+                self.push_control(self.header(key, op::RST));
             }
             return;
         }
@@ -227,7 +237,7 @@ impl Muxer {
         let stream = match UnixStream::connect(&path) {
             Ok(s) if s.set_nonblocking(true).is_ok() => s,
             _ => {
-                self.control.push_back(self.header(key, op::RST));
+                self.push_control(self.header(key, op::RST));
                 return;
             }
         };
@@ -237,7 +247,7 @@ impl Muxer {
             fd as u64,
         );
         if self.epoll.ctl(ControlOperation::Add, fd, event).is_err() {
-            self.control.push_back(self.header(key, op::RST));
+            self.push_control(self.header(key, op::RST));
             return;
         }
         self.conns.insert(
@@ -304,6 +314,7 @@ impl Muxer {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
+            conn.rx_queued = false;
             if !conn.wants_rx() {
                 continue;
             }
@@ -316,6 +327,9 @@ impl Muxer {
                     conn.stamp(&mut hdr);
                 }
                 if requeue {
+                    if let Some(conn) = self.conns.get_mut(&key) {
+                        conn.rx_queued = true;
+                    }
                     self.readable.push_back(key);
                 }
                 return Some(hdr);
@@ -465,6 +479,41 @@ impl Drop for Muxer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The type of "no data" for `handle_guest_packet`.
+    fn no_data<'a>() -> Option<&'a VolatileSlice<'a, ()>> {
+        None
+    }
+
+    #[test]
+    fn answers_to_a_guest_that_never_reads_are_bounded() {
+        let dir = std::env::temp_dir().join(format!("bulwark-muxer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = Muxer::new(&dir.join("m.sock"), 3).unwrap();
+        let bogus = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 1,
+            dst_port: 2,
+            type_: TYPE_STREAM,
+            op: 99,
+            ..Header::default()
+        };
+        for _ in 0..MAX_CONTROL_QUEUE + 1000 {
+            m.handle_guest_packet(&bogus, no_data());
+        }
+        assert_eq!(m.control.len(), MAX_CONTROL_QUEUE);
+        assert_eq!(
+            m.next_packet_for_guest(no_data()).map(|h| h.op),
+            Some(op::RST)
+        );
+        drop(m);
+        assert!(
+            !dir.join("m.sock").exists(),
+            "the socket is removed with the muxer"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn connect_lines_are_parsed_strictly() {

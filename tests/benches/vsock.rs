@@ -1,0 +1,112 @@
+//! vsock benchmark, host Unix socket ↔ guest: 64-byte round-trip latency (p50/p99 over 10,000
+//! round trips), throughput of 1 MiB messages echoed by the guest, and VM exits per round trip.
+//! Run with `make bench` (or `cargo bench -p bulwark-tests --bench vsock` after `make guest`).
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bulwark_proto::vsock::{GUEST_GREETING, HOST_TEST_PORT};
+use bulwark_tests::*;
+
+/// A guest in vsock-connect mode, connected to us, echoing.
+struct Session {
+    vm: Child,
+    conn: UnixStream,
+}
+
+fn start(name: &str) -> Session {
+    let dir = scratch_dir(name);
+    let uds = dir.join("vsock.sock");
+    let listener = UnixListener::bind(format!("{}_{HOST_TEST_PORT}", uds.display())).expect("bind");
+    let vm = Command::new(vmm_binary())
+        .args([
+            "--guest-test",
+            "vsock-connect",
+            "--timings",
+            "--timeout",
+            "300",
+            "--vsock-uds",
+        ])
+        .arg(&uds)
+        .arg(guest_image())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bulwark-vmm");
+    let (mut conn, _) = listener.accept().expect("the guest connects");
+    let mut greeting = vec![0u8; GUEST_GREETING.len()];
+    conn.read_exact(&mut greeting).expect("greeting");
+    Session { vm, conn }
+}
+
+/// Closes the connection (the guest then exits) and returns the VMM's exit count.
+fn finish(s: Session) -> u64 {
+    drop(s.conn);
+    let out = s.vm.wait_with_output().expect("bulwark-vmm ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    err.split(", ")
+        .find_map(|part| part.strip_suffix(" VM exits"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exit count in: {err}"))
+}
+
+fn round_trip(conn: &mut UnixStream, out: &[u8], back: &mut [u8]) {
+    conn.write_all(out).expect("write");
+    conn.read_exact(back).expect("read the echo");
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") || !kvm_available() {
+        return;
+    }
+    const ROUND_TRIPS: usize = 10_000;
+    let mut s = start("bench-vsock-latency");
+    let msg = [0x5au8; 64];
+    let mut back = [0u8; 64];
+    for _ in 0..100 {
+        round_trip(&mut s.conn, &msg, &mut back);
+    }
+    let mut samples: Vec<Duration> = (0..ROUND_TRIPS)
+        .map(|_| {
+            let t = Instant::now();
+            round_trip(&mut s.conn, &msg, &mut back);
+            t.elapsed()
+        })
+        .collect();
+    let exits = finish(s);
+    samples.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let pct = |p: f64| us(samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)]);
+
+    const MESSAGES: usize = 256;
+    let mut s = start("bench-vsock-throughput");
+    let big = vec![0xa5u8; 1 << 20];
+    let mut big_back = vec![0u8; 1 << 20];
+    round_trip(&mut s.conn, &big, &mut big_back);
+    let t = Instant::now();
+    for _ in 0..MESSAGES {
+        round_trip(&mut s.conn, &big, &mut big_back);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let big_exits = finish(s);
+    let mb_per_s = (MESSAGES << 20) as f64 / secs / 1e6;
+
+    println!("vsock, host Unix socket <-> guest echo");
+    println!(
+        "  64-byte round trip over {ROUND_TRIPS}: p50 {:.1} us  p99 {:.1} us  min {:.1} us",
+        pct(0.50),
+        pct(0.99),
+        us(samples[0])
+    );
+    println!(
+        "  VM exits: {exits} for {} round trips plus connection set-up ({:.2} per round trip)",
+        ROUND_TRIPS + 100,
+        exits as f64 / (ROUND_TRIPS + 100) as f64
+    );
+    println!(
+        "  1 MiB messages echoed: {MESSAGES} in {secs:.2} s = {mb_per_s:.0} MB/s each way ({big_exits} VM exits)"
+    );
+}
