@@ -22,6 +22,8 @@ fn echo_some(vs: &mut Vsock, stream: Stream, buf: &mut [u8], progress: &mut bool
         }
         match vs.recv(stream, &mut buf[..room]) {
             Ok(0) => {
+                // Everything was echoed: end our direction too, then forget the stream.
+                vs.shutdown(stream);
                 vs.close(stream);
                 return false;
             }
@@ -84,6 +86,7 @@ pub fn connect_test(vs: &mut Vsock) -> Result<(), StreamError> {
     loop {
         let mut progress = false;
         if !echo_some(vs, stream, &mut buf, &mut progress) {
+            // `echo_some` closed the stream once the host had shut its side.
             vs.flush();
             return Ok(());
         }

@@ -303,6 +303,17 @@ impl Vsock {
         Ok(sent)
     }
 
+    /// Tells the peer this side will send no more on `stream` (it can still receive).
+    pub fn shutdown(&mut self, stream: Stream) {
+        if self
+            .conns
+            .get(&stream)
+            .is_some_and(|c| c.state == State::Established)
+        {
+            self.send_control(stream, op::SHUTDOWN, SHUTDOWN_SEND);
+        }
+    }
+
     /// Closes `stream` in both directions and forgets it.
     pub fn close(&mut self, stream: Stream) {
         let open = self
