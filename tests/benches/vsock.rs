@@ -3,11 +3,10 @@
 //! Run with `make bench` (or `cargo bench -p bulwark-tests --bench vsock` after `make guest`).
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::net::UnixStream;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use bulwark_proto::vsock::{GUEST_GREETING, HOST_TEST_PORT};
 use bulwark_tests::*;
 
 /// A guest in vsock-connect mode, connected to us, echoing.
@@ -17,27 +16,7 @@ struct Session {
 }
 
 fn start(name: &str) -> Session {
-    let dir = scratch_dir(name);
-    let uds = dir.join("vsock.sock");
-    let listener = UnixListener::bind(format!("{}_{HOST_TEST_PORT}", uds.display())).expect("bind");
-    let vm = Command::new(vmm_binary())
-        .args([
-            "--guest-test",
-            "vsock-connect",
-            "--timings",
-            "--timeout",
-            "300",
-            "--vsock-uds",
-        ])
-        .arg(&uds)
-        .arg(guest_image())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start bulwark-vmm");
-    let (mut conn, _) = listener.accept().expect("the guest connects");
-    let mut greeting = vec![0u8; GUEST_GREETING.len()];
-    conn.read_exact(&mut greeting).expect("greeting");
+    let (vm, conn) = start_connecting_guest(name);
     Session { vm, conn }
 }
 

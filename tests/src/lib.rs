@@ -123,3 +123,40 @@ pub fn scratch_dir(test: &str) -> PathBuf {
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     dir
 }
+
+/// A guest in its vsock-connect test mode: the VMM process (stderr piped, `--timings` on) and
+/// the connection the guest opened to host port `HOST_TEST_PORT`, after its greeting was read
+/// and checked.
+pub fn start_connecting_guest(test: &str) -> (std::process::Child, std::os::unix::net::UnixStream) {
+    use bulwark_proto::vsock::{GUEST_GREETING, HOST_TEST_PORT};
+    use std::io::Read;
+    let uds = scratch_dir(test).join("vsock.sock");
+    let listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_{HOST_TEST_PORT}", uds.display()))
+            .unwrap_or_else(|e| panic!("cannot listen for the guest: {e}"));
+    let child = Command::new(vmm_binary())
+        .args([
+            "--guest-test",
+            "vsock-connect",
+            "--timings",
+            "--timeout",
+            "300",
+            "--vsock-uds",
+        ])
+        .arg(&uds)
+        .arg(guest_image())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start bulwark-vmm: {e}"));
+    let (mut conn, _) = listener
+        .accept()
+        .unwrap_or_else(|e| panic!("the guest never connected: {e}"));
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut greeting = vec![0u8; GUEST_GREETING.len()];
+    conn.read_exact(&mut greeting)
+        .unwrap_or_else(|e| panic!("no greeting from the guest: {e}"));
+    assert_eq!(greeting, GUEST_GREETING);
+    (child, conn)
+}

@@ -2,12 +2,12 @@
 //! reached through the VMM's Unix socket with Firecracker's `CONNECT <port>` handshake.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bulwark_proto::vsock::{ECHO_PORT, GUEST_GREETING, HOST_TEST_PORT};
+use bulwark_proto::vsock::ECHO_PORT;
 use bulwark_tests::*;
 use sha2::{Digest, Sha256};
 
@@ -241,29 +241,7 @@ fn a_guest_initiated_connection_reaches_a_host_listener() {
     if !kvm_available() {
         return;
     }
-    let dir = scratch_dir("vsock-connect");
-    let uds = dir.join("vsock.sock");
-    let listener = UnixListener::bind(format!("{}_{HOST_TEST_PORT}", uds.display())).unwrap();
-    let child = Command::new(vmm_binary())
-        .args([
-            "--guest-test",
-            "vsock-connect",
-            "--timeout",
-            "60",
-            "--vsock-uds",
-        ])
-        .arg(&uds)
-        .arg(guest_image())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (mut conn, _) = listener.accept().unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut greeting = vec![0u8; GUEST_GREETING.len()];
-    conn.read_exact(&mut greeting).unwrap();
-    assert_eq!(greeting, GUEST_GREETING);
+    let (child, mut conn) = start_connecting_guest("vsock-connect");
     conn.write_all(b"echo me").unwrap();
     let mut back = [0u8; 7];
     conn.read_exact(&mut back).unwrap();

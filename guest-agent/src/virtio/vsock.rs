@@ -15,7 +15,9 @@ use core::ptr::NonNull;
 
 use bulwark_proto::layout;
 use bulwark_proto::ports;
-use bulwark_proto::vsock::{HOST_CID, MAX_PACKET_DATA};
+use bulwark_proto::vsock::{
+    HEADER_SIZE, HOST_CID, Header, MAX_PACKET_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op,
+};
 
 use super::mmio::{SetupError, Transport};
 use super::queue::{DESC_F_WRITE, Queue, zeroed};
@@ -23,7 +25,7 @@ use super::queue::{DESC_F_WRITE, Queue, zeroed};
 const DEVICE_ID: u32 = 19;
 const F_STREAM: u64 = 1;
 const QUEUE_SIZE: u16 = 64;
-const HEADER: usize = 44;
+const HEADER: usize = HEADER_SIZE;
 const BUF_SIZE: usize = HEADER + MAX_PACKET_DATA as usize;
 const TX: u32 = 1;
 /// Receive buffer per connection that the guest advertises (bytes it will hold unread).
@@ -31,67 +33,6 @@ pub const BUF_ALLOC: u32 = 1 << 20;
 /// Most connections at once.
 pub const MAX_CONNECTIONS: usize = 256;
 const FIRST_EPHEMERAL_PORT: u32 = 49152;
-
-mod op {
-    pub const REQUEST: u16 = 1;
-    pub const RESPONSE: u16 = 2;
-    pub const RST: u16 = 3;
-    pub const SHUTDOWN: u16 = 4;
-    pub const RW: u16 = 5;
-    pub const CREDIT_UPDATE: u16 = 6;
-    pub const CREDIT_REQUEST: u16 = 7;
-}
-const TYPE_STREAM: u16 = 1;
-const SHUTDOWN_RCV: u32 = 1;
-const SHUTDOWN_SEND: u32 = 2;
-
-/// A packet header, decoded.
-#[derive(Clone, Copy, Debug, Default)]
-struct Header {
-    src_cid: u64,
-    dst_cid: u64,
-    src_port: u32,
-    dst_port: u32,
-    len: u32,
-    type_: u16,
-    op: u16,
-    flags: u32,
-    buf_alloc: u32,
-    fwd_cnt: u32,
-}
-
-impl Header {
-    fn decode(b: &[u8]) -> Self {
-        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
-        Self {
-            src_cid: u64_at(0),
-            dst_cid: u64_at(8),
-            src_port: u32_at(16),
-            dst_port: u32_at(20),
-            len: u32_at(24),
-            type_: u16_at(28),
-            op: u16_at(30),
-            flags: u32_at(32),
-            buf_alloc: u32_at(36),
-            fwd_cnt: u32_at(40),
-        }
-    }
-
-    fn encode(&self, b: &mut [u8]) {
-        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
-        b[30..32].copy_from_slice(&self.op.to_le_bytes());
-        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
-    }
-}
 
 /// A stream: (local port, peer port).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -361,7 +302,7 @@ impl Vsock {
         };
         let hdr = self.header(stream, op, flags, data.len());
         let buf = self.buf(self.tx_bufs, id);
-        hdr.encode(&mut buf[..HEADER]);
+        buf[..HEADER].copy_from_slice(&hdr.encode());
         buf[HEADER..HEADER + data.len()].copy_from_slice(data);
         let addr = buf.as_ptr() as u64;
         self.tx
@@ -397,7 +338,9 @@ impl Vsock {
             let len = (used.len as usize).min(BUF_SIZE);
             if len >= HEADER {
                 let buf = self.buf(self.rx_bufs, used.id);
-                let hdr = Header::decode(&buf[..HEADER]);
+                let mut raw = [0u8; HEADER];
+                raw.copy_from_slice(&buf[..HEADER]);
+                let hdr = Header::decode(&raw);
                 let data_len = (hdr.len as usize).min(len - HEADER);
                 let data: Vec<u8> = buf[HEADER..HEADER + data_len].to_vec();
                 if data_len == hdr.len as usize {

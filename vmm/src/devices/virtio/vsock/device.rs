@@ -14,7 +14,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
 
 use super::muxer::{Muxer, MuxerError};
-use super::packet::Header;
+use super::packet;
 use crate::devices::virtio::{DeviceFault, VirtioDevice};
 use crate::memory::GuestMemory;
 
@@ -68,7 +68,7 @@ impl VsockDevice {
             let head = chain.head_index();
             let pkt = VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PACKET_DATA)
                 .map_err(|e| DeviceFault(format!("vsock TX descriptor chain at {head}: {e}")))?;
-            let hdr = Header::of(&pkt);
+            let hdr = packet::read_header(&pkt);
             let data = match (hdr.len, pkt.data_slice()) {
                 (0, _) => None,
                 (len, Some(d)) if d.len() >= len as usize => d.subslice(0, len as usize).ok(),
@@ -110,7 +110,8 @@ impl VsockDevice {
                 break;
             };
             hdr.dst_cid = self.cid;
-            hdr.write_to(&mut pkt);
+            packet::write_header(&hdr, &mut pkt)
+                .map_err(|e| DeviceFault(format!("vsock RX header at {head}: {e}")))?;
             queue
                 .add_used(mem, head, PKT_HEADER_SIZE as u32 + hdr.len)
                 .map_err(|e| DeviceFault(format!("vsock RX used ring: {e}")))?;
@@ -216,7 +217,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::devices::virtio::vsock::packet::{SHUTDOWN_SEND, TYPE_STREAM, op};
+    use crate::devices::virtio::vsock::packet::{Header, SHUTDOWN_SEND, TYPE_STREAM, op};
 
     const QSIZE: u16 = 16;
     const QBASE: [u64; 3] = [0x1_0000, 0x2_0000, 0x3_0000];
@@ -240,39 +241,6 @@ mod tests {
     impl Drop for Rig {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(self.path.parent().unwrap());
-        }
-    }
-
-    fn encode(h: &Header) -> [u8; PKT_HEADER_SIZE] {
-        let mut b = [0u8; PKT_HEADER_SIZE];
-        b[0..8].copy_from_slice(&h.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&h.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&h.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&h.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&h.len.to_le_bytes());
-        b[28..30].copy_from_slice(&h.type_.to_le_bytes());
-        b[30..32].copy_from_slice(&h.op.to_le_bytes());
-        b[32..36].copy_from_slice(&h.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&h.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&h.fwd_cnt.to_le_bytes());
-        b
-    }
-
-    fn decode(b: &[u8]) -> Header {
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
-        let u16_at = |i: usize| u16::from_le_bytes(b[i..i + 2].try_into().unwrap());
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
-        Header {
-            src_cid: u64_at(0),
-            dst_cid: u64_at(8),
-            src_port: u32_at(16),
-            dst_port: u32_at(20),
-            len: u32_at(24),
-            type_: u16_at(28),
-            op: u16_at(30),
-            flags: u32_at(32),
-            buf_alloc: u32_at(36),
-            fwd_cnt: u32_at(40),
         }
     }
 
@@ -367,7 +335,7 @@ mod tests {
         fn send(&mut self, hdr: Header, data: &[u8]) {
             let h = self.alloc(PKT_HEADER_SIZE as u64);
             self.mem
-                .write_slice(&encode(&hdr), GuestAddress(h))
+                .write_slice(&hdr.encode(), GuestAddress(h))
                 .unwrap();
             if data.is_empty() {
                 self.push(TX, &[(h, PKT_HEADER_SIZE as u32, 0)]);
@@ -422,7 +390,7 @@ mod tests {
             assert_eq!(used.len(), 1, "one RX buffer used");
             let mut raw = vec![0u8; used[0].1 as usize];
             self.mem.read_slice(&mut raw, GuestAddress(at)).unwrap();
-            let hdr = decode(&raw);
+            let hdr = Header::decode(raw[..PKT_HEADER_SIZE].try_into().unwrap());
             assert_eq!(hdr.len as usize, raw.len() - PKT_HEADER_SIZE);
             (hdr, raw[PKT_HEADER_SIZE..].to_vec())
         }
@@ -570,7 +538,7 @@ mod tests {
         let mut rig = Rig::new("wo");
         let h = rig.alloc(64);
         rig.mem
-            .write_slice(&encode(&guest_pkt(op::REQUEST, 1, 2, 0)), GuestAddress(h))
+            .write_slice(&guest_pkt(op::REQUEST, 1, 2, 0).encode(), GuestAddress(h))
             .unwrap();
         rig.push(TX, &[(h, PKT_HEADER_SIZE as u32, F_WRITE)]);
         expect_fault(&mut rig, "write-only TX buffer");
@@ -578,7 +546,7 @@ mod tests {
         let mut rig = Rig::new("short");
         let h = rig.alloc(64);
         rig.mem
-            .write_slice(&encode(&guest_pkt(op::RW, 1, 2, 100)), GuestAddress(h))
+            .write_slice(&guest_pkt(op::RW, 1, 2, 100).encode(), GuestAddress(h))
             .unwrap();
         let d = rig.alloc(16);
         rig.push(TX, &[(h, PKT_HEADER_SIZE as u32, 0), (d, 10, 0)]);
@@ -587,7 +555,7 @@ mod tests {
         let mut rig = Rig::new("huge");
         let h = rig.alloc(64);
         rig.mem
-            .write_slice(&encode(&guest_pkt(op::RW, 1, 2, u32::MAX)), GuestAddress(h))
+            .write_slice(&guest_pkt(op::RW, 1, 2, u32::MAX).encode(), GuestAddress(h))
             .unwrap();
         rig.push(TX, &[(h, PKT_HEADER_SIZE as u32, 0), (h, u32::MAX, 0)]);
         expect_fault(&mut rig, "length beyond the maximum packet");
@@ -600,7 +568,7 @@ mod tests {
         let mut rig = Rig::new("dangling");
         let h = rig.alloc(64);
         rig.mem
-            .write_slice(&encode(&guest_pkt(op::RW, 1, 2, 4)), GuestAddress(h))
+            .write_slice(&guest_pkt(op::RW, 1, 2, 4).encode(), GuestAddress(h))
             .unwrap();
         // The header says data follows, but NEXT points past the descriptor table.
         let raw = [RawDescriptor::from(Descriptor::new(
@@ -618,7 +586,7 @@ mod tests {
         let mut rig = Rig::new("loop");
         let h = rig.alloc(64);
         rig.mem
-            .write_slice(&encode(&guest_pkt(op::RW, 1, 2, 4)), GuestAddress(h))
+            .write_slice(&guest_pkt(op::RW, 1, 2, 4).encode(), GuestAddress(h))
             .unwrap();
         // Two descriptors pointing at each other forever.
         let raw = [
