@@ -25,6 +25,8 @@ demo: guest
 	@echo "==> booting a Bulwark VM: guest $(BUILD_DIR)/bulwark-guest.elf, payload $(BUILD_DIR)/selftest.cwasm"
 	@target/release/bulwark-vmm --console - --timings --timeout 30 \
 		--payload $(BUILD_DIR)/selftest.cwasm $(BUILD_DIR)/bulwark-guest.elf
+	@echo "==> a tool call: bulwark run examples/hello.wat"
+	@BULWARK_GUEST=$(BUILD_DIR)/bulwark-guest.elf target/release/bulwark run examples/hello.wat
 
 # --release reuses what `guest` just built (wasmtime and Cranelift take minutes to compile).
 test: guest

@@ -2,6 +2,7 @@
 # Builds into $BUILD_DIR (default: build/ at the repository root):
 #   bulwark-guest.elf   the guest image (x86_64-unknown-none, fixed addresses, see guest-agent/link.ld)
 #   selftest.cwasm      images/selftest.wat precompiled for the guest by `bulwark compile`
+#   echo-args.wasm      the WASI tool the `bulwark run` tests use (wasm32-wasip1)
 # and the host binaries in target/release (bulwark-vmm, bulwark). Prints each output's SHA-256.
 # Builds use the committed Cargo.lock (--locked); the same sources give the same guest image.
 set -euo pipefail
@@ -24,5 +25,10 @@ cargo build --locked --release -p bulwark-vmm -p bulwark-cli
 say "precompiling the Wasm self-test"
 target/release/bulwark compile images/selftest.wat -o "$build_dir/selftest.cwasm"
 
+say "building the WASI test tool (tests/tools/echo-args, wasm32-wasip1)"
+(cd tests/tools/echo-args && cargo build --locked --release --target wasm32-wasip1)
+cp tests/tools/echo-args/target/wasm32-wasip1/release/echo-args.wasm "$build_dir/echo-args.wasm"
+
 say "outputs"
-(cd "$build_dir" && sha256sum bulwark-guest.elf selftest.cwasm && ls -l bulwark-guest.elf selftest.cwasm | awk '{print "    " $5 " bytes  " $9}')
+(cd "$build_dir" && sha256sum bulwark-guest.elf selftest.cwasm echo-args.wasm \
+    && ls -l bulwark-guest.elf selftest.cwasm echo-args.wasm | awk '{print "    " $5 " bytes  " $9}')

@@ -10,14 +10,17 @@
 
 extern crate alloc;
 
+mod agent;
 mod clock;
 mod console;
 mod control;
 mod exceptions;
 mod heap;
 mod runtime;
+mod server;
 mod services;
 mod virtio;
+mod wasi;
 
 use bulwark_proto::boot::{BootInfo, TestMode};
 use bulwark_proto::layout;
@@ -84,21 +87,52 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
     };
     if payload.is_empty() {
         println!("wasm self-test: skipped (no payload)");
-        control::exit(exit_status::OK);
-    }
-    match runtime::self_test(payload, &clock) {
-        Ok(report) => {
-            println!(
+    } else {
+        match runtime::self_test(payload, &clock) {
+            Ok(report) => println!(
                 "wasm self-test: run() = {} ({})",
                 report.result, report.timings
-            );
-            control::exit(exit_status::OK)
-        }
-        Err(e) => {
-            println!("wasm self-test failed: {e:?}");
-            control::exit(exit_status::SELF_TEST_FAILED)
+            ),
+            Err(e) => {
+                println!("wasm self-test failed: {e:?}");
+                control::exit(exit_status::SELF_TEST_FAILED)
+            }
         }
     }
+    if info.vsock_cid == 0 {
+        control::exit(exit_status::OK);
+    }
+    serve_calls(info.vsock_cid, clock)
+}
+
+/// Runs the agent server on vsock; never returns.
+fn serve_calls(cid: u64, clock: clock::Clock) -> ! {
+    let mut vsock = match virtio::vsock::Vsock::init(cid) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("bulwark-guest: vsock setup failed: {e:?}");
+            control::exit(exit_status::SELF_TEST_FAILED);
+        }
+    };
+    let engine = match wasmtime::Engine::new(&runtime::config()) {
+        Ok(e) => e,
+        Err(e) => {
+            println!("bulwark-guest: cannot create the engine: {e:?}");
+            control::exit(exit_status::SELF_TEST_FAILED);
+        }
+    };
+    let mut agent = match agent::Agent::new(engine, clock) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("bulwark-guest: cannot set up WASI: {e:?}");
+            control::exit(exit_status::SELF_TEST_FAILED);
+        }
+    };
+    println!(
+        "agent listening on vsock port {}",
+        bulwark_proto::call::AGENT_PORT
+    );
+    server::serve(&mut vsock, &mut agent)
 }
 
 /// Runs a vsock test service; never returns.

@@ -112,6 +112,8 @@ pub fn self_test(artifact: &[u8], clock: &Clock) -> wasmtime::Result<SelfTest> {
     let module = unsafe { Module::deserialize(&engine, artifact) }?;
     let t2 = clock::now();
     let mut store = Store::new(&engine, ());
+    // The engine meters fuel (see bulwark_engine::shared_config); the self-test is unmetered.
+    store.set_fuel(u64::MAX)?;
     let instance = Instance::new(&mut store, &module, &[])?;
     let run = instance.get_typed_func::<(), i64>(&mut store, "run")?;
     let t3 = clock::now();

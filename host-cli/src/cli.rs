@@ -22,6 +22,140 @@ pub enum Command {
     /// The output is a wasmtime artifact for target x86_64-unknown-none with Bulwark's engine
     /// settings; only the guest loads it. The same input always gives the same bytes.
     Compile(CompileArgs),
+    /// Run a WASI command module (.wasm or .wat) in a fresh Bulwark micro-VM.
+    ///
+    /// The module is compiled (once: artifacts are cached by module and engine digest) in a
+    /// separate process, then runs inside wasmtime inside a KVM guest with no kernel. The tool's
+    /// stdout and stderr become ours, standard input is passed through, and bulwark exits with
+    /// the tool's exit code.
+    #[command(after_help = RUN_EXIT_CODES)]
+    Run(RunArgs),
+}
+
+/// Exit codes of `bulwark run`, also in its `--help`.
+pub const RUN_EXIT_CODES: &str = "\
+Exit codes:
+  0-255  the tool's own exit code (proc_exit(n), or 0 when _start returns)
+  124    the --timeout ran out; the VM was killed
+  125    Bulwark itself failed (the VM could not start or crashed, protocol error)
+  126    the module cannot run (not WebAssembly, compile error, unknown import, no _start)
+  134    the tool trapped or ran out of fuel (message on stderr)
+A tool may itself exit with 124-126 or 134; --json tells the cases apart.";
+
+/// Arguments of `bulwark run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The module: binary WebAssembly or the text format.
+    pub module: PathBuf,
+
+    /// Arguments for the tool (argv[1..]; argv[0] is the module's file name).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+
+    /// Set an environment variable for the tool (repeatable).
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+
+    /// Wall-clock limit for the whole call, e.g. 500ms, 10s, 2m.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+
+    /// Run with this much fuel (roughly, Wasm instructions); out of fuel is a trap.
+    #[arg(long, value_name = "N")]
+    pub fuel: Option<u64>,
+
+    /// Largest Wasm linear memory, e.g. 64MiB.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub max_memory: u64,
+
+    /// Most bytes kept of stdout, and of stderr; the rest is dropped with a warning.
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub max_output: u64,
+
+    /// Guest RAM of the VM, in MiB (must hold the artifact and the tool's memory).
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub mem_mib: u64,
+
+    /// Print one JSON object (outcome, stdout, stderr, timings in microseconds) instead of the
+    /// tool's output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `NAME=VALUE`.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("`{s}` is not NAME=VALUE")),
+    }
+}
+
+/// Parses a duration: a number with ms, s or m (plain numbers are seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (try 500ms, 10s, 2m)"))?;
+    let secs = value * scale;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!(
+            "`{s}` is out of range (more than 0, at most a day)"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// Parses a size: a number with an optional K/KiB/M/MiB/G/GiB suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &t[digits.len()..];
+    let scale: u64 = match unit {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" | "KB" => 1 << 10,
+        "M" | "MiB" | "MB" => 1 << 20,
+        "G" | "GiB" | "GB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit `{unit}` (use KiB, MiB or GiB)"
+            ));
+        }
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (try 64MiB)"))?;
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_parse_like_users_write_them() {
+        assert_eq!(parse_duration("500ms").unwrap().as_millis(), 500);
+        assert_eq!(parse_duration("10s").unwrap().as_secs(), 10);
+        assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
+        assert_eq!(parse_duration("3").unwrap().as_secs(), 3);
+        assert!(parse_duration("0s").is_err() && parse_duration("soon").is_err());
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12 parsecs").is_err() && parse_size("99999999999G").is_err());
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert!(parse_env("=x").is_err() && parse_env("novalue").is_err());
+    }
 }
 
 /// Arguments of `bulwark compile`.

@@ -1,7 +1,10 @@
-//! `bulwark`: compiles WebAssembly tools for Bulwark's micro-VMs (and, later, runs them).
+//! `bulwark`: compiles WebAssembly tools and runs them in Bulwark's micro-VMs.
 
+mod cache;
 mod cli;
 mod compile;
+mod run;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -11,6 +14,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Compile(args) => compile::run(&args),
+        cli::Command::Run(args) => return run::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

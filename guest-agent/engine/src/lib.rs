@@ -9,6 +9,13 @@
 
 use wasmtime::Config;
 
+/// The wasmtime version both sides are pinned to (`=48.0.8` in the workspace manifest).
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+/// Names the settings of [`shared_config`] and [`CPU_FLAGS`]; change it whenever they change, so
+/// caches keyed by it never hand out an artifact the guest would refuse.
+pub const SETTINGS_ID: &str = "v1 no-signals no-reservation no-guard no-cow no-relaxed-simd fuel sse3-ssse3-sse41-sse42-popcnt";
+
 /// Target triple the host compiles for: the freestanding guest.
 pub const TARGET: &str = "x86_64-unknown-none";
 
@@ -25,7 +32,8 @@ pub const CPU_FLAGS: &[&str] = &[
 
 /// The settings both sides must share: no signal-based traps (the guest has no signals), no
 /// virtual-memory tricks (no reservation, guard pages or copy-on-write images: the guest has no
-/// `mmap`), and no relaxed SIMD (its FMA lowering could need a float libcall).
+/// `mmap`), no relaxed SIMD (its FMA lowering could need a float libcall), and fuel metering
+/// compiled in so a call can be given a fuel budget (unmetered calls get the maximum).
 pub fn shared_config() -> Config {
     let mut config = Config::new();
     config
@@ -34,7 +42,8 @@ pub fn shared_config() -> Config {
         .memory_guard_size(0)
         .memory_reservation_for_growth(0)
         .memory_init_cow(false)
-        .wasm_relaxed_simd(false);
+        .wasm_relaxed_simd(false)
+        .consume_fuel(true);
     config
 }
 

@@ -1,11 +1,16 @@
 //! The guest ABI of Bulwark: what the VMM and the freestanding guest agree on.
 //!
-//! Everything here is plain data (`no_std`, no dependencies): the guest-physical memory layout, the
-//! I/O ports, and the boot-info block the VMM writes before the guest's first instruction.
+//! Everything here is plain data (`no_std`): the guest-physical memory layout, the I/O ports, the
+//! boot-info block the VMM writes before the guest's first instruction, the vsock wire format,
+//! and the tool-call protocol the host speaks with the guest agent over vsock.
 
 #![no_std]
 
+extern crate alloc;
+
 pub mod boot;
+pub mod call;
+pub mod frame;
 pub mod layout;
 pub mod ports;
 pub mod vsock;

@@ -1,0 +1,116 @@
+//! The tool-call protocol between the host and the guest agent (vsock port [`AGENT_PORT`]).
+//!
+//! One request and one response per connection. Everything in a request is hostile to the
+//! agent: sizes are capped by the frame limit and checked again where used.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Serialize};
+
+/// Guest port the agent listens on.
+pub const AGENT_PORT: u32 = 52;
+/// Version of this protocol; a request of another version is answered with an error.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The module to run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Artifact {
+    /// The precompiled artifact itself, with the SHA-256 of the module it came from.
+    Inline {
+        /// SHA-256 of the source module.
+        digest: [u8; 32],
+        /// The artifact `bulwark compile` produced.
+        bytes: Vec<u8>,
+    },
+    /// An artifact this VM was already sent.
+    Cached {
+        /// SHA-256 of the source module.
+        digest: [u8; 32],
+    },
+}
+
+/// Per-call limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest linear memory, in bytes.
+    pub max_memory: u64,
+    /// Most bytes kept of stdout, and of stderr; the rest is dropped and flagged.
+    pub max_output: u64,
+    /// Fuel to run with (None: unmetered).
+    pub fuel: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_memory: 256 << 20,
+            max_output: 16 << 20,
+            fuel: None,
+        }
+    }
+}
+
+/// A tool call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// What to run.
+    pub artifact: Artifact,
+    /// argv, program name first.
+    pub args: Vec<String>,
+    /// Environment variables.
+    pub env: Vec<(String, String)>,
+    /// All of standard input.
+    pub stdin: Vec<u8>,
+    /// Limits.
+    pub limits: Limits,
+    /// Seed for the tool's `random_get` (the guest has no entropy source of its own).
+    pub random_seed: [u8; 32],
+    /// Host wall-clock time at the call, nanoseconds since the Unix epoch.
+    pub realtime_ns: u64,
+}
+
+/// How the tool ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// `_start` returned (code 0) or the tool called `proc_exit(code)`.
+    Exited(i32),
+    /// The tool trapped: the message and the Wasm backtrace.
+    Trap(String),
+    /// Fuel ran out.
+    OutOfFuel,
+    /// The call could not run: bad artifact, unknown import, protocol error.
+    Error(String),
+}
+
+/// Time the agent spent on each step, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Deserializing the artifact (0 when cached).
+    pub load_us: u64,
+    /// Creating the store and instance.
+    pub instantiate_us: u64,
+    /// Running `_start`.
+    pub run_us: u64,
+}
+
+/// The answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// How the tool ended.
+    pub outcome: Outcome,
+    /// What it wrote to stdout (up to the limit).
+    pub stdout: Vec<u8>,
+    /// What it wrote to stderr (up to the limit).
+    pub stderr: Vec<u8>,
+    /// stdout or stderr went over `max_output`.
+    pub output_truncated: bool,
+    /// Fuel consumed, when metered.
+    pub fuel_consumed: Option<u64>,
+    /// Step timings.
+    pub timings: Timings,
+}

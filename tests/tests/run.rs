@@ -1,0 +1,286 @@
+//! `bulwark run` end to end: tool calls in real micro-VMs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bulwark_tests::*;
+
+fn bulwark() -> PathBuf {
+    workspace_binary("bulwark", "BULWARK_CLI")
+}
+
+/// A compile cache shared by this test binary's tests.
+fn cache_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("bulwark-test-cache-{}", std::process::id()))
+}
+
+fn run_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(bulwark())
+        .arg("run")
+        .args(args)
+        .env("BULWARK_CACHE_DIR", cache_dir())
+        .env("BULWARK_GUEST", guest_image())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bulwark");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    child.wait_with_output().expect("bulwark ends")
+}
+
+fn run(args: &[&str]) -> Output {
+    run_with_stdin(args, b"")
+}
+
+fn tool() -> String {
+    built("echo-args.wasm").display().to_string()
+}
+
+fn hello() -> String {
+    repo_root().join("examples/hello.wat").display().to_string()
+}
+
+#[test]
+fn hello_prints_and_exits_zero() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&[&hello()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello from a Bulwark micro-VM\n");
+}
+
+#[test]
+fn args_env_and_stdin_reach_the_tool() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_with_stdin(
+        &[
+            "--env",
+            "SHOW=A,B",
+            "--env",
+            "A=1",
+            "--env",
+            "B=two words",
+            &tool(),
+            "x",
+            "-y",
+            "--z",
+        ],
+        b"some input\n",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "args: x -y --z\nenv A=1\nenv B=two words\nstdin: SOME INPUT\n"
+    );
+    assert_eq!(stderr(&out), "to stderr\n");
+}
+
+#[test]
+fn the_tools_exit_code_is_ours() {
+    if !kvm_available() {
+        return;
+    }
+    for code in ["0", "3"] {
+        let out = run(&["--env", &format!("EXIT={code}"), &tool()]);
+        assert_eq!(
+            out.status.code(),
+            Some(code.parse().unwrap()),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn a_trap_reports_its_message_and_backtrace() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&["--env", "TRAP=1", &tool()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(134), "{err}");
+    assert!(err.contains("asked to trap"), "{err}");
+    assert!(err.contains("the tool trapped"), "{err}");
+    assert!(err.contains("wasm backtrace"), "{err}");
+    assert!(err.contains("unreachable"), "{err}");
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_by_the_timeout_and_the_next_call_works() {
+    if !kvm_available() {
+        return;
+    }
+    let started = Instant::now();
+    let out = run(&["--timeout", "1s", "--env", "SPIN=1", &tool()]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("timed out after 1s"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(took >= Duration::from_secs(1), "stopped early: {took:?}");
+    let out = run(&[&hello()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn a_memory_bomb_is_stopped_by_max_memory() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&["--max-memory", "32MiB", "--env", "GROW=64", &tool()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(134), "{err}");
+    assert!(
+        err.contains("memory allocation of 67108864 bytes failed"),
+        "{err}"
+    );
+    let out = run(&["--max-memory", "128MiB", "--env", "GROW=64", &tool()]);
+    assert!(stdout(&out).contains("grew 64 MiB"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_output_flood_is_capped() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&["--max-output", "64KiB", "--env", "FLOOD=8", &tool()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.stdout.len(), 64 * 1024);
+    assert!(stderr(&out).contains("output over --max-output 65536 bytes was dropped"));
+}
+
+#[test]
+fn fuel_exhaustion_stops_the_tool() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&["--fuel", "1000", &tool()]);
+    assert_eq!(out.status.code(), Some(134), "{}", stderr(&out));
+    assert!(stderr(&out).contains("ran out of fuel"), "{}", stderr(&out));
+    let out = run(&["--json", "--fuel", "100000000", &hello()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("\"fuel_consumed\":"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn json_output_carries_the_outcome_and_timings() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run(&["--json", "--env", "EXIT=2", &tool(), "a"]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    for key in [
+        "\"exit\":2",
+        "\"stdout\":\"args: a\\n\"",
+        "\"stderr\":\"to stderr\\n\"",
+        "\"total\":",
+        "\"vm_start\":",
+    ] {
+        assert!(text.contains(key), "{key} in {text}");
+    }
+}
+
+fn write_temp(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = scratch_dir(name);
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn bad_modules_get_clear_errors() {
+    if !kvm_available() {
+        return;
+    }
+    let not_wasm = write_temp("not.wasm", b"#!/bin/sh\necho hi\n");
+    let out = run(&[not_wasm.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not.wasm"), "{}", stderr(&out));
+
+    let unknown_import = write_temp(
+        "import.wat",
+        br#"(module (import "env" "launch_missiles" (func)) (func (export "_start") call 0))"#,
+    );
+    let out = run(&[unknown_import.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    assert!(stderr(&out).contains("launch_missiles"), "{}", stderr(&out));
+
+    let big = scratch_dir("big").join("big.wasm");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len((256 << 20) + 1)
+        .unwrap();
+    let out = run(&[big.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("over the 268435456-byte limit"),
+        "{}",
+        stderr(&out)
+    );
+
+    let missing = Path::new("/nonexistent/tool.wasm");
+    let out = run(&[missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/tool.wasm"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_second_run_uses_the_compile_cache() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("cache-check");
+    let module = dir.join("t.wat");
+    std::fs::write(
+        &module,
+        std::fs::read(repo_root().join("examples/hello.wat")).unwrap(),
+    )
+    .unwrap();
+    let cache = dir.join("cache");
+    let json = |_: ()| {
+        let out = Command::new(bulwark())
+            .args(["run", "--json", module.to_str().unwrap()])
+            .env("BULWARK_CACHE_DIR", &cache)
+            .env("BULWARK_GUEST", guest_image())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        stdout(&out)
+    };
+    json(());
+    let artifacts = std::fs::read_dir(cache.join("artifacts")).unwrap().count();
+    assert_eq!(artifacts, 1, "one artifact cached");
+    let modified = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let entry = std::fs::read_dir(cache.join("artifacts"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let before = modified(&entry);
+    json(());
+    assert_eq!(modified(&entry), before, "the artifact was not rewritten");
+}
