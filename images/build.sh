@@ -3,6 +3,7 @@
 #   bulwark-guest.elf   the guest image (x86_64-unknown-none, fixed addresses, see guest-agent/link.ld)
 #   selftest.cwasm      images/selftest.wat precompiled for the guest by `bulwark compile`
 #   echo-args.wasm      the WASI tool the `bulwark run` tests use (wasm32-wasip1)
+#   json-rank.wasm      the example tool in examples/json-rank (wasm32-wasip1)
 # and the host binaries in target/release (bulwark-vmm, bulwark). Prints each output's SHA-256.
 # Builds use the committed Cargo.lock (--locked); the same sources give the same guest image.
 set -euo pipefail
@@ -29,6 +30,10 @@ say "building the WASI test tool (tests/tools/echo-args, wasm32-wasip1)"
 (cd tests/tools/echo-args && cargo build --locked --release --target wasm32-wasip1)
 cp tests/tools/echo-args/target/wasm32-wasip1/release/echo-args.wasm "$build_dir/echo-args.wasm"
 
+say "building the example tool (examples/json-rank, wasm32-wasip1)"
+(cd examples/json-rank && cargo build --locked --release --target wasm32-wasip1)
+cp examples/json-rank/target/wasm32-wasip1/release/json-rank.wasm "$build_dir/json-rank.wasm"
+
 say "outputs"
-(cd "$build_dir" && sha256sum bulwark-guest.elf selftest.cwasm echo-args.wasm \
-    && ls -l bulwark-guest.elf selftest.cwasm echo-args.wasm | awk '{print "    " $5 " bytes  " $9}')
+(cd "$build_dir" && sha256sum bulwark-guest.elf selftest.cwasm echo-args.wasm json-rank.wasm \
+    && ls -l bulwark-guest.elf selftest.cwasm echo-args.wasm json-rank.wasm | awk '{print "    " $5 " bytes  " $9}')

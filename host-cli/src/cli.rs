@@ -30,6 +30,13 @@ pub enum Command {
     /// the tool's exit code.
     #[command(after_help = RUN_EXIT_CODES)]
     Run(RunArgs),
+    /// Check this host: /dev/kvm, which KVM is behind it, the VMM and guest image, the compile
+    /// cache, and a real VM boot. Says what to fix; exits 1 if anything fails.
+    Doctor {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Exit codes of `bulwark run`, also in its `--help`.

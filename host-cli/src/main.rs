@@ -3,6 +3,7 @@
 mod cache;
 mod cli;
 mod compile;
+mod doctor;
 mod run;
 mod vm;
 
@@ -15,6 +16,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Compile(args) => compile::run(&args),
         cli::Command::Run(args) => return run::run(&args),
+        cli::Command::Doctor { json } => return doctor::run(json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,7 +12,7 @@ use bulwark_proto::frame::{self, MAX_RESPONSE_FRAME, PREFIX};
 
 /// A file next to the running executable, or in the source tree's `build/` when running from
 /// `target/<profile>/` (for the guest image); `env` overrides both.
-fn locate(env: &str, name: &str) -> anyhow::Result<PathBuf> {
+pub fn locate(env: &str, name: &str) -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }

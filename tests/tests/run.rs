@@ -284,3 +284,27 @@ fn a_second_run_uses_the_compile_cache() {
     json(());
     assert_eq!(modified(&entry), before, "the artifact was not rewritten");
 }
+
+#[test]
+fn the_json_example_tool_ranks_records() {
+    if !kvm_available() {
+        return;
+    }
+    let tool = built("json-rank.wasm");
+    let out = run_with_stdin(
+        &[tool.to_str().unwrap(), "points"],
+        br#"[{"who":"x","points":1},{"who":"y","points":7}]"#,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "{\"count\":2,\"field\":\"points\",\"mean\":4.0,\"ranked\":[{\"points\":7,\"rank\":1,\"who\":\"y\"},{\"points\":1,\"rank\":2,\"who\":\"x\"}]}\n"
+    );
+    let out = run_with_stdin(&[tool.to_str().unwrap()], b"not json");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("the input is not JSON"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,0 +1,47 @@
+//! `bulwark doctor` on this host.
+
+use std::process::Command;
+
+use bulwark_tests::*;
+
+fn doctor(guest: &std::path::Path) -> std::process::Output {
+    Command::new(workspace_binary("bulwark", "BULWARK_CLI"))
+        .arg("doctor")
+        .env("BULWARK_GUEST", guest)
+        .env("BULWARK_CACHE_DIR", scratch_dir("doctor-cache"))
+        .output()
+        .expect("run bulwark doctor")
+}
+
+#[test]
+fn doctor_passes_on_a_working_host_and_names_what_is_broken() {
+    if !kvm_available() {
+        return;
+    }
+    let out = doctor(&guest_image());
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for check in [
+        "kvm device",
+        "kvm ",
+        "vmm",
+        "guest image",
+        "compile cache",
+        "boot",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ok") && l.contains(check)),
+            "{check}: {text}"
+        );
+    }
+    let out = doctor(std::path::Path::new("/nonexistent/guest.elf"));
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("guest image")
+            && l.contains("/nonexistent/guest.elf")),
+        "{text}"
+    );
+}
