@@ -12,6 +12,10 @@ use wasmtime::{Engine, Linker, Module, Store, StoreLimitsBuilder, Trap};
 use crate::clock::{self, Clock};
 use crate::wasi::{self, Ctx, CtxParams, Exit};
 
+/// Most directories one call may share; each one's root counts as an inode on top of the
+/// request's entry limit.
+const MAX_SHARED_DIRS: usize = 64;
+
 /// Most artifacts kept at once; the oldest is dropped past this.
 const MAX_CACHED_MODULES: usize = 16;
 
@@ -75,8 +79,16 @@ impl Agent {
             stderr: Vec::new(),
             output_truncated: false,
             fuel_consumed: None,
+            dirs: Vec::new(),
             timings: Timings::default(),
         };
+        if req.dirs.len() > MAX_SHARED_DIRS {
+            response.outcome = Outcome::Error(format!(
+                "{} shared directories, over the limit of {MAX_SHARED_DIRS}",
+                req.dirs.len()
+            ));
+            return response;
+        }
         if req.version != PROTOCOL_VERSION {
             response.outcome = Outcome::Error(format!(
                 "protocol version {} is not {PROTOCOL_VERSION}",
@@ -103,12 +115,26 @@ impl Agent {
             args: req.args,
             env: req.env,
             stdin: req.stdin,
+            dirs: req.dirs,
+            fs_limits: bulwark_memfs::Limits {
+                max_bytes: req.limits.max_dir_bytes,
+                max_inodes: usize::try_from(req.limits.max_dir_entries)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(MAX_SHARED_DIRS),
+            },
             max_output: usize::try_from(req.limits.max_output).unwrap_or(usize::MAX),
             seed: req.random_seed,
             realtime_ns: req.realtime_ns,
             clock: self.clock,
             limits,
         });
+        let ctx = match ctx {
+            Ok(ctx) => ctx,
+            Err(message) => {
+                response.outcome = Outcome::Error(message);
+                return response;
+            }
+        };
         let t0 = clock::now();
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|ctx| &mut ctx.limits);
@@ -132,7 +158,11 @@ impl Agent {
         if req.limits.fuel.is_some() {
             response.fuel_consumed = store.get_fuel().ok().map(|left| fuel - left);
         }
-        let ctx = store.into_data();
+        let mut ctx = store.into_data();
+        match ctx.take_dirs() {
+            Ok(dirs) => response.dirs = dirs,
+            Err(message) => response.outcome = Outcome::Error(message),
+        }
         response.output_truncated = ctx.stdout.truncated || ctx.stderr.truncated;
         response.stdout = ctx.stdout.bytes;
         response.stderr = ctx.stderr.bytes;

@@ -14,7 +14,7 @@ pub const WASMTIME_VERSION: &str = "48.0.8";
 
 /// Names the settings of [`shared_config`] and [`CPU_FLAGS`]; change it whenever they change, so
 /// caches keyed by it never hand out an artifact the guest would refuse.
-pub const SETTINGS_ID: &str = "v1 no-signals no-reservation no-guard no-cow no-relaxed-simd fuel sse3-ssse3-sse41-sse42-popcnt";
+pub const SETTINGS_ID: &str = "v2 no-components no-signals no-reservation no-guard no-cow no-relaxed-simd fuel sse3-ssse3-sse41-sse42-popcnt";
 
 /// Target triple the host compiles for: the freestanding guest.
 pub const TARGET: &str = "x86_64-unknown-none";
@@ -52,6 +52,9 @@ pub fn shared_config() -> Config {
 pub fn compiler_config() -> wasmtime::Result<Config> {
     let mut config = shared_config();
     config.target(TARGET)?;
+    // The guest's wasmtime is built without the component model; whatever else in the host's
+    // build turned the feature on must not leak into the artifact.
+    config.wasm_component_model(false);
     for flag in CPU_FLAGS {
         // SAFETY: these flags describe the guest CPU baseline; the guest verifies each one with
         // CPUID (through `detect_host_feature`) before it runs code compiled with them.

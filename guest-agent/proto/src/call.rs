@@ -8,10 +8,12 @@ use alloc::vec::Vec;
 
 use serde::{Deserialize, Serialize};
 
+use crate::tree::{Entry, SharedDir};
+
 /// Guest port the agent listens on.
 pub const AGENT_PORT: u32 = 52;
 /// Version of this protocol; a request of another version is answered with an error.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The module to run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +41,12 @@ pub struct Limits {
     pub max_output: u64,
     /// Fuel to run with (None: unmetered).
     pub fuel: Option<u64>,
+    /// Most bytes of file data in the shared directories, all together; a write past it fails
+    /// with ENOSPC.
+    pub max_dir_bytes: u64,
+    /// Most files and directories in the shared directories, all together; creating one more
+    /// fails with ENOSPC.
+    pub max_dir_entries: u32,
 }
 
 impl Default for Limits {
@@ -47,6 +55,8 @@ impl Default for Limits {
             max_memory: 256 << 20,
             max_output: 16 << 20,
             fuel: None,
+            max_dir_bytes: 64 << 20,
+            max_dir_entries: 10_000,
         }
     }
 }
@@ -64,6 +74,8 @@ pub struct Request {
     pub env: Vec<(String, String)>,
     /// All of standard input.
     pub stdin: Vec<u8>,
+    /// Directories to preopen for the tool, with their contents.
+    pub dirs: Vec<SharedDir>,
     /// Limits.
     pub limits: Limits,
     /// Seed for the tool's `random_get` (the guest has no entropy source of its own).
@@ -111,6 +123,9 @@ pub struct Response {
     pub output_truncated: bool,
     /// Fuel consumed, when metered.
     pub fuel_consumed: Option<u64>,
+    /// What each shared directory holds after the call, in the request's order (files the tool
+    /// did not change are [`crate::tree::Node::Unchanged`]).
+    pub dirs: Vec<Vec<Entry>>,
     /// Step timings.
     pub timings: Timings,
 }

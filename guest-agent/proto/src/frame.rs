@@ -6,8 +6,9 @@ use alloc::vec::Vec;
 
 /// Largest request frame the agent accepts (the module artifact dominates it).
 pub const MAX_REQUEST_FRAME: u32 = 320 << 20;
-/// Largest response frame the host accepts (output is capped far below this by the limits).
-pub const MAX_RESPONSE_FRAME: u32 = 160 << 20;
+/// Largest response frame the host accepts (the host keeps its output and directory limits
+/// below it).
+pub const MAX_RESPONSE_FRAME: u32 = 320 << 20;
 /// Bytes of the length prefix.
 pub const PREFIX: usize = 4;
 
@@ -76,6 +77,13 @@ mod tests {
             args: alloc::vec!["tool".into(), "--x".into()],
             env: alloc::vec![("K".into(), "V".into())],
             stdin: alloc::vec![1, 2, 3],
+            dirs: alloc::vec![crate::tree::SharedDir {
+                guest_path: "/data".into(),
+                entries: alloc::vec![crate::tree::Entry {
+                    path: "a.txt".into(),
+                    node: crate::tree::Node::File(alloc::vec![b'x']),
+                }],
+            }],
             limits: Limits::default(),
             random_seed: [9; 32],
             realtime_ns: 1,

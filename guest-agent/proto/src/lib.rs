@@ -2,7 +2,7 @@
 //!
 //! Everything here is plain data (`no_std`): the guest-physical memory layout, the I/O ports, the
 //! boot-info block the VMM writes before the guest's first instruction, the vsock wire format,
-//! and the tool-call protocol the host speaks with the guest agent over vsock.
+//! the directory trees shared with a call, and the tool-call protocol the host speaks with the guest agent over vsock.
 
 #![no_std]
 
@@ -13,6 +13,7 @@ pub mod call;
 pub mod frame;
 pub mod layout;
 pub mod ports;
+pub mod tree;
 pub mod vsock;
 
 /// Version of the guest ABI described by this crate. The VMM writes it into boot info; a guest

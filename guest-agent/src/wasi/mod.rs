@@ -1,34 +1,49 @@
-//! WASI preview 1 for tools, implemented by the agent: arguments, environment, stdio, clocks,
-//! random numbers, `proc_exit`, `poll_oneoff` on clocks.
+//! WASI preview 1 for tools, implemented by the agent: arguments, environment, standard
+//! streams, clocks, random numbers, `proc_exit`, `poll_oneoff` on clocks, and files in the
+//! directories shared with the call (an in-memory file system, `bulwark_memfs`).
 //!
-//! There is no file system yet: no directory is preopened, so every path operation gets EBADF
-//! (the tool holds no directory descriptor), as WASI prescribes for a descriptor that is not
-//! open. Every pointer and length from the tool is checked against its linear memory; a bad one
-//! is EFAULT for the tool, never a fault for the guest.
+//! Every pointer and length from the tool is checked against its linear memory ([`mem`]); a
+//! bad one is EFAULT for the tool, never a fault for the guest. Sockets are not supported.
+
+mod fd;
+mod mem;
+mod path;
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use bulwark_memfs::Fs;
+use bulwark_proto::tree::{Entry, SharedDir};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use wasmtime::{Caller, Extern, Linker, Memory, StoreLimits};
 
 use crate::clock::{self, Clock};
+use fd::{Desc, Fd, Fds, rights};
+use mem::{slice, write_bytes, write_strings, write_u32, write_u64};
 
 /// WASI errno values used here.
 mod errno {
     pub const SUCCESS: i32 = 0;
     pub const BADF: i32 = 8;
+    pub const BUSY: i32 = 10;
+    pub const EXIST: i32 = 20;
     pub const FAULT: i32 = 21;
+    pub const FBIG: i32 = 22;
+    pub const ILSEQ: i32 = 25;
     pub const INVAL: i32 = 28;
+    pub const ISDIR: i32 = 31;
+    pub const MFILE: i32 = 33;
+    pub const NAMETOOLONG: i32 = 37;
+    pub const NOENT: i32 = 44;
+    pub const NOTDIR: i32 = 54;
     pub const NOTSUP: i32 = 58;
-    pub const SPIPE: i32 = 70;
     pub const OVERFLOW: i32 = 61;
+    pub const SPIPE: i32 = 70;
+    pub const NOTCAPABLE: i32 = 76;
 }
 
 const MODULE: &str = "wasi_snapshot_preview1";
-/// `filetype::character_device`.
-const FILETYPE_CHARACTER_DEVICE: u8 = 2;
 
 /// The tool called `proc_exit` with this code.
 #[derive(Debug)]
@@ -76,6 +91,9 @@ pub struct Ctx {
     env: Vec<String>,
     stdin: Vec<u8>,
     stdin_pos: usize,
+    fds: Fds,
+    fs: Fs,
+    shared_dirs: usize,
     /// Standard output.
     pub stdout: Output,
     /// Standard error.
@@ -96,6 +114,10 @@ pub struct CtxParams {
     pub env: Vec<(String, String)>,
     /// Standard input.
     pub stdin: Vec<u8>,
+    /// Directories to preopen, with their contents.
+    pub dirs: Vec<SharedDir>,
+    /// Caps on the shared directories' contents.
+    pub fs_limits: bulwark_memfs::Limits,
     /// Cap of stdout and of stderr.
     pub max_output: usize,
     /// Seed for `random_get`.
@@ -109,9 +131,10 @@ pub struct CtxParams {
 }
 
 impl Ctx {
-    /// A fresh context.
-    pub fn new(p: CtxParams) -> Self {
-        Self {
+    /// A fresh context. Fails when the shared directories do not fit the limits or their tree
+    /// is malformed.
+    pub fn new(p: CtxParams) -> Result<Self, String> {
+        let mut ctx = Self {
             args: p.args,
             env: p
                 .env
@@ -120,6 +143,9 @@ impl Ctx {
                 .collect(),
             stdin: p.stdin,
             stdin_pos: 0,
+            fds: Fds::new(),
+            fs: Fs::new(p.fs_limits),
+            shared_dirs: p.dirs.len(),
             stdout: Output::new(p.max_output),
             stderr: Output::new(p.max_output),
             rng: ChaCha20Rng::from_seed(p.seed),
@@ -127,13 +153,54 @@ impl Ctx {
             started_tsc: clock::now(),
             clock: p.clock,
             limits: p.limits,
+        };
+        let now = ctx.now_ns();
+        for (i, dir) in p.dirs.into_iter().enumerate() {
+            let ino = ctx
+                .fs
+                .add_root(now)
+                .map_err(|e| alloc::format!("cannot make a root for {}: {e:?}", dir.guest_path))?;
+            ctx.fs.load(i, dir.entries, now).map_err(|e| {
+                alloc::format!(
+                    "cannot load the directory shared as {}: {e:?}",
+                    dir.guest_path
+                )
+            })?;
+            ctx.fs.open(ino).map_err(|e| alloc::format!("{e:?}"))?;
+            ctx.fds
+                .insert(Fd {
+                    desc: Desc::Dir {
+                        ino,
+                        preopen: Some(dir.guest_path),
+                    },
+                    base: rights::ALL,
+                    inheriting: rights::ALL,
+                })
+                .map_err(|e| alloc::format!("too many shared directories (errno {e})"))?;
         }
+        Ok(ctx)
+    }
+
+    /// What each shared directory holds now, in the order they were shared.
+    pub fn take_dirs(&mut self) -> Result<Vec<Vec<Entry>>, String> {
+        (0..self.shared_dirs)
+            .map(|i| {
+                self.fs
+                    .export(i)
+                    .map_err(|e| alloc::format!("cannot export shared directory {i}: {e:?}"))
+            })
+            .collect()
     }
 
     fn elapsed_ns(&self) -> u64 {
         self.clock
             .micros(clock::now().wrapping_sub(self.started_tsc))
             .saturating_mul(1000)
+    }
+
+    /// Wall-clock time now, nanoseconds since the Unix epoch.
+    fn now_ns(&self) -> u64 {
+        self.realtime_ns.saturating_add(self.elapsed_ns())
     }
 }
 
@@ -145,71 +212,12 @@ fn memory(caller: &mut Caller<'_, Ctx>) -> Option<Memory> {
     }
 }
 
-/// `len` bytes at `ptr` in the tool's memory, or None if out of bounds.
-fn slice(data: &[u8], ptr: u32, len: u32) -> Option<&[u8]> {
-    let start = ptr as usize;
-    data.get(start..start.checked_add(len as usize)?)
-}
-
-fn write_bytes(data: &mut [u8], ptr: u32, bytes: &[u8]) -> Result<(), i32> {
-    let start = ptr as usize;
-    let end = start.checked_add(bytes.len()).ok_or(errno::FAULT)?;
-    data.get_mut(start..end)
-        .ok_or(errno::FAULT)?
-        .copy_from_slice(bytes);
-    Ok(())
-}
-
-fn write_u32(data: &mut [u8], ptr: u32, v: u32) -> Result<(), i32> {
-    write_bytes(data, ptr, &v.to_le_bytes())
-}
-
-fn write_u64(data: &mut [u8], ptr: u32, v: u64) -> Result<(), i32> {
-    write_bytes(data, ptr, &v.to_le_bytes())
-}
-
-/// The (pointer, length) pairs of an iovec array.
-fn iovecs(data: &[u8], ptr: u32, count: u32) -> Result<Vec<(u32, u32)>, i32> {
-    let raw = slice(data, ptr, count.checked_mul(8).ok_or(errno::FAULT)?).ok_or(errno::FAULT)?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|c| {
-            (
-                u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-                u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
-            )
-        })
-        .collect())
-}
-
 fn result(r: Result<(), i32>) -> i32 {
     r.err().unwrap_or(errno::SUCCESS)
 }
 
-/// Writes a list of strings as argv/environ do: pointers at `ptrs`, NUL-terminated bytes at `buf`.
-fn write_strings(data: &mut [u8], list: &[String], ptrs: u32, buf: u32) -> Result<(), i32> {
-    let mut at = buf;
-    for (i, s) in list.iter().enumerate() {
-        write_u32(
-            data,
-            ptrs.checked_add(4 * i as u32).ok_or(errno::FAULT)?,
-            at,
-        )?;
-        write_bytes(data, at, s.as_bytes())?;
-        let nul = at.checked_add(s.len() as u32).ok_or(errno::FAULT)?;
-        write_bytes(data, nul, &[0])?;
-        at = nul.checked_add(1).ok_or(errno::FAULT)?;
-    }
-    Ok(())
-}
-
-fn sizes(list: &[String]) -> (u32, u32) {
-    let bytes: usize = list.iter().map(|s| s.len() + 1).sum();
-    (list.len() as u32, bytes as u32)
-}
-
 /// Runs `f` on the tool's memory and its context; EFAULT if the tool exports no memory.
-fn with_mem(
+pub(crate) fn with_mem(
     caller: &mut Caller<'_, Ctx>,
     f: impl FnOnce(&mut [u8], &mut Ctx) -> Result<(), i32>,
 ) -> i32 {
@@ -227,7 +235,7 @@ pub fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
         "args_sizes_get",
         |mut c: Caller<'_, Ctx>, argc: u32, size: u32| {
             with_mem(&mut c, |d, ctx| {
-                let (n, bytes) = sizes(&ctx.args);
+                let (n, bytes) = mem::sizes(&ctx.args);
                 write_u32(d, argc, n)?;
                 write_u32(d, size, bytes)
             })
@@ -245,7 +253,7 @@ pub fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
         "environ_sizes_get",
         |mut c: Caller<'_, Ctx>, count: u32, size: u32| {
             with_mem(&mut c, |d, ctx| {
-                let (n, bytes) = sizes(&ctx.env);
+                let (n, bytes) = mem::sizes(&ctx.env);
                 write_u32(d, count, n)?;
                 write_u32(d, size, bytes)
             })
@@ -258,138 +266,8 @@ pub fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
             with_mem(&mut c, |d, ctx| write_strings(d, &ctx.env, ptrs, buf))
         },
     )?;
-    linker.func_wrap(
-        MODULE,
-        "fd_write",
-        |mut c: Caller<'_, Ctx>, fd: u32, iovs: u32, count: u32, written: u32| {
-            with_mem(&mut c, |d, ctx| {
-                let out = match fd {
-                    1 => &mut ctx.stdout,
-                    2 => &mut ctx.stderr,
-                    0 => return Err(errno::BADF),
-                    _ => return Err(errno::BADF),
-                };
-                let mut total = 0u32;
-                for (ptr, len) in iovecs(d, iovs, count)? {
-                    out.push(slice(d, ptr, len).ok_or(errno::FAULT)?);
-                    total = total.checked_add(len).ok_or(errno::OVERFLOW)?;
-                }
-                write_u32(d, written, total)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "fd_read",
-        |mut c: Caller<'_, Ctx>, fd: u32, iovs: u32, count: u32, read: u32| {
-            with_mem(&mut c, |d, ctx| {
-                if fd != 0 {
-                    return Err(errno::BADF);
-                }
-                let mut total = 0u32;
-                for (ptr, len) in iovecs(d, iovs, count)? {
-                    let rest = &ctx.stdin[ctx.stdin_pos..];
-                    let n = rest.len().min(len as usize);
-                    write_bytes(d, ptr, &rest[..n])?;
-                    ctx.stdin_pos += n;
-                    total += n as u32;
-                }
-                write_u32(d, read, total)
-            })
-        },
-    )?;
-    linker.func_wrap(MODULE, "fd_close", |fd: u32| {
-        if fd <= 2 { errno::SUCCESS } else { errno::BADF }
-    })?;
-    linker.func_wrap(
-        MODULE,
-        "fd_fdstat_get",
-        |mut c: Caller<'_, Ctx>, fd: u32, stat: u32| {
-            with_mem(&mut c, |d, _| {
-                if fd > 2 {
-                    return Err(errno::BADF);
-                }
-                let mut s = [0u8; 24];
-                s[0] = FILETYPE_CHARACTER_DEVICE;
-                // Rights: fd_read (bit 1) for stdin, fd_write (bit 6) for stdout/stderr.
-                let rights: u64 = if fd == 0 { 1 << 1 } else { 1 << 6 };
-                s[8..16].copy_from_slice(&rights.to_le_bytes());
-                write_bytes(d, stat, &s)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "fd_filestat_get",
-        |mut c: Caller<'_, Ctx>, fd: u32, stat: u32| {
-            with_mem(&mut c, |d, _| {
-                if fd > 2 {
-                    return Err(errno::BADF);
-                }
-                let mut s = [0u8; 64];
-                s[16] = FILETYPE_CHARACTER_DEVICE;
-                write_bytes(d, stat, &s)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "fd_seek",
-        |fd: u32, _off: i64, _whence: u32, _new: u32| {
-            if fd <= 2 { errno::SPIPE } else { errno::BADF }
-        },
-    )?;
-    linker.func_wrap(MODULE, "fd_fdstat_set_flags", |fd: u32, _flags: u32| {
-        if fd <= 2 { errno::NOTSUP } else { errno::BADF }
-    })?;
-    linker.func_wrap(MODULE, "fd_prestat_get", |_fd: u32, _ptr: u32| errno::BADF)?;
-    linker.func_wrap(
-        MODULE,
-        "fd_prestat_dir_name",
-        |_fd: u32, _ptr: u32, _len: u32| errno::BADF,
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "fd_readdir",
-        |_fd: u32, _buf: u32, _len: u32, _cookie: u64, _used: u32| errno::BADF,
-    )?;
-    // No directory is preopened, so no descriptor a path could be relative to exists.
-    linker.func_wrap(
-        MODULE,
-        "path_open",
-        |_dir: u32,
-         _flags: u32,
-         _path: u32,
-         _len: u32,
-         _oflags: u32,
-         _base: u64,
-         _inh: u64,
-         _fdflags: u32,
-         _fd: u32| { errno::BADF },
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "path_filestat_get",
-        |_dir: u32, _flags: u32, _p: u32, _l: u32, _out: u32| errno::BADF,
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "path_create_directory",
-        |_dir: u32, _p: u32, _l: u32| errno::BADF,
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "path_remove_directory",
-        |_dir: u32, _p: u32, _l: u32| errno::BADF,
-    )?;
-    linker.func_wrap(MODULE, "path_unlink_file", |_dir: u32, _p: u32, _l: u32| {
-        errno::BADF
-    })?;
-    linker.func_wrap(
-        MODULE,
-        "path_rename",
-        |_d1: u32, _p1: u32, _l1: u32, _d2: u32, _p2: u32, _l2: u32| errno::BADF,
-    )?;
+    fd::add_to_linker(linker)?;
+    path::add_to_linker(linker)?;
     linker.func_wrap(
         MODULE,
         "clock_res_get",
@@ -483,9 +361,7 @@ fn poll_oneoff(
     if count == 0 {
         return Err(errno::INVAL);
     }
-    let raw = slice(d, subs, count.checked_mul(48).ok_or(errno::FAULT)?)
-        .ok_or(errno::FAULT)?
-        .to_vec();
+    let raw = slice(d, subs, count.checked_mul(48).ok_or(errno::FAULT)?)?.to_vec();
     let word = |s: &[u8], i: usize| u64::from_le_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
     let mut deadline: Option<u64> = None;
     let mut ready = Vec::new();

@@ -1,0 +1,278 @@
+//! Unit tests of the in-memory file system: paths, POSIX-like semantics, limits, and the
+//! trees that go to and from the host.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::*;
+
+const LIMITS: Limits = Limits {
+    max_bytes: 1 << 20,
+    max_inodes: 64,
+};
+
+fn fs_with_root() -> (Fs, Ino) {
+    let mut fs = Fs::new(LIMITS);
+    let root = fs.add_root(1).unwrap();
+    (fs, root)
+}
+
+fn file(path: &str, bytes: &[u8]) -> Entry {
+    Entry {
+        path: path.into(),
+        node: Node::File(bytes.to_vec()),
+    }
+}
+
+fn dir(path: &str) -> Entry {
+    Entry {
+        path: path.into(),
+        node: Node::Dir,
+    }
+}
+
+fn names(fs: &Fs, d: Ino) -> Vec<String> {
+    fs.list(d).unwrap().into_iter().map(|e| e.name).collect()
+}
+
+#[test]
+fn paths_resolve_inside_their_base_and_never_above_it() {
+    let (mut fs, root) = fs_with_root();
+    let a = fs.mkdir(root, "a", 1).unwrap();
+    let b = fs.mkdir(a, "b", 1).unwrap();
+    let f = fs.create_file(b, "f", 1).unwrap();
+    assert_eq!(fs.lookup(root, "a/b/f"), Ok(f));
+    assert_eq!(fs.lookup(root, "a//b/./f"), Ok(f));
+    assert_eq!(fs.lookup(root, "a/b/../b/f"), Ok(f));
+    assert_eq!(fs.lookup(root, "a/b/"), Ok(b));
+    assert_eq!(fs.lookup(root, "."), Ok(root));
+    assert_eq!(fs.lookup(root, "a/b/.."), Ok(a));
+    assert_eq!(fs.lookup(b, ".."), Err(Errno::Perm));
+    assert_eq!(fs.lookup(root, ".."), Err(Errno::Perm));
+    assert_eq!(fs.lookup(root, "a/../.."), Err(Errno::Perm));
+    assert_eq!(fs.lookup(b, "../../.."), Err(Errno::Perm));
+    // A descriptor for `a` cannot climb to the root even though the root is in the tree.
+    assert_eq!(fs.lookup(a, "../a"), Err(Errno::Perm));
+    assert_eq!(fs.lookup(root, "/a"), Err(Errno::Perm));
+    assert_eq!(fs.lookup(root, ""), Err(Errno::NoEnt));
+    assert_eq!(fs.lookup(root, "missing/f"), Err(Errno::NoEnt));
+    assert_eq!(fs.lookup(root, "a/b/f/g"), Err(Errno::NotDir));
+    assert_eq!(fs.lookup(root, "a/b/f/"), Err(Errno::NotDir));
+    assert_eq!(fs.lookup(f, "x"), Err(Errno::NotDir));
+    assert_eq!(fs.lookup(root, "a\0"), Err(Errno::Inval));
+    let long = "x".repeat(tree::MAX_NAME + 1);
+    assert_eq!(fs.lookup(root, &long), Err(Errno::NameTooLong));
+    let r = fs.resolve(root, "a/new/").unwrap();
+    assert_eq!((r.dir, r.name, r.trailing_slash), (a, Some("new"), true));
+}
+
+#[test]
+fn files_read_write_grow_and_shrink() {
+    let (mut fs, root) = fs_with_root();
+    let f = fs.create_file(root, "f", 1).unwrap();
+    assert_eq!(fs.write(f, 0, b"hello", 2), Ok(5));
+    assert_eq!(fs.write(f, 8, b"!", 3), Ok(1));
+    let mut buf = [0xffu8; 16];
+    assert_eq!(fs.read(f, 0, &mut buf), Ok(9));
+    assert_eq!(&buf[..9], b"hello\0\0\0!");
+    assert_eq!(fs.read(f, 100, &mut buf), Ok(0));
+    assert_eq!(fs.read_slice(f, 1, 3), Ok(&b"ell"[..]));
+    fs.set_size(f, 2, 4).unwrap();
+    assert_eq!(fs.stat(f).unwrap().size, 2);
+    assert_eq!(fs.stat(f).unwrap().mtime_ns, 4);
+    assert_eq!(fs.bytes(), 2);
+    assert_eq!(fs.read(root, 0, &mut buf), Err(Errno::IsDir));
+    assert_eq!(fs.write(root, 0, b"x", 1), Err(Errno::IsDir));
+    assert_eq!(fs.write(f, u64::MAX, b"x", 1), Err(Errno::FBig));
+}
+
+#[test]
+fn limits_give_nospc_not_an_allocation_failure() {
+    let mut fs = Fs::new(Limits {
+        max_bytes: 10,
+        max_inodes: 3,
+    });
+    let root = fs.add_root(0).unwrap();
+    let f = fs.create_file(root, "f", 0).unwrap();
+    assert_eq!(fs.write(f, 0, &[1; 10], 0), Ok(10));
+    assert_eq!(fs.write(f, 10, &[1], 0), Err(Errno::NoSpc));
+    assert_eq!(fs.set_size(f, 1 << 40, 0), Err(Errno::NoSpc));
+    assert_eq!(fs.write(f, 1 << 40, &[1], 0), Err(Errno::NoSpc));
+    fs.mkdir(root, "d", 0).unwrap();
+    assert_eq!(fs.create_file(root, "g", 0), Err(Errno::NoSpc));
+    // Freeing space makes room again.
+    fs.unlink(root, "f", 0).unwrap();
+    assert_eq!(fs.bytes(), 0);
+    let g = fs.create_file(root, "g", 0).unwrap();
+    assert_eq!(fs.write(g, 0, &[2; 10], 0), Ok(10));
+}
+
+#[test]
+fn names_are_created_once_and_removed_by_kind() {
+    let (mut fs, root) = fs_with_root();
+    let d = fs.mkdir(root, "d", 1).unwrap();
+    fs.create_file(d, "f", 1).unwrap();
+    assert_eq!(fs.mkdir(root, "d", 1), Err(Errno::Exist));
+    assert_eq!(fs.create_file(root, "d", 1), Err(Errno::Exist));
+    assert_eq!(fs.unlink(root, "d", 1), Err(Errno::IsDir));
+    assert_eq!(fs.rmdir(d, "f", 1), Err(Errno::NotDir));
+    assert_eq!(fs.rmdir(root, "d", 1), Err(Errno::NotEmpty));
+    assert_eq!(fs.unlink(root, "nope", 1), Err(Errno::NoEnt));
+    fs.unlink(d, "f", 1).unwrap();
+    fs.rmdir(root, "d", 1).unwrap();
+    assert_eq!(names(&fs, root), [".", ".."]);
+    assert_eq!(fs.inode_count(), 1, "only the root is left");
+}
+
+#[test]
+fn an_open_file_outlives_its_name() {
+    let (mut fs, root) = fs_with_root();
+    let f = fs.create_file(root, "f", 1).unwrap();
+    fs.write(f, 0, b"data", 1).unwrap();
+    fs.open(f).unwrap();
+    fs.unlink(root, "f", 1).unwrap();
+    let mut buf = [0u8; 4];
+    assert_eq!(fs.read(f, 0, &mut buf), Ok(4));
+    assert_eq!(fs.stat(f).unwrap().nlink, 0);
+    assert_eq!(fs.bytes(), 4);
+    fs.close(f);
+    assert_eq!(fs.stat(f), Err(Errno::BadF));
+    assert_eq!(fs.bytes(), 0);
+}
+
+#[test]
+fn hard_links_share_bytes() {
+    let (mut fs, root) = fs_with_root();
+    let f = fs.create_file(root, "f", 1).unwrap();
+    fs.link(f, root, "g").unwrap();
+    fs.write(f, 0, b"shared", 1).unwrap();
+    assert_eq!(
+        fs.read_slice(fs.lookup(root, "g").unwrap(), 0, 99),
+        Ok(&b"shared"[..])
+    );
+    assert_eq!(fs.stat(f).unwrap().nlink, 2);
+    assert_eq!(fs.link(root, root, "r"), Err(Errno::Perm));
+    fs.unlink(root, "f", 1).unwrap();
+    assert_eq!(fs.bytes(), 6, "g still holds the bytes");
+}
+
+#[test]
+fn rename_follows_posix() {
+    let (mut fs, root) = fs_with_root();
+    let a = fs.mkdir(root, "a", 1).unwrap();
+    let b = fs.mkdir(a, "b", 1).unwrap();
+    let f = fs.create_file(root, "f", 1).unwrap();
+    let g = fs.create_file(root, "g", 1).unwrap();
+    fs.write(g, 0, b"old", 1).unwrap();
+    // A file replaces a file; the replaced one's bytes are freed.
+    fs.rename(root, "f", root, "g", 2).unwrap();
+    assert_eq!(fs.lookup(root, "g"), Ok(f));
+    assert_eq!(fs.bytes(), 0);
+    // Into another directory and back.
+    fs.rename(root, "g", b, "h", 2).unwrap();
+    assert_eq!(fs.lookup(root, "a/b/h"), Ok(f));
+    // Kinds must agree; a directory cannot move into itself.
+    let e = fs.mkdir(root, "e", 2).unwrap();
+    assert_eq!(fs.rename(b, "h", root, "e", 2), Err(Errno::IsDir));
+    fs.create_file(root, "file", 2).unwrap();
+    assert_eq!(fs.rename(root, "e", root, "file", 2), Err(Errno::NotDir));
+    assert_eq!(fs.rename(root, "a", b, "x", 2), Err(Errno::Inval));
+    assert_eq!(fs.rename(root, "a", a, "x", 2), Err(Errno::Inval));
+    assert_eq!(fs.rename(root, "e", root, "a", 2), Err(Errno::NotEmpty));
+    assert_eq!(
+        fs.rename(root, "e", root, "a/x", 2),
+        Err(Errno::Inval),
+        "a name, not a path"
+    );
+    // A directory replaces an empty directory, and its parent link follows it.
+    fs.rename(a, "b", root, "e", 2).unwrap();
+    assert_eq!(fs.lookup(root, "e"), Ok(b));
+    assert_eq!(fs.lookup(b, "h"), Ok(f));
+    assert_eq!(
+        fs.list(b).unwrap()[1].ino,
+        root,
+        "`..` of the moved directory"
+    );
+    assert!(fs.stat(e).is_err(), "the replaced directory is gone");
+    // Renaming onto itself changes nothing.
+    fs.rename(b, "h", b, "h", 3).unwrap();
+    assert_eq!(fs.lookup(root, "e/h"), Ok(f));
+    assert_eq!(fs.rename(root, "missing", root, "x", 3), Err(Errno::NoEnt));
+}
+
+#[test]
+fn listings_are_dot_dotdot_then_sorted() {
+    let (mut fs, root) = fs_with_root();
+    fs.create_file(root, "b", 1).unwrap();
+    let d = fs.mkdir(root, "a", 1).unwrap();
+    let list = fs.list(root).unwrap();
+    assert_eq!(names(&fs, root), [".", "..", "a", "b"]);
+    assert_eq!(list[2].kind, Kind::Dir);
+    assert_eq!(list[3].kind, Kind::File);
+    assert_eq!(fs.list(d).unwrap()[1].ino, root);
+    assert_eq!(fs.stat(root).unwrap().size, 2);
+}
+
+#[test]
+fn trees_load_and_come_back_with_only_changes_carrying_bytes() {
+    let (mut fs, root) = fs_with_root();
+    fs.load(
+        0,
+        vec![
+            dir("d"),
+            file("d/keep", b"same"),
+            file("d/edit", b"before"),
+            file("moved", b"m"),
+            file("gone", b"g"),
+        ],
+        5,
+    )
+    .unwrap();
+    assert_eq!(fs.bytes(), 4 + 6 + 1 + 1);
+    let edit = fs.lookup(root, "d/edit").unwrap();
+    fs.write(edit, 0, b"after!", 6).unwrap();
+    let d = fs.lookup(root, "d").unwrap();
+    fs.rename(root, "moved", d, "m2", 6).unwrap();
+    fs.unlink(root, "gone", 6).unwrap();
+    let n = fs.mkdir(root, "new", 6).unwrap();
+    let x = fs.create_file(n, "x", 6).unwrap();
+    fs.write(x, 0, b"x", 6).unwrap();
+    assert_eq!(
+        fs.export(0).unwrap(),
+        vec![
+            dir("d"),
+            file("d/edit", b"after!"),
+            Entry {
+                path: "d/keep".into(),
+                node: Node::Unchanged
+            },
+            file("d/m2", b"m"),
+            dir("new"),
+            file("new/x", b"x"),
+        ]
+    );
+}
+
+#[test]
+fn bad_trees_are_refused() {
+    for entries in [
+        vec![file("../escape", b"x")],
+        vec![file("/abs", b"x")],
+        vec![file("a/b", b"x")],
+        vec![dir("a"), dir("a")],
+        vec![Entry {
+            path: "u".into(),
+            node: Node::Unchanged,
+        }],
+        vec![file("f", b"x"), file("f/g", b"y")],
+    ] {
+        let (mut fs, _) = fs_with_root();
+        assert!(fs.load(0, entries.clone(), 0).is_err(), "{entries:?}");
+    }
+    let (mut fs, _) = fs_with_root();
+    assert_eq!(
+        fs.load(0, vec![file("big", &[0; (1 << 20) + 1])], 0),
+        Err(Errno::NoSpc)
+    );
+    assert_eq!(fs.load(1, vec![], 0), Err(Errno::BadF));
+}
