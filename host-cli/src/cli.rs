@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Bulwark runs untrusted WebAssembly tools inside KVM micro-VMs: wasmtime's sandbox inside a
 /// guest with no kernel, behind hardware virtualization.
@@ -44,7 +44,8 @@ pub const RUN_EXIT_CODES: &str = "\
 Exit codes:
   0-255  the tool's own exit code (proc_exit(n), or 0 when _start returns)
   124    the --timeout ran out; the VM was killed
-  125    Bulwark itself failed (the VM could not start or crashed, protocol error)
+  125    Bulwark failed or refused the call (bad --dir or limits, the VM could not start
+         or crashed, protocol error, a --dir write-back failed)
   126    the module cannot run (not WebAssembly, compile error, unknown import, no _start)
   134    the tool trapped or ran out of fuel (message on stderr)
 A tool may itself exit with 124-126 or 134; --json tells the cases apart.";
@@ -58,6 +59,22 @@ pub struct RunArgs {
     /// Arguments for the tool (argv[1..]; argv[0] is the module's file name).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
+
+    /// Share a host directory with the tool, seen by it as GUEST (repeatable; GUEST defaults to
+    /// HOST). The tool works on a copy in the VM's memory; when it exits with code 0, its
+    /// changes (new, changed and removed files and directories) are written back, each file
+    /// atomically. On any other outcome the host directory is left untouched. Symbolic links,
+    /// sockets, FIFOs and devices in HOST are refused.
+    #[arg(long = "dir", value_name = "HOST::GUEST", value_parser = crate::dirs::parse_dir)]
+    pub dirs: Vec<crate::dirs::DirSpec>,
+
+    /// Most bytes of file data in all --dir directories together, going in and coming back.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub max_dir_size: u64,
+
+    /// Most files and directories in all --dir directories together.
+    #[arg(long, value_name = "N", default_value_t = crate::dirs::DEFAULT_MAX_ENTRIES)]
+    pub max_dir_files: u32,
 
     /// Set an environment variable for the tool (repeatable).
     #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env)]
@@ -87,6 +104,31 @@ pub struct RunArgs {
     /// tool's output.
     #[arg(long)]
     pub json: bool,
+
+    /// Where the tool runs: `vm` (a KVM micro-VM) or `wasm` (wasmtime in this process, for hosts
+    /// without /dev/kvm: only the Wasm sandbox isolates the tool; a warning says so on stderr).
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = Isolation::Vm)]
+    pub isolation: Isolation,
+}
+
+/// What isolates a tool call.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// Wasm sandbox inside a KVM micro-VM with no kernel: hardware isolation.
+    Vm,
+    /// Wasm sandbox only, in this process (wasmtime with wasmtime-wasi); no hardware isolation.
+    /// For hosts without /dev/kvm.
+    Wasm,
+}
+
+impl Isolation {
+    /// The name used on the command line and in `--json` output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isolation::Vm => "vm",
+            Isolation::Wasm => "wasm",
+        }
+    }
 }
 
 /// Parses `NAME=VALUE`.

@@ -3,7 +3,9 @@
 mod cache;
 mod cli;
 mod compile;
+mod dirs;
 mod doctor;
+mod local;
 mod run;
 mod vm;
 

@@ -9,9 +9,10 @@ use std::time::Instant;
 use anyhow::Context;
 use bulwark_proto::call::{Artifact, Limits, Outcome, PROTOCOL_VERSION, Request, Response};
 
-use crate::cli::RunArgs;
+use crate::cli::{Isolation, RunArgs};
 use crate::compile::{read_module, sha256_hex};
-use crate::{cache, vm};
+use crate::dirs::{self, Budget, Changes};
+use crate::{cache, local, vm};
 
 /// `bulwark run`'s own exit codes (see `cli::RUN_EXIT_CODES`).
 pub mod code {
@@ -40,7 +41,8 @@ struct Timings {
 
 /// What happened, for printing.
 enum Result {
-    Done(Response),
+    /// The tool ran; for each `--dir`, what was written back (none unless it exited 0).
+    Done(Response, Vec<Changes>),
     TimedOut,
     Failed(u8, String),
 }
@@ -67,6 +69,11 @@ fn stdin_bytes() -> anyhow::Result<Vec<u8>> {
 /// Runs `bulwark run`.
 pub fn run(args: &RunArgs) -> ExitCode {
     let started = Instant::now();
+    if args.isolation == Isolation::Wasm {
+        eprintln!(
+            "bulwark: warning: --isolation wasm: hardware isolation is OFF; the tool runs in this process with only the Wasm sandbox around it"
+        );
+    }
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = Arc::clone(&interrupted);
@@ -86,14 +93,35 @@ fn call(
     interrupted: &AtomicBool,
 ) -> Result {
     let failed = |code, e: anyhow::Error| Result::Failed(code, format!("{e:#}"));
-    let need_mib = args.max_memory.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB;
-    if args.mem_mib < need_mib {
+    // The shared directories' copy lives in guest RAM next to its copy in the request.
+    let dirs_mib = if args.dirs.is_empty() {
+        0
+    } else {
+        2 * args.max_dir_size.div_ceil(1 << 20)
+    };
+    let need_mib = args.max_memory.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB + dirs_mib;
+    if args.isolation == Isolation::Vm && args.mem_mib < need_mib {
         return Result::Failed(
             code::BULWARK,
             format!(
-                "--mem-mib {} cannot hold --max-memory {} MiB plus the guest: use --mem-mib {need_mib} or more",
+                "--mem-mib {} cannot hold --max-memory {} MiB{} plus the guest: use --mem-mib {need_mib} or more",
                 args.mem_mib,
-                args.max_memory >> 20
+                args.max_memory >> 20,
+                if dirs_mib > 0 {
+                    " and the --dir copies"
+                } else {
+                    ""
+                },
+            ),
+        );
+    }
+    let answer_max = 2 * args.max_output + args.max_dir_size + (1 << 20);
+    if answer_max > u64::from(bulwark_proto::frame::MAX_RESPONSE_FRAME) {
+        return Result::Failed(
+            code::BULWARK,
+            format!(
+                "twice --max-output plus --max-dir-size is over the {} MiB a call's answer may hold: lower them",
+                bulwark_proto::frame::MAX_RESPONSE_FRAME >> 20
             ),
         );
     }
@@ -101,6 +129,17 @@ fn call(
         Ok(m) => m,
         Err(e) => return failed(code::MODULE, e),
     };
+    let budget = Budget {
+        bytes: args.max_dir_size,
+        entries: args.max_dir_files,
+    };
+    let shared = match dirs::read_all(&args.dirs, budget) {
+        Ok(s) => s,
+        Err(e) => return failed(code::BULWARK, e),
+    };
+    if args.isolation == Isolation::Wasm {
+        return call_in_process(args, &module, shared, started, timings, interrupted);
+    }
     let digest_hex = sha256_hex(&module);
     let (artifact, _compiled) = match cache::artifact(&args.module, &digest_hex) {
         Ok(a) => a,
@@ -130,11 +169,8 @@ fn call(
             .collect(),
         env: args.env.clone(),
         stdin,
-        limits: Limits {
-            max_memory: args.max_memory,
-            max_output: args.max_output,
-            fuel: args.fuel,
-        },
+        dirs: shared,
+        limits: limits(args),
         random_seed: seed(),
         realtime_ns: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -158,15 +194,187 @@ fn call(
         return Result::Failed(code::BULWARK, "interrupted".into());
     }
     match outcome {
-        Ok(Some(response)) => Result::Done(response),
+        Ok(Some(mut response)) => {
+            let after = std::mem::take(&mut response.dirs);
+            finish(args, response, &request.dirs, after)
+        }
         Ok(None) => Result::TimedOut,
         Err(e) => failed(code::BULWARK, e),
     }
 }
 
+/// The call's limits from the command line.
+fn limits(args: &RunArgs) -> Limits {
+    Limits {
+        max_memory: args.max_memory,
+        max_output: args.max_output,
+        fuel: args.fuel,
+        max_dir_bytes: args.max_dir_size,
+        max_dir_entries: args.max_dir_files,
+    }
+}
+
+/// Writes the shared directories back when the tool exited 0 (`after`: what each holds now).
+fn finish(
+    args: &RunArgs,
+    response: Response,
+    before: &[bulwark_proto::tree::SharedDir],
+    after: Vec<Vec<bulwark_proto::tree::Entry>>,
+) -> Result {
+    if response.outcome != Outcome::Exited(0) {
+        return Result::Done(response, Vec::new());
+    }
+    if after.len() != before.len() {
+        return Result::Failed(
+            code::BULWARK,
+            format!(
+                "the call answered for {} shared directories, not {}; nothing was written back",
+                after.len(),
+                before.len()
+            ),
+        );
+    }
+    let mut changes = Vec::new();
+    for ((spec, sent), now) in args.dirs.iter().zip(before).zip(&after) {
+        match dirs::write_back(&spec.host, &sent.entries, now) {
+            Ok(c) => changes.push(c),
+            Err(e) => {
+                return Result::Failed(
+                    code::BULWARK,
+                    format!(
+                        "the tool exited 0, but its changes to --dir {} could not be written back ({e:#}); files already replaced there are complete, the rest are as before",
+                        spec.host.display()
+                    ),
+                );
+            }
+        }
+    }
+    Result::Done(response, changes)
+}
+
+/// `--isolation wasm`: the call runs in this process (see `local`): no compile cache, no VM.
+fn call_in_process(
+    args: &RunArgs,
+    module: &[u8],
+    shared: Vec<bulwark_proto::tree::SharedDir>,
+    started: Instant,
+    timings: &mut Timings,
+    interrupted: &AtomicBool,
+) -> Result {
+    let read_us = started.elapsed().as_micros();
+    let stdin = match stdin_bytes() {
+        Ok(s) => s,
+        Err(e) => return Result::Failed(code::BULWARK, format!("{e:#}")),
+    };
+    let program = args
+        .module
+        .file_name()
+        .map_or_else(|| "tool".into(), |n| n.to_string_lossy().into_owned());
+    // The tool gets scratch copies of the shared directories, so a failed call leaves the host's
+    // untouched exactly as in a VM.
+    let scratch = match Scratch::new(&shared) {
+        Ok(s) => s,
+        Err(e) => return Result::Failed(code::BULWARK, format!("{e:#}")),
+    };
+    let preopens = scratch
+        .dirs
+        .iter()
+        .cloned()
+        .zip(args.dirs.iter().map(|d| d.guest.clone()))
+        .collect();
+    let call_started = Instant::now();
+    let outcome = local::run(local::LocalCall {
+        module,
+        args: std::iter::once(program)
+            .chain(args.args.iter().cloned())
+            .collect(),
+        env: args.env.clone(),
+        stdin,
+        limits: limits(args),
+        preopens,
+        deadline: call_started + args.timeout,
+    });
+    timings.call_us = call_started.elapsed().as_micros();
+    if interrupted.load(Ordering::SeqCst) {
+        return Result::Failed(code::BULWARK, "interrupted".into());
+    }
+    match outcome {
+        Ok(Some(response)) => {
+            timings.compile_us = read_us + u128::from(response.timings.load_us);
+            if response.outcome != Outcome::Exited(0) {
+                return Result::Done(response, Vec::new());
+            }
+            let mut budget = Budget {
+                bytes: args.max_dir_size,
+                entries: args.max_dir_files,
+            };
+            let after: anyhow::Result<Vec<_>> = scratch
+                .dirs
+                .iter()
+                .map(|d| dirs::read_tree(d, &mut budget))
+                .collect();
+            match after {
+                Ok(after) => finish(args, response, &shared, after),
+                Err(e) => Result::Failed(
+                    code::BULWARK,
+                    format!(
+                        "the tool exited 0, but what it left in a --dir cannot be written back: {e:#}"
+                    ),
+                ),
+            }
+        }
+        Ok(None) => Result::TimedOut,
+        Err(e) if e.is::<local::BadModule>() => Result::Failed(
+            code::MODULE,
+            // Worded as the compiler process of the VM path words it.
+            format!(
+                "cannot compile {}: is it a valid WebAssembly module?: {e:#}",
+                args.module.display()
+            ),
+        ),
+        Err(e) => Result::Failed(code::BULWARK, format!("{e:#}")),
+    }
+}
+
+/// Scratch copies of the shared directories for `--isolation wasm`, removed on drop.
+struct Scratch {
+    root: Option<std::path::PathBuf>,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl Scratch {
+    fn new(shared: &[bulwark_proto::tree::SharedDir]) -> anyhow::Result<Self> {
+        let mut scratch = Self {
+            root: None,
+            dirs: Vec::new(),
+        };
+        if shared.is_empty() {
+            return Ok(scratch);
+        }
+        let root = vm::private_dir()?;
+        scratch.root = Some(root.clone());
+        for (i, dir) in shared.iter().enumerate() {
+            let path = root.join(i.to_string());
+            std::fs::create_dir(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            dirs::materialize(&path, &dir.entries)?;
+            scratch.dirs.push(path);
+        }
+        Ok(scratch)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(root) = &self.root {
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
+}
+
 fn exit_code(result: &Result) -> u8 {
     match result {
-        Result::Done(r) => match &r.outcome {
+        Result::Done(r, _) => match &r.outcome {
             Outcome::Exited(code) => (*code & 0xff) as u8,
             Outcome::Trap(_) | Outcome::OutOfFuel => code::TRAP,
             Outcome::Error(_) => code::MODULE,
@@ -181,6 +389,7 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
     if args.json {
         let mut obj = serde_json::json!({
             "exit_code": exit,
+            "isolation": args.isolation.name(),
             "timings_us": {
                 "compile": t.compile_us as u64,
                 "vm_start": t.vm_start_us as u64,
@@ -189,7 +398,24 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
             },
         });
         match &result {
-            Result::Done(r) => {
+            Result::Done(r, changes) => {
+                if !args.dirs.is_empty() {
+                    obj["dirs_written_back"] = args
+                        .dirs
+                        .iter()
+                        .zip(changes.iter().map(Some).chain(std::iter::repeat(None)))
+                        .map(|(spec, c)| {
+                            serde_json::json!({
+                                "host": spec.host.display().to_string(),
+                                "guest": spec.guest,
+                                "written_back": c.is_some(),
+                                "files_written": c.map_or(0, |c| c.files_written),
+                                "dirs_created": c.map_or(0, |c| c.dirs_created),
+                                "removed": c.map_or(0, |c| c.removed),
+                            })
+                        })
+                        .collect();
+                }
                 match &r.outcome {
                     Outcome::Exited(code) => obj["exit"] = (*code).into(),
                     Outcome::Trap(msg) => obj["trap"] = msg.as_str().into(),
@@ -213,7 +439,7 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
         return ExitCode::from(exit);
     }
     match result {
-        Result::Done(r) => {
+        Result::Done(r, _) => {
             let _ = std::io::stdout().write_all(&r.stdout);
             let _ = std::io::stdout().flush();
             let _ = std::io::stderr().write_all(&r.stderr);
@@ -221,6 +447,11 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
                 eprintln!(
                     "bulwark: output over --max-output {} bytes was dropped",
                     args.max_output
+                );
+            }
+            if !args.dirs.is_empty() && r.outcome != Outcome::Exited(0) {
+                eprintln!(
+                    "bulwark: the tool did not exit 0: its changes to --dir directories were discarded"
                 );
             }
             match &r.outcome {
@@ -236,9 +467,18 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
             }
         }
         Result::TimedOut => eprintln!(
-            "bulwark: {} timed out after {:?} (--timeout); the VM was killed",
+            "bulwark: {} timed out after {:?} (--timeout); {}{}",
             args.module.display(),
-            args.timeout
+            args.timeout,
+            match args.isolation {
+                Isolation::Vm => "the VM was killed",
+                Isolation::Wasm => "the tool was stopped",
+            },
+            if args.dirs.is_empty() {
+                ""
+            } else {
+                "; --dir directories are unchanged"
+            }
         ),
         Result::Failed(_, msg) => eprintln!("bulwark: {msg}"),
     }

@@ -82,7 +82,18 @@ impl Vm {
     /// Connects to the agent, sends `req` and returns its response, all before `deadline`.
     /// `Ok(None)` means the deadline passed.
     pub fn call(&mut self, req: &Request, deadline: Instant) -> anyhow::Result<Option<Response>> {
-        while !self.uds.exists() {
+        // The VMM creates the socket, then listens on it: until it listens, a connection is
+        // refused (or the path is not there yet). Keep trying until then, or until it dies.
+        let mut s = loop {
+            match UnixStream::connect(&self.uds) {
+                Ok(s) => break s,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) => {}
+                Err(e) => return Err(e).context("cannot connect to the VM's vsock socket"),
+            }
             if let Some(why) = self.failure() {
                 bail!("{why}");
             }
@@ -90,9 +101,7 @@ impl Vm {
                 return Ok(None);
             }
             std::thread::sleep(Duration::from_micros(200));
-        }
-        let mut s =
-            UnixStream::connect(&self.uds).context("cannot connect to the VM's vsock socket")?;
+        };
         let remaining = || {
             deadline
                 .saturating_duration_since(Instant::now())
@@ -173,7 +182,7 @@ impl Drop for Vm {
 }
 
 /// A new directory only we can use, under the system temp dir.
-fn private_dir() -> anyhow::Result<PathBuf> {
+pub fn private_dir() -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let base = std::env::temp_dir();
     for attempt in 0..100u32 {

@@ -1,0 +1,410 @@
+//! `bulwark run --isolation wasm`: one tool call in this process, with wasmtime and
+//! wasmtime-wasi, for hosts without `/dev/kvm`.
+//!
+//! Only wasmtime's sandbox stands between the tool and this process: there is no hardware
+//! isolation. Everything else follows the guest agent (`guest-agent/src/agent.rs` and
+//! `wasi.rs`) so a call gives the same answer either way: the engine settings
+//! ([`bulwark_engine::shared_config`]), store limits, fuel, how an outcome is classified, and
+//! stdout/stderr capped at `max_output` each, where writes past the cap succeed for the tool and
+//! are dropped.
+//!
+//! The call runs on a thread of its own. When the deadline passes, the engine's epoch is
+//! incremented, which stops the tool at its next Wasm instruction; a tool blocked inside a host
+//! call (a long `poll_oneoff` sleep) is left behind, to end with the process.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use bulwark_proto::call::{Limits, Outcome, PROTOCOL_VERSION, Response, Timings};
+use wasmtime::{
+    Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, Strategy, Trap,
+    WasmBacktraceDetails, WasmFeatures,
+};
+use wasmtime_wasi::cli::OutputFile;
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+/// The WASI preview 1 import module.
+const WASI_MODULE: &str = "wasi_snapshot_preview1";
+/// Stack of the thread the tool runs on (wasmtime keeps Wasm frames within its own 512 KiB
+/// `max_wasm_stack`; the rest is for host calls).
+const CALL_STACK: usize = 8 << 20;
+/// How long to wait, after the deadline, for an interrupted tool's thread to finish.
+const INTERRUPT_GRACE: Duration = Duration::from_millis(500);
+/// Read buffer of the output capture threads.
+const CAPTURE_CHUNK: usize = 64 << 10;
+
+/// One call run in this process.
+pub struct LocalCall<'a> {
+    /// The module: binary WebAssembly or the text format.
+    pub module: &'a [u8],
+    /// argv, program name first.
+    pub args: Vec<String>,
+    /// Environment variables as (name, value).
+    pub env: Vec<(String, String)>,
+    /// All of standard input.
+    pub stdin: Vec<u8>,
+    /// Largest linear memory, most bytes kept of stdout and of stderr, and fuel.
+    pub limits: Limits,
+    /// Directories to preopen, as (host directory, guest path), with all directory and file
+    /// permissions.
+    pub preopens: Vec<(PathBuf, String)>,
+    /// When the call is interrupted. Compiling the module counts against it too.
+    pub deadline: Instant,
+}
+
+/// The module itself cannot run: it is not WebAssembly, or it does not validate or compile.
+#[derive(Debug)]
+pub struct BadModule(String);
+
+impl std::fmt::Display for BadModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadModule {}
+
+/// Runs one call in this process. `Ok(None)`: the deadline passed (the call was interrupted).
+/// Errors that are the module's fault (not WebAssembly, invalid) carry a [`BadModule`].
+pub fn run(call: LocalCall<'_>) -> anyhow::Result<Option<Response>> {
+    let engine = engine()?;
+    let started = Instant::now();
+    let module = Module::new(&engine, call.module)
+        .map_err(|e| anyhow::Error::new(BadModule(format!("compiling: {e:?}"))))?;
+    let load_us = micros(started.elapsed());
+    let linker = linker(&engine)?;
+    let deadline = call.deadline;
+    let prepared = prepare(&engine, call)?;
+    let (tx, rx) = mpsc::channel();
+    let worker = std::thread::Builder::new()
+        .name("bulwark-tool".into())
+        .stack_size(CALL_STACK)
+        .spawn(move || {
+            let result = execute(prepared, &linker, &module, load_us);
+            // The receiver is gone only when the call was given up on; nobody is waiting.
+            let _ = tx.send(result);
+        })
+        .context("cannot start the tool's thread")?;
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    match rx.recv_timeout(remaining) {
+        Ok(result) => {
+            let _ = worker.join();
+            result
+        }
+        Err(RecvTimeoutError::Timeout) => {
+            engine.increment_epoch();
+            match rx.recv_timeout(INTERRUPT_GRACE) {
+                Ok(result) => {
+                    let _ = worker.join();
+                    // It may have finished just as the deadline passed; then that is the answer.
+                    result
+                }
+                // Still inside a host call: leave the thread, it ends with the process.
+                Err(_) => Ok(None),
+            }
+        }
+        Err(RecvTimeoutError::Disconnected) => {
+            let _ = worker.join();
+            Err(anyhow!("the tool's thread ended without an answer"))
+        }
+    }
+}
+
+/// The engine: the guest's shared settings (so the same modules validate, with the same fuel
+/// costs), compiled for this host, plus epoch interruption for the deadline.
+fn engine() -> anyhow::Result<Engine> {
+    let mut config = bulwark_engine::shared_config();
+    config
+        .strategy(Strategy::Cranelift)
+        // As `bulwark_engine::compiler_config`: the guest's wasmtime has no component model (this
+        // build has it only because wasmtime-wasi needs it), so the same modules are refused.
+        .wasm_features(WasmFeatures::COMPONENT_MODEL, false)
+        .epoch_interruption(true)
+        // The guest has no DWARF support: keep trap messages the same whatever the environment.
+        .wasm_backtrace_details(WasmBacktraceDetails::Disable);
+    Engine::new(&config).map_err(|e| anyhow!("cannot create the wasmtime engine: {e:?}"))
+}
+
+/// What a store's data holds.
+struct Data {
+    wasi: WasiP1Ctx,
+    limits: StoreLimits,
+}
+
+/// WASI preview 1 from wasmtime-wasi, with `proc_exit` as the guest agent has it.
+fn linker(engine: &Engine) -> anyhow::Result<Linker<Data>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |d: &mut Data| &mut d.wasi)
+        .map_err(|e| anyhow!("cannot add WASI to the linker: {e:?}"))?;
+    // wasmtime-wasi turns proc_exit(n) for n >= 126 into an error; the guest agent passes any
+    // code through (and `bulwark run` exits with its low byte), so this does too.
+    linker.allow_shadowing(true);
+    linker
+        .func_wrap(
+            WASI_MODULE,
+            "proc_exit",
+            |code: i32| -> wasmtime::Result<()> { Err(wasmtime::Error::new(I32Exit(code))) },
+        )
+        .map_err(|e| anyhow!("cannot define proc_exit: {e:?}"))?;
+    linker.allow_shadowing(false);
+    Ok(linker)
+}
+
+/// A store ready to run, and the threads collecting its output.
+struct Prepared {
+    store: Store<Data>,
+    limits: Limits,
+    stdout: JoinHandle<Captured>,
+    stderr: JoinHandle<Captured>,
+}
+
+fn prepare(engine: &Engine, call: LocalCall<'_>) -> anyhow::Result<Prepared> {
+    let max_output = usize::try_from(call.limits.max_output).unwrap_or(usize::MAX);
+    let (stdout, stdout_reader) = capture(max_output, "stdout")?;
+    let (stderr, stderr_reader) = capture(max_output, "stderr")?;
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .args(&call.args)
+        .envs(&call.env)
+        .stdin(MemoryInputPipe::new(call.stdin))
+        .stdout(stdout)
+        .stderr(stderr);
+    for (host, guest) in &call.preopens {
+        builder
+            .preopened_dir(host, guest, FsPerms::ReadWrite)
+            .map_err(|e| anyhow!("cannot open {} for the tool: {e:?}", host.display()))?;
+    }
+    let max_memory = usize::try_from(call.limits.max_memory).unwrap_or(usize::MAX);
+    let limits = StoreLimitsBuilder::new()
+        .memory_size(max_memory)
+        .table_elements(1_000_000)
+        .instances(1)
+        .trap_on_grow_failure(false)
+        .build();
+    let store = Store::new(
+        engine,
+        Data {
+            wasi: builder.build_p1(),
+            limits,
+        },
+    );
+    Ok(Prepared {
+        store,
+        limits: call.limits,
+        stdout: stdout_reader,
+        stderr: stderr_reader,
+    })
+}
+
+/// Instantiates the module and runs `_start`, as the guest agent's `Agent::call` does.
+/// `Ok(None)`: the epoch interrupt stopped it.
+fn execute(
+    prepared: Prepared,
+    linker: &Linker<Data>,
+    module: &Module,
+    load_us: u64,
+) -> anyhow::Result<Option<Response>> {
+    let Prepared {
+        mut store,
+        limits,
+        stdout,
+        stderr,
+    } = prepared;
+    let mut timings = Timings {
+        load_us,
+        ..Timings::default()
+    };
+    let t0 = Instant::now();
+    store.limiter(|d| &mut d.limits);
+    let fuel = limits.fuel.unwrap_or(u64::MAX);
+    store
+        .set_fuel(fuel)
+        .map_err(|e| anyhow!("cannot set fuel: {e:?}"))?;
+    store.set_epoch_deadline(1);
+    let instance = linker.instantiate(&mut store, module);
+    let t1 = Instant::now();
+    timings.instantiate_us = micros(t1 - t0);
+    let result = instance.and_then(|instance| {
+        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        start.call(&mut store, ())
+    });
+    timings.run_us = micros(t1.elapsed());
+    let outcome = match result {
+        Ok(()) => Outcome::Exited(0),
+        Err(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => return Ok(None),
+        Err(e) => outcome_of(&e),
+    };
+    let fuel_consumed = if limits.fuel.is_some() {
+        store.get_fuel().ok().map(|left| fuel - left)
+    } else {
+        None
+    };
+    // Dropping the store closes the write ends of the output pipes, so the readers finish.
+    drop(store);
+    let stdout = stdout
+        .join()
+        .map_err(|_| anyhow!("the stdout reader panicked"))?;
+    let stderr = stderr
+        .join()
+        .map_err(|_| anyhow!("the stderr reader panicked"))?;
+    Ok(Some(Response {
+        version: PROTOCOL_VERSION,
+        outcome,
+        output_truncated: stdout.truncated || stderr.truncated,
+        stdout: stdout.bytes,
+        stderr: stderr.bytes,
+        fuel_consumed,
+        // Preopened directories are the host's own: the tool changed them in place.
+        dirs: Vec::new(),
+        timings,
+    }))
+}
+
+/// Classifies a failed instantiation or run, as the guest agent's `outcome_of` does.
+fn outcome_of(e: &wasmtime::Error) -> Outcome {
+    if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
+        return Outcome::Exited(*code);
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Outcome::OutOfFuel,
+        Some(_) => Outcome::Trap(format!("{e:?}")),
+        None => Outcome::Error(e.to_string()),
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Output kept from one stream, capped like the guest agent's `Output`.
+struct Captured {
+    bytes: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl Captured {
+    fn push(&mut self, data: &[u8]) {
+        let room = self.cap.saturating_sub(self.bytes.len());
+        if data.len() > room {
+            self.truncated = true;
+        }
+        self.bytes.extend_from_slice(&data[..data.len().min(room)]);
+    }
+}
+
+/// A stream for the tool that never refuses a write, and the thread that keeps its first `cap`
+/// bytes. The tool writes into a pipe; the thread drains it, so writes past the cap succeed for
+/// the tool and are dropped (and `truncated` is set). The thread ends when every write end is
+/// closed, that is when the store is dropped.
+fn capture(cap: usize, name: &str) -> anyhow::Result<(OutputFile, JoinHandle<Captured>)> {
+    let (mut reader, writer) =
+        std::io::pipe().with_context(|| format!("cannot create a pipe for the tool's {name}"))?;
+    let reader_thread = std::thread::Builder::new()
+        .name(format!("bulwark-{name}"))
+        .spawn(move || {
+            let mut out = Captured {
+                bytes: Vec::new(),
+                cap,
+                truncated: false,
+            };
+            let mut buf = vec![0u8; CAPTURE_CHUNK];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => out.push(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            out
+        })
+        .with_context(|| format!("cannot start the reader of the tool's {name}"))?;
+    Ok((
+        OutputFile::new(File::from(OwnedFd::from(writer))),
+        reader_thread,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(module: &[u8], limits: Limits) -> anyhow::Result<Option<Response>> {
+        run(LocalCall {
+            module,
+            args: vec!["t".into()],
+            env: Vec::new(),
+            stdin: Vec::new(),
+            limits,
+            preopens: Vec::new(),
+            deadline: Instant::now() + Duration::from_secs(30),
+        })
+    }
+
+    const WRITE: &str = r#"(module
+      (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 16) "0123456789")
+      (func (export "_start")
+        (i32.store (i32.const 0) (i32.const 16))
+        (i32.store (i32.const 4) (i32.const 10))
+        (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+        (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+        ;; the tool is told every byte was written
+        (call $exit (i32.add (i32.const 200) (i32.load (i32.const 8))))))"#;
+
+    #[test]
+    fn output_is_capped_and_exit_codes_pass_through() {
+        let limits = Limits {
+            max_output: 15,
+            ..Limits::default()
+        };
+        let r = call(WRITE.as_bytes(), limits).unwrap().unwrap();
+        assert_eq!(r.outcome, Outcome::Exited(210));
+        assert_eq!(r.stdout, b"012345678901234");
+        assert!(r.output_truncated);
+    }
+
+    #[test]
+    fn bad_modules_unknown_imports_and_deadlines() {
+        let e = call(b"#!/bin/sh", Limits::default()).unwrap_err();
+        assert!(e.is::<BadModule>(), "{e:#}");
+        let import =
+            br#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#;
+        let r = call(import, Limits::default()).unwrap().unwrap();
+        assert!(
+            matches!(&r.outcome, Outcome::Error(m) if m.contains("launch_missiles")),
+            "{:?}",
+            r.outcome
+        );
+        let spin = br#"(module (func (export "_start") (loop (br 0))))"#;
+        let r = run(LocalCall {
+            module: spin,
+            args: vec!["t".into()],
+            env: Vec::new(),
+            stdin: Vec::new(),
+            limits: Limits::default(),
+            preopens: Vec::new(),
+            deadline: Instant::now() + Duration::from_millis(200),
+        })
+        .unwrap();
+        assert!(r.is_none());
+        let fuel = Limits {
+            fuel: Some(1000),
+            ..Limits::default()
+        };
+        let r = call(spin, fuel).unwrap().unwrap();
+        assert_eq!(r.outcome, Outcome::OutOfFuel);
+        assert_eq!(r.fuel_consumed, Some(1000));
+    }
+}

@@ -1,0 +1,346 @@
+//! `bulwark run --isolation vm` against `--isolation wasm`: each case runs both ways, and the
+//! answers (exit code, outcome, stdout, stderr, truncation) must be the same, and right.
+//!
+//! The differential cases need `/dev/kvm`; the tests of `--isolation wasm` alone do not.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bulwark_tests::*;
+use serde_json::Value;
+
+/// What `--isolation wasm` prints on stderr, every time.
+const WARNING: &str = "hardware isolation is OFF";
+
+fn bulwark() -> PathBuf {
+    workspace_binary("bulwark", "BULWARK_CLI")
+}
+
+/// A compile cache shared by this test binary's tests.
+fn cache_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("bulwark-diff-cache-{}", std::process::id()))
+}
+
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut cmd = Command::new(bulwark());
+    // Only `--isolation vm` needs the guest image (`both_ways` checks that it is built).
+    let guest = build_dir().join("bulwark-guest.elf");
+    if guest.is_file() {
+        cmd.env("BULWARK_GUEST", guest);
+    }
+    let mut child = cmd
+        .arg("run")
+        .args(args)
+        .env("BULWARK_CACHE_DIR", cache_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bulwark");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    child.wait_with_output().expect("bulwark ends")
+}
+
+/// One `bulwark run --json --isolation <isolation>`: the process's exit code and its JSON.
+fn run_json(isolation: &str, args: &[&str], stdin: &[u8]) -> (i32, Value) {
+    let mut all = vec!["--json", "--isolation", isolation];
+    all.extend_from_slice(args);
+    let out = run(&all, stdin);
+    let code = out.status.code().expect("bulwark exited, not killed");
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{isolation}: stdout is not one JSON object ({e}): {}\nstderr: {}",
+            stdout(&out),
+            stderr(&out)
+        )
+    });
+    assert_eq!(json["isolation"], isolation, "{json}");
+    assert_eq!(json["exit_code"], code, "{json}");
+    if isolation == "wasm" {
+        assert!(stderr(&out).contains(WARNING), "{}", stderr(&out));
+    } else {
+        assert!(!stderr(&out).contains(WARNING), "{}", stderr(&out));
+    }
+    (code, json)
+}
+
+/// The fields both ways must agree on.
+const COMPARED: &[&str] = &[
+    "exit_code",
+    "exit",
+    "trap",
+    "error",
+    "stdout",
+    "stderr",
+    "output_truncated",
+];
+
+/// Runs a case with `--isolation vm` and `--isolation wasm`, asserts that the answers agree and
+/// returns them (vm, wasm) for the case's own checks. None: no usable /dev/kvm (skipped).
+fn both_ways(args: &[&str], stdin: &[u8]) -> Option<[Value; 2]> {
+    if !kvm_available() {
+        return None;
+    }
+    guest_image();
+    let (vm_code, vm) = run_json("vm", args, stdin);
+    let (wasm_code, wasm) = run_json("wasm", args, stdin);
+    assert_eq!(
+        vm_code, wasm_code,
+        "exit codes of {args:?}:\nvm {vm}\nwasm {wasm}"
+    );
+    for key in COMPARED {
+        let (a, b) = (&vm[key], &wasm[key]);
+        // Error texts may end differently in whitespace (one comes through a child's stderr).
+        let same = match (a.as_str(), b.as_str()) {
+            (Some(a), Some(b)) if *key == "error" => a.trim_end() == b.trim_end(),
+            _ => a == b,
+        };
+        assert!(same, "`{key}` of {args:?} differs:\nvm:   {a}\nwasm: {b}");
+    }
+    Some([vm, wasm])
+}
+
+fn tool() -> String {
+    built("echo-args.wasm").display().to_string()
+}
+
+fn text(v: &Value, key: &str) -> String {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string `{key}` in {v}"))
+        .to_owned()
+}
+
+#[test]
+fn hello() {
+    let hello = repo_root().join("examples/hello.wat");
+    let Some(results) = both_ways(&["--fuel", "100000000", hello.to_str().unwrap()], b"") else {
+        return;
+    };
+    for r in &results {
+        assert_eq!(r["exit"], 0, "{r}");
+        assert_eq!(text(r, "stdout"), "hello from a Bulwark micro-VM\n");
+        assert_eq!(text(r, "stderr"), "");
+        assert_eq!(r["output_truncated"], false);
+    }
+    // No host call returns early here, so the tool runs the same instructions both ways.
+    assert_eq!(results[0]["fuel_consumed"], results[1]["fuel_consumed"]);
+    assert!(results[0]["fuel_consumed"].as_u64().is_some_and(|f| f > 0));
+}
+
+#[test]
+fn args_env_and_stdin() {
+    let tool = tool();
+    let args = [
+        "--env",
+        "SHOW=A,B",
+        "--env",
+        "A=1",
+        "--env",
+        "B=two words",
+        &tool,
+        "x",
+        "-y",
+        "--z",
+    ];
+    let Some(results) = both_ways(&args, b"some input\n") else {
+        return;
+    };
+    for r in &results {
+        assert_eq!(r["exit"], 0, "{r}");
+        assert_eq!(
+            text(r, "stdout"),
+            "args: x -y --z\nenv A=1\nenv B=two words\nstdin: SOME INPUT\n"
+        );
+        assert_eq!(text(r, "stderr"), "to stderr\n");
+    }
+}
+
+#[test]
+fn exit_codes() {
+    // 130: wasmtime-wasi's own proc_exit refuses codes of 126 and up; the guest passes them on.
+    for code in [3, 130] {
+        let env = format!("EXIT={code}");
+        let Some(results) = both_ways(&["--env", &env, &tool()], b"") else {
+            return;
+        };
+        for r in &results {
+            assert_eq!(r["exit"], code, "{r}");
+            assert_eq!(r["exit_code"], code, "{r}");
+        }
+    }
+}
+
+#[test]
+fn trap() {
+    let Some(results) = both_ways(&["--env", "TRAP=1", &tool()], b"") else {
+        return;
+    };
+    for r in &results {
+        assert_eq!(r["exit_code"], 134, "{r}");
+        assert!(r.get("exit").is_none(), "{r}");
+        assert!(text(r, "stderr").contains("asked to trap"), "{r}");
+        let trap = text(r, "trap");
+        assert!(trap.contains("wasm backtrace"), "{trap}");
+        assert!(trap.contains("unreachable"), "{trap}");
+    }
+}
+
+#[test]
+fn memory_limit() {
+    let tool = tool();
+    let Some(results) = both_ways(&["--max-memory", "32MiB", "--env", "GROW=64", &tool], b"")
+    else {
+        return;
+    };
+    for r in &results {
+        assert_eq!(r["exit_code"], 134, "{r}");
+        assert!(r.get("trap").is_some(), "{r}");
+        assert!(
+            text(r, "stderr").contains("memory allocation of 67108864 bytes failed"),
+            "{r}"
+        );
+    }
+    let Some(results) = both_ways(&["--max-memory", "128MiB", "--env", "GROW=64", &tool], b"")
+    else {
+        return;
+    };
+    for r in &results {
+        assert_eq!(r["exit"], 0, "{r}");
+        assert!(text(r, "stdout").ends_with("grew 64 MiB\n"), "{r}");
+    }
+}
+
+#[test]
+fn output_cap() {
+    let Some(results) = both_ways(&["--max-output", "64KiB", "--env", "FLOOD=2", &tool()], b"")
+    else {
+        return;
+    };
+    for r in &results {
+        // The writes past the cap succeed for the tool, so it exits normally.
+        assert_eq!(r["exit"], 0, "{r}");
+        assert_eq!(r["output_truncated"], true, "{r}");
+        let out = text(r, "stdout");
+        assert_eq!(out.len(), 65536);
+        assert!(out.starts_with("args: \nxxxx"), "{}", &out[..20]);
+        assert_eq!(text(r, "stderr"), "to stderr\n");
+    }
+}
+
+#[test]
+fn json_tool() {
+    let rank = built("json-rank.wasm");
+    let rank = rank.to_str().unwrap();
+    let Some(results) = both_ways(
+        &[rank, "points"],
+        br#"[{"who":"x","points":1},{"who":"y","points":7}]"#,
+    ) else {
+        return;
+    };
+    for r in &results {
+        assert_eq!(r["exit"], 0, "{r}");
+        assert_eq!(
+            text(r, "stdout"),
+            "{\"count\":2,\"field\":\"points\",\"mean\":4.0,\"ranked\":[{\"points\":7,\"rank\":1,\"who\":\"y\"},{\"points\":1,\"rank\":2,\"who\":\"x\"}]}\n"
+        );
+    }
+    let Some(results) = both_ways(&[rank], b"not json") else {
+        return;
+    };
+    for r in &results {
+        assert_eq!(r["exit"], 2, "{r}");
+        assert!(text(r, "stderr").contains("the input is not JSON"), "{r}");
+    }
+}
+
+#[test]
+fn fuel() {
+    let Some(results) = both_ways(&["--fuel", "1000", &tool()], b"") else {
+        return;
+    };
+    for r in &results {
+        assert_eq!(r["exit_code"], 134, "{r}");
+        assert_eq!(text(r, "trap"), "all fuel consumed");
+        assert_eq!(r["fuel_consumed"], 1000, "{r}");
+    }
+}
+
+#[test]
+fn modules_that_cannot_run() {
+    let dir = scratch_dir("diff-bad-modules");
+    let not_wasm = dir.join("not.wasm");
+    std::fs::write(&not_wasm, b"#!/bin/sh\necho hi\n").unwrap();
+    let import = dir.join("import.wat");
+    std::fs::write(
+        &import,
+        br#"(module (import "env" "launch_missiles" (func)) (func (export "_start") call 0))"#,
+    )
+    .unwrap();
+    let no_start = dir.join("no-start.wat");
+    std::fs::write(&no_start, b"(module)").unwrap();
+    for (module, expected) in [
+        (&not_wasm, "not.wasm"),
+        (&import, "launch_missiles"),
+        (&no_start, "_start"),
+    ] {
+        let Some(results) = both_ways(&[module.to_str().unwrap()], b"") else {
+            return;
+        };
+        for r in &results {
+            assert_eq!(r["exit_code"], 126, "{r}");
+            assert!(text(r, "error").contains(expected), "{r}");
+        }
+    }
+}
+
+#[test]
+fn wasm_isolation_warns_even_with_json() {
+    let hello = repo_root().join("examples/hello.wat");
+    let out = run(&["--isolation", "wasm", hello.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello from a Bulwark micro-VM\n");
+    assert!(stderr(&out).contains(WARNING), "{}", stderr(&out));
+    let out = run(
+        &["--isolation", "wasm", "--json", hello.to_str().unwrap()],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains(WARNING), "{}", stderr(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("stdout is only the JSON");
+    assert_eq!(json["isolation"], "wasm");
+    assert_eq!(json["timings_us"]["vm_start"], 0);
+}
+
+#[test]
+fn wasm_isolation_enforces_the_timeout() {
+    let started = Instant::now();
+    let out = run(
+        &[
+            "--isolation",
+            "wasm",
+            "--timeout",
+            "1s",
+            "--env",
+            "SPIN=1",
+            &tool(),
+        ],
+        b"",
+    );
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("timed out after 1s"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(took >= Duration::from_secs(1), "stopped early: {took:?}");
+    assert!(took < Duration::from_secs(10), "stopped late: {took:?}");
+}

@@ -1,0 +1,265 @@
+//! `bulwark run --dir` end to end: a host directory shared with a tool in a real micro-VM, the
+//! tool's changes written back after success and only then, refused directories, the size cap,
+//! and the same results under `--isolation wasm`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use bulwark_tests::*;
+
+fn bulwark() -> PathBuf {
+    workspace_binary("bulwark", "BULWARK_CLI")
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(bulwark())
+        .arg("run")
+        .args(args)
+        .env(
+            "BULWARK_CACHE_DIR",
+            std::env::temp_dir().join(format!("bulwark-test-cache-{}", std::process::id())),
+        )
+        .env("BULWARK_GUEST", guest_image())
+        .stdin(Stdio::null())
+        .output()
+        .expect("start bulwark")
+}
+
+fn fs_tool() -> String {
+    built("fs-tool.wasm").display().to_string()
+}
+
+/// Every file and directory under `root`: path -> contents (None for a directory).
+fn snapshot(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<Vec<u8>>>) {
+        for entry in std::fs::read_dir(dir).expect("list") {
+            let path = entry.expect("entry").path();
+            let rel = path
+                .strip_prefix(root)
+                .expect("below root")
+                .display()
+                .to_string();
+            if path.is_dir() {
+                out.insert(rel, None);
+                walk(root, &path, out);
+            } else {
+                out.insert(rel, Some(std::fs::read(&path).expect("read")));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// The directory `fs-tool ... work` expects, under a fresh scratch dir, with a file beside it
+/// that no call may touch.
+fn work_dir(test: &str) -> PathBuf {
+    let base = scratch_dir(test);
+    std::fs::write(base.join("beside.txt"), b"outside the shared dir\n").unwrap();
+    let d = base.join("shared");
+    std::fs::create_dir_all(d.join("old-dir/inner")).unwrap();
+    std::fs::write(d.join("in.txt"), b"0123456789").unwrap();
+    std::fs::write(d.join("log.txt"), b"first\n").unwrap();
+    std::fs::write(d.join("rename-me.txt"), b"renamed\n").unwrap();
+    std::fs::write(d.join("delete-me.txt"), b"x").unwrap();
+    std::fs::write(d.join("old-dir/a"), b"a").unwrap();
+    std::fs::write(d.join("old-dir/inner/b"), b"b").unwrap();
+    d
+}
+
+const WORK_TRANSCRIPT: &str = r#"list: ok ["delete-me.txt", "in.txt", "log.txt", "old-dir/", "rename-me.txt"]
+read in.txt: ok "0123456789"
+len in.txt: ok (10, true)
+is_dir old-dir: ok true
+write out.txt: ok ()
+create_dir_all new/sub: ok ()
+write new/sub/deep.txt: ok ()
+rename rename-me.txt new/renamed.txt: ok ()
+remove delete-me.txt: ok ()
+remove_dir_all old-dir: ok ()
+append log.txt: ok ()
+seek+read in.txt: ok ("3456", 8)
+truncate out.txt to 7: ok ()
+overwrite in middle: ok ()
+read missing: error NotFound
+create_dir existing new: error AlreadyExists
+remove_dir non-empty new: error Uncategorized
+remove_file a directory: error IsADirectory
+read a directory: error Uncategorized
+read above the dir: error PermissionDenied
+create_new existing: error AlreadyExists
+write into a file as dir: error NotADirectory
+list new: ok ["renamed.txt", "sub/"]
+list: ok ["in.txt", "log.txt", "new/", "out.txt"]
+"#;
+
+fn expected_after_work() -> BTreeMap<String, Option<Vec<u8>>> {
+    [
+        ("in.txt", Some(&b"0123456789"[..])),
+        ("log.txt", Some(b"first\nappended\n")),
+        ("new", None),
+        ("new/renamed.txt", Some(b"renamed\n")),
+        ("new/sub", None),
+        ("new/sub/deep.txt", Some(b"dEEp\n")),
+        ("out.txt", Some(b"written")),
+    ]
+    .into_iter()
+    .map(|(p, c)| (p.to_owned(), c.map(<[u8]>::to_vec)))
+    .collect()
+}
+
+fn work_in(isolation: &str, test: &str) -> (Output, PathBuf) {
+    let d = work_dir(test);
+    let spec = format!("{}::/data", d.display());
+    let out = run(&[
+        "--isolation",
+        isolation,
+        "--dir",
+        &spec,
+        &fs_tool(),
+        "/data",
+        "work",
+    ]);
+    (out, d)
+}
+
+#[test]
+fn a_tool_works_on_a_shared_dir_and_its_changes_come_back() {
+    if !kvm_available() {
+        return;
+    }
+    let (out, d) = work_in("vm", "dir-work");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), WORK_TRANSCRIPT);
+    assert_eq!(snapshot(&d), expected_after_work());
+    let beside = d.parent().unwrap().join("beside.txt");
+    assert_eq!(std::fs::read(beside).unwrap(), b"outside the shared dir\n");
+}
+
+#[test]
+fn the_same_work_gives_the_same_result_without_the_vm() {
+    let (out, d) = work_in("wasm", "dir-work-wasm");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), WORK_TRANSCRIPT);
+    assert_eq!(snapshot(&d), expected_after_work());
+}
+
+#[test]
+fn a_failed_call_leaves_the_host_dir_untouched() {
+    if !kvm_available() {
+        return;
+    }
+    for (isolation, mode, code) in [
+        ("vm", &["write-then-exit", "3"][..], 3),
+        ("vm", &["write-then-trap"][..], 134),
+        ("vm", &["write-then-spin"][..], 124),
+        ("wasm", &["write-then-exit", "3"][..], 3),
+        ("wasm", &["write-then-trap"][..], 134),
+    ] {
+        let d = work_dir("dir-fail");
+        let before = snapshot(&d);
+        let spec = format!("{}::/data", d.display());
+        let tool = fs_tool();
+        let mut args = vec![
+            "--isolation",
+            isolation,
+            "--timeout",
+            "2s",
+            "--dir",
+            &spec,
+            &tool,
+            "/data",
+        ];
+        args.extend_from_slice(mode);
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(code), "{mode:?}: {}", stderr(&out));
+        // A timed-out call's output is lost with its VM; the others show that the tool wrote.
+        assert!(
+            code == 124 || stdout(&out).starts_with("write out.txt: ok ()\n"),
+            "the tool did write: {}",
+            stdout(&out)
+        );
+        assert_eq!(
+            snapshot(&d),
+            before,
+            "{isolation} {mode:?} changed the host dir"
+        );
+        assert!(stderr(&out).contains("--dir"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn links_missing_dirs_and_oversized_dirs_are_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let d = work_dir("dir-refused");
+    std::os::unix::fs::symlink("/etc/passwd", d.join("old-dir/passwd")).unwrap();
+    let spec = format!("{}::/data", d.display());
+    let out = run(&["--dir", &spec, &fs_tool(), "/data", "work"]);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    std::fs::remove_file(d.join("old-dir/passwd")).unwrap();
+
+    let out = run(&[
+        "--max-dir-size",
+        "8",
+        "--dir",
+        &spec,
+        &fs_tool(),
+        "/data",
+        "work",
+    ]);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--max-dir-size"), "{}", stderr(&out));
+    let out = run(&[
+        "--max-dir-files",
+        "3",
+        "--dir",
+        &spec,
+        &fs_tool(),
+        "/data",
+        "work",
+    ]);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--max-dir-files"), "{}", stderr(&out));
+
+    let out = run(&[
+        "--dir",
+        "/nonexistent/dir::/data",
+        &fs_tool(),
+        "/data",
+        "work",
+    ]);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/dir"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_tool_cannot_write_past_the_dir_size_cap() {
+    if !kvm_available() {
+        return;
+    }
+    let d = scratch_dir("dir-fill").join("shared");
+    std::fs::create_dir_all(&d).unwrap();
+    let spec = format!("{}::/data", d.display());
+    let out = run(&[
+        "--max-dir-size",
+        "1MiB",
+        "--dir",
+        &spec,
+        &fs_tool(),
+        "/data",
+        "fill",
+        "4",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "wrote 1024 KiB\nfill: error StorageFull\n");
+    assert_eq!(std::fs::metadata(d.join("big.bin")).unwrap().len(), 1 << 20);
+}
