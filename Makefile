@@ -1,7 +1,7 @@
 # Bulwark's single entry point. `make demo` and `make test` set up everything they need.
-#   make demo    build what is missing, then boot a VM that runs the Wasm self-test
+#   make demo    build what is missing, boot a VM that runs the Wasm self-test, run tool calls
 #   make test    unit tests and end-to-end tests on real VMs (needs /dev/kvm)
-#   make bench   start-up benchmark (process start to ready line, to exit; peak RSS)
+#   make bench   benchmarks: VM start-up, vsock, and `bulwark run` (hello, compute-bound tool)
 #   make lint    rustfmt and clippy, for the host crates and the guest
 #   make fuzz    fuzz the vsock device's queue and packet parsing (nightly + cargo-fuzz; FUZZ_SECONDS)
 #   make guest   build the guest image, the binaries and the precompiled self-test into build/
@@ -27,13 +27,16 @@ demo: guest
 		--payload $(BUILD_DIR)/selftest.cwasm $(BUILD_DIR)/bulwark-guest.elf
 	@echo "==> a tool call: bulwark run examples/hello.wat"
 	@BULWARK_GUEST=$(BUILD_DIR)/bulwark-guest.elf target/release/bulwark run examples/hello.wat
+	@echo "==> a tool call with stdin and arguments: bulwark run $(BUILD_DIR)/json-rank.wasm points"
+	@echo '[{"who":"ada","points":7},{"who":"bo","points":2},{"who":"cy","points":3}]' | \
+		BULWARK_GUEST=$(BUILD_DIR)/bulwark-guest.elf target/release/bulwark run $(BUILD_DIR)/json-rank.wasm points
 
 # --release reuses what `guest` just built (wasmtime and Cranelift take minutes to compile).
 test: guest
 	cargo test --release --locked
 
 bench: guest
-	cargo bench --locked -p bulwark-tests --bench boot --bench vsock
+	cargo bench --locked -p bulwark-tests --bench boot --bench vsock --bench run
 
 lint: setup
 	cargo fmt --all --check

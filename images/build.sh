@@ -3,6 +3,9 @@
 #   bulwark-guest.elf   the guest image (x86_64-unknown-none, fixed addresses, see guest-agent/link.ld)
 #   selftest.cwasm      images/selftest.wat precompiled for the guest by `bulwark compile`
 #   echo-args.wasm      the WASI tool the `bulwark run` tests use (wasm32-wasip1)
+#   fs-tool.wasm        the WASI tool the `bulwark run --dir` tests use (wasm32-wasip1)
+#   compute.wasm        the compute-bound tool of the `bulwark run` benchmark (wasm32-wasip1)
+#   compute-native      the same tool built for the host, the benchmark's native baseline
 #   json-rank.wasm      the example tool in examples/json-rank (wasm32-wasip1)
 # and the host binaries in target/release (bulwark-vmm, bulwark). Prints each output's SHA-256.
 # Builds use the committed Cargo.lock (--locked); the same sources give the same guest image.
@@ -30,10 +33,22 @@ say "building the WASI test tool (tests/tools/echo-args, wasm32-wasip1)"
 (cd tests/tools/echo-args && cargo build --locked --release --target wasm32-wasip1)
 cp tests/tools/echo-args/target/wasm32-wasip1/release/echo-args.wasm "$build_dir/echo-args.wasm"
 
+say "building the --dir test tool (tests/tools/fs-tool, wasm32-wasip1)"
+(cd tests/tools/fs-tool && cargo build --locked --release --target wasm32-wasip1)
+cp tests/tools/fs-tool/target/wasm32-wasip1/release/fs-tool.wasm "$build_dir/fs-tool.wasm"
+
+say "building the benchmark's compute tool (tests/tools/compute, wasm32-wasip1 and native)"
+(cd tests/tools/compute && cargo build --locked --release --target wasm32-wasip1 \
+    && cargo build --locked --release)
+cp tests/tools/compute/target/wasm32-wasip1/release/compute.wasm "$build_dir/compute.wasm"
+cp tests/tools/compute/target/release/compute "$build_dir/compute-native.tmp"
+mv "$build_dir/compute-native.tmp" "$build_dir/compute-native"
+
 say "building the example tool (examples/json-rank, wasm32-wasip1)"
 (cd examples/json-rank && cargo build --locked --release --target wasm32-wasip1)
 cp examples/json-rank/target/wasm32-wasip1/release/json-rank.wasm "$build_dir/json-rank.wasm"
 
 say "outputs"
-(cd "$build_dir" && sha256sum bulwark-guest.elf selftest.cwasm echo-args.wasm json-rank.wasm \
-    && ls -l bulwark-guest.elf selftest.cwasm echo-args.wasm json-rank.wasm | awk '{print "    " $5 " bytes  " $9}')
+outputs=(bulwark-guest.elf selftest.cwasm echo-args.wasm fs-tool.wasm compute.wasm compute-native json-rank.wasm)
+(cd "$build_dir" && sha256sum "${outputs[@]}" \
+    && ls -l "${outputs[@]}" | awk '{print "    " $5 " bytes  " $9}')
