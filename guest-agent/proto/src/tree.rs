@@ -114,7 +114,7 @@ mod tests {
         assert_eq!(check_path("a\0b"), Err(PathError::Nul));
         let long_name = "x".repeat(MAX_NAME + 1);
         assert_eq!(check_path(&long_name), Err(PathError::TooLong));
-        let long_path = "ab/".repeat(MAX_PATH / 3) + "c";
+        let long_path = "ab/".repeat(MAX_PATH / 3 + 1) + "c";
         assert_eq!(check_path(&long_path), Err(PathError::TooLong));
         assert_eq!(parent("a/b/c"), Some("a/b"));
         assert_eq!(parent("a"), None);
