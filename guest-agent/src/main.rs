@@ -107,6 +107,7 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
 
 /// Runs the agent server on vsock; never returns.
 fn serve_calls(cid: u64, clock: clock::Clock) -> ! {
+    let t0 = clock::now();
     let mut vsock = match virtio::vsock::Vsock::init(cid) {
         Ok(v) => v,
         Err(e) => {
@@ -114,6 +115,7 @@ fn serve_calls(cid: u64, clock: clock::Clock) -> ! {
             control::exit(exit_status::SELF_TEST_FAILED);
         }
     };
+    let t1 = clock::now();
     let engine = match wasmtime::Engine::new(&runtime::config()) {
         Ok(e) => e,
         Err(e) => {
@@ -121,6 +123,7 @@ fn serve_calls(cid: u64, clock: clock::Clock) -> ! {
             control::exit(exit_status::SELF_TEST_FAILED);
         }
     };
+    let t2 = clock::now();
     let mut agent = match agent::Agent::new(engine, clock) {
         Ok(a) => a,
         Err(e) => {
@@ -128,9 +131,13 @@ fn serve_calls(cid: u64, clock: clock::Clock) -> ! {
             control::exit(exit_status::SELF_TEST_FAILED);
         }
     };
+    let t3 = clock::now();
     println!(
-        "agent listening on vsock port {}",
-        bulwark_proto::call::AGENT_PORT
+        "agent listening on vsock port {} (set-up: vsock {} us, engine {} us, WASI linker {} us)",
+        bulwark_proto::call::AGENT_PORT,
+        clock.micros(t1 - t0),
+        clock.micros(t2 - t1),
+        clock.micros(t3 - t2)
     );
     server::serve(&mut vsock, &mut agent)
 }

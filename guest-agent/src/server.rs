@@ -46,7 +46,7 @@ fn error_response(message: alloc::string::String) -> Response {
         stderr: Vec::new(),
         output_truncated: false,
         fuel_consumed: None,
-            dirs: Vec::new(),
+        dirs: Vec::new(),
         timings: Timings::default(),
     }
 }

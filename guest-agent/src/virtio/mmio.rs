@@ -42,6 +42,8 @@ pub enum SetupError {
     FeaturesRefused,
     /// A queue is smaller than the driver needs (its maximum size is given).
     QueueTooSmall(#[allow(dead_code, reason = "shown by Debug in the console")] u32),
+    /// The driver was already set up once (its buffer areas are taken).
+    AlreadySetUp,
 }
 
 /// A virtio-mmio register window.

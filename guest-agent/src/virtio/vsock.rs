@@ -11,7 +11,9 @@
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
+use core::cell::UnsafeCell;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use bulwark_proto::layout;
 use bulwark_proto::ports;
@@ -20,7 +22,31 @@ use bulwark_proto::vsock::{
 };
 
 use super::mmio::{SetupError, Transport};
-use super::queue::{DESC_F_WRITE, Queue, zeroed};
+use super::queue::{DESC_F_WRITE, Queue};
+
+/// Bytes of one buffer area: QUEUE_SIZE buffers of BUF_SIZE bytes.
+const AREA_SIZE: usize = BUF_SIZE * QUEUE_SIZE as usize;
+
+/// A buffer area for RX or TX packets. It lives in the image's `.bss`, which is zero in the
+/// fresh guest RAM the VMM hands over, so setting up the driver touches none of its pages:
+/// zeroing the same 8 MiB on the heap cost ~10 ms of first-touch page faults on kvm_pvm, most
+/// of a tool call's start-up. Pages are touched when packets first use them.
+#[repr(C, align(4096))]
+struct BufferArea(UnsafeCell<[u8; AREA_SIZE]>);
+
+// SAFETY: the areas are handed out once, to the one `Vsock` (see `AREAS_TAKEN`), which reaches
+// them only through `&mut self`; no two threads exist in the guest.
+unsafe impl Sync for BufferArea {}
+
+static RX_AREA: BufferArea = BufferArea(UnsafeCell::new([0; AREA_SIZE]));
+static TX_AREA: BufferArea = BufferArea(UnsafeCell::new([0; AREA_SIZE]));
+/// Set by the first `Vsock::init`; a second driver would share the areas, so it is refused.
+static AREAS_TAKEN: AtomicBool = AtomicBool::new(false);
+
+fn area(a: &'static BufferArea) -> NonNull<u8> {
+    // SAFETY: UnsafeCell::get of a static is never null.
+    unsafe { NonNull::new_unchecked(a.0.get().cast::<u8>()) }
+}
 
 const DEVICE_ID: u32 = 19;
 const F_STREAM: u64 = 1;
@@ -112,9 +138,11 @@ impl Vsock {
         let rx = Queue::new(QUEUE_SIZE).map_err(oom)?;
         let tx = Queue::new(QUEUE_SIZE).map_err(oom)?;
         let event = Queue::new(QUEUE_SIZE).map_err(oom)?;
-        let bufs = BUF_SIZE * usize::from(QUEUE_SIZE);
-        let rx_bufs = zeroed(bufs, 4096).map_err(oom)?;
-        let tx_bufs = zeroed(bufs, 4096).map_err(oom)?;
+        if AREAS_TAKEN.swap(true, Ordering::Relaxed) {
+            return Err(SetupError::AlreadySetUp);
+        }
+        let rx_bufs = area(&RX_AREA);
+        let tx_bufs = area(&TX_AREA);
         transport.setup(DEVICE_ID, F_STREAM, &[&rx, &tx, &event])?;
         let device_cid = transport.config_u64(0);
         if device_cid != cid {
@@ -143,8 +171,8 @@ impl Vsock {
 
     fn buf(&mut self, base: NonNull<u8>, id: u16) -> &mut [u8] {
         let offset = usize::from(id % QUEUE_SIZE) * BUF_SIZE;
-        // SAFETY: the buffer area holds QUEUE_SIZE buffers of BUF_SIZE bytes, allocated in
-        // `init` and never freed; `id % QUEUE_SIZE` selects one, and `&mut self` guarantees no
+        // SAFETY: the buffer area holds QUEUE_SIZE buffers of BUF_SIZE bytes, is a static this
+        // driver alone took in `init`; `id % QUEUE_SIZE` selects one, and `&mut self` guarantees no
         // other slice into it is alive. The device only writes RX buffers while the guest is in
         // a VM exit, never while this slice is used.
         unsafe { core::slice::from_raw_parts_mut(base.as_ptr().add(offset), BUF_SIZE) }
