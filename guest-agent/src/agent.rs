@@ -3,11 +3,10 @@
 
 use alloc::collections::BTreeMap;
 use alloc::format;
-use alloc::string::ToString;
 use alloc::vec::Vec;
 
 use bulwark_proto::call::{Artifact, Outcome, PROTOCOL_VERSION, Request, Response, Timings};
-use wasmtime::{Engine, Linker, Module, Store, StoreLimitsBuilder, Trap};
+use wasmtime::{Engine, Linker, Module, Store, StoreLimitsBuilder};
 
 use crate::clock::{self, Clock};
 use crate::wasi::{self, Ctx, CtxParams, Exit};
@@ -172,12 +171,5 @@ impl Agent {
 
 /// Classifies a failed instantiation or run.
 fn outcome_of(e: &wasmtime::Error) -> Outcome {
-    if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
-        return Outcome::Exited(*code);
-    }
-    match e.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => Outcome::OutOfFuel,
-        Some(_) => Outcome::Trap(format!("{e:?}")),
-        None => Outcome::Error(e.to_string()),
-    }
+    bulwark_engine::outcome_of(e, e.downcast_ref::<Exit>().map(|Exit(code)| *code))
 }

@@ -268,16 +268,9 @@ fn execute(
     }))
 }
 
-/// Classifies a failed instantiation or run, as the guest agent's `outcome_of` does.
+/// Classifies a failed instantiation or run, exactly as the guest agent does.
 fn outcome_of(e: &wasmtime::Error) -> Outcome {
-    if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
-        return Outcome::Exited(*code);
-    }
-    match e.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => Outcome::OutOfFuel,
-        Some(_) => Outcome::Trap(format!("{e:?}")),
-        None => Outcome::Error(e.to_string()),
-    }
+    bulwark_engine::outcome_of(e, e.downcast_ref::<I32Exit>().map(|I32Exit(code)| *code))
 }
 
 fn micros(d: Duration) -> u64 {

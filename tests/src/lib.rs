@@ -160,3 +160,37 @@ pub fn start_connecting_guest(test: &str) -> (std::process::Child, std::os::unix
     assert_eq!(greeting, GUEST_GREETING);
     (child, conn)
 }
+
+/// The `bulwark` binary.
+pub fn bulwark_binary() -> PathBuf {
+    workspace_binary("bulwark", "BULWARK_CLI")
+}
+
+/// Runs `bulwark run ARGS` with `stdin` as standard input, a compile cache private to this test
+/// binary, and the built guest image when there is one (only `--isolation vm` needs it).
+pub fn bulwark_run(args: &[&str], stdin: &[u8]) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut cmd = Command::new(bulwark_binary());
+    let guest = build_dir().join("bulwark-guest.elf");
+    if guest.is_file() {
+        cmd.env("BULWARK_GUEST", guest);
+    }
+    let cache = std::env::temp_dir().join(format!("bulwark-test-cache-{}", std::process::id()));
+    let mut child = cmd
+        .arg("run")
+        .args(args)
+        .env("BULWARK_CACHE_DIR", cache)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start bulwark: {e}"));
+    if let Some(mut input) = child.stdin.take() {
+        // A tool that exits without reading all of stdin closes the pipe: not an error here.
+        let _ = input.write_all(stdin);
+    }
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("bulwark did not finish: {e}"))
+}

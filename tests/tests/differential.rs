@@ -3,9 +3,7 @@
 //!
 //! The differential cases need `/dev/kvm`; the tests of `--isolation wasm` alone do not.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use bulwark_tests::*;
@@ -14,38 +12,8 @@ use serde_json::Value;
 /// What `--isolation wasm` prints on stderr, every time.
 const WARNING: &str = "hardware isolation is OFF";
 
-fn bulwark() -> PathBuf {
-    workspace_binary("bulwark", "BULWARK_CLI")
-}
-
-/// A compile cache shared by this test binary's tests.
-fn cache_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("bulwark-diff-cache-{}", std::process::id()))
-}
-
 fn run(args: &[&str], stdin: &[u8]) -> Output {
-    let mut cmd = Command::new(bulwark());
-    // Only `--isolation vm` needs the guest image (`both_ways` checks that it is built).
-    let guest = build_dir().join("bulwark-guest.elf");
-    if guest.is_file() {
-        cmd.env("BULWARK_GUEST", guest);
-    }
-    let mut child = cmd
-        .arg("run")
-        .args(args)
-        .env("BULWARK_CACHE_DIR", cache_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start bulwark");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("write stdin");
-    child.wait_with_output().expect("bulwark ends")
+    bulwark_run(args, stdin)
 }
 
 /// One `bulwark run --json --isolation <isolation>`: the process's exit code and its JSON.

@@ -4,26 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use bulwark_tests::*;
 
-fn bulwark() -> PathBuf {
-    workspace_binary("bulwark", "BULWARK_CLI")
-}
-
 fn run(args: &[&str]) -> Output {
-    Command::new(bulwark())
-        .arg("run")
-        .args(args)
-        .env(
-            "BULWARK_CACHE_DIR",
-            std::env::temp_dir().join(format!("bulwark-test-cache-{}", std::process::id())),
-        )
-        .env("BULWARK_GUEST", guest_image())
-        .stdin(Stdio::null())
-        .output()
-        .expect("start bulwark")
+    bulwark_run(args, b"")
 }
 
 fn fs_tool() -> String {

@@ -1,39 +1,13 @@
 //! `bulwark run` end to end: tool calls in real micro-VMs.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use bulwark_tests::*;
 
-fn bulwark() -> PathBuf {
-    workspace_binary("bulwark", "BULWARK_CLI")
-}
-
-/// A compile cache shared by this test binary's tests.
-fn cache_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("bulwark-test-cache-{}", std::process::id()))
-}
-
 fn run_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(bulwark())
-        .arg("run")
-        .args(args)
-        .env("BULWARK_CACHE_DIR", cache_dir())
-        .env("BULWARK_GUEST", guest_image())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start bulwark");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("write stdin");
-    child.wait_with_output().expect("bulwark ends")
+    bulwark_run(args, stdin)
 }
 
 fn run(args: &[&str]) -> Output {
@@ -260,7 +234,7 @@ fn a_second_run_uses_the_compile_cache() {
     .unwrap();
     let cache = dir.join("cache");
     let json = |_: ()| {
-        let out = Command::new(bulwark())
+        let out = Command::new(bulwark_binary())
             .args(["run", "--json", module.to_str().unwrap()])
             .env("BULWARK_CACHE_DIR", &cache)
             .env("BULWARK_GUEST", guest_image())

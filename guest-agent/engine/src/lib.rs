@@ -7,7 +7,13 @@
 
 #![no_std]
 
+use alloc::format;
+use alloc::string::ToString;
+
+use bulwark_proto::call::Outcome;
 use wasmtime::Config;
+
+extern crate alloc;
 
 /// The wasmtime version both sides are pinned to (`=48.0.8` in the workspace manifest).
 pub const WASMTIME_VERSION: &str = "48.0.8";
@@ -63,4 +69,19 @@ pub fn compiler_config() -> wasmtime::Result<Config> {
         }
     }
     Ok(config)
+}
+
+/// How a call that did not return from `_start` ended, decided the same way on both sides (the
+/// guest agent and `bulwark run --isolation wasm`): `exit` is the code when the error is the
+/// embedder's `proc_exit`; out of fuel is its own outcome; any other trap carries its message
+/// and Wasm backtrace; anything else (a link or instantiation error) is an error.
+pub fn outcome_of(e: &wasmtime::Error, exit: Option<i32>) -> Outcome {
+    if let Some(code) = exit {
+        return Outcome::Exited(code);
+    }
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::OutOfFuel) => Outcome::OutOfFuel,
+        Some(_) => Outcome::Trap(format!("{e:?}")),
+        None => Outcome::Error(e.to_string()),
+    }
 }
