@@ -47,8 +47,9 @@ Exit codes:
   125    Bulwark failed or refused the call (bad --dir or limits, the VM could not start
          or crashed, protocol error, a --dir write-back failed)
   126    the module cannot run (not WebAssembly, compile error, unknown import, no _start)
+  130    interrupted by Ctrl-C or SIGTERM; the VM was killed
   134    the tool trapped or ran out of fuel (message on stderr)
-A tool may itself exit with 124-126 or 134; --json tells the cases apart.";
+A tool may itself exit with 124-126, 130 or 134; --json tells the cases apart.";
 
 /// Arguments of `bulwark run`.
 #[derive(Args, Debug)]

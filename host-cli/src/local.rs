@@ -36,6 +36,8 @@ const WASI_MODULE: &str = "wasi_snapshot_preview1";
 /// Stack of the thread the tool runs on (wasmtime keeps Wasm frames within its own 512 KiB
 /// `max_wasm_stack`; the rest is for host calls).
 const CALL_STACK: usize = 8 << 20;
+/// How often the wait for the tool checks for Ctrl-C.
+const INTERRUPT_POLL: Duration = Duration::from_millis(20);
 /// How long to wait, after the deadline, for an interrupted tool's thread to finish.
 const INTERRUPT_GRACE: Duration = Duration::from_millis(500);
 /// Read buffer of the output capture threads.
@@ -72,7 +74,8 @@ impl std::fmt::Display for BadModule {
 
 impl std::error::Error for BadModule {}
 
-/// Runs one call in this process. `Ok(None)`: the deadline passed (the call was interrupted).
+/// Runs one call in this process. `Ok(None)`: the deadline passed, or Ctrl-C arrived
+/// (`crate::interrupt::requested` tells which); the tool was stopped.
 /// Errors that are the module's fault (not WebAssembly, invalid) carry a [`BadModule`].
 pub fn run(call: LocalCall<'_>) -> anyhow::Result<Option<Response>> {
     let engine = engine()?;
@@ -93,8 +96,16 @@ pub fn run(call: LocalCall<'_>) -> anyhow::Result<Option<Response>> {
             let _ = tx.send(result);
         })
         .context("cannot start the tool's thread")?;
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    match rx.recv_timeout(remaining) {
+    // Wait for the answer in short slices, so Ctrl-C (crate::interrupt) stops the tool too.
+    let waited = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(remaining.min(INTERRUPT_POLL)) {
+            Err(RecvTimeoutError::Timeout)
+                if !remaining.is_zero() && !crate::interrupt::requested() => {}
+            other => break other,
+        }
+    };
+    match waited {
         Ok(result) => {
             let _ = worker.join();
             result

@@ -5,6 +5,7 @@ mod cli;
 mod compile;
 mod dirs;
 mod doctor;
+mod interrupt;
 mod local;
 mod run;
 mod vm;

@@ -2,8 +2,6 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -12,12 +10,14 @@ use bulwark_proto::call::{Artifact, Limits, Outcome, PROTOCOL_VERSION, Request, 
 use crate::cli::{Isolation, RunArgs};
 use crate::compile::{read_module, sha256_hex};
 use crate::dirs::{self, Budget, Changes};
-use crate::{cache, local, vm};
+use crate::{cache, interrupt, local, vm};
 
 /// `bulwark run`'s own exit codes (see `cli::RUN_EXIT_CODES`).
 pub mod code {
     /// The timeout ran out.
     pub const TIMEOUT: u8 = 124;
+    /// Ctrl-C or SIGTERM stopped the call.
+    pub const INTERRUPTED: u8 = 130;
     /// Bulwark failed.
     pub const BULWARK: u8 = 125;
     /// The module cannot run.
@@ -44,6 +44,8 @@ enum Result {
     /// The tool ran; for each `--dir`, what was written back (none unless it exited 0).
     Done(Response, Vec<Changes>),
     TimedOut,
+    /// Ctrl-C or SIGTERM stopped the call.
+    Interrupted,
     Failed(u8, String),
 }
 
@@ -74,24 +76,15 @@ pub fn run(args: &RunArgs) -> ExitCode {
             "bulwark: warning: --isolation wasm: hardware isolation is OFF; the tool runs in this process with only the Wasm sandbox around it"
         );
     }
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = Arc::clone(&interrupted);
-        // Ctrl-C and SIGTERM end the call; the VM and its files are cleaned up on the way out.
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    }
+    // Ctrl-C and SIGTERM end the call; the VM and its files are cleaned up on the way out.
+    interrupt::install();
     let mut timings = Timings::default();
-    let result = call(args, started, &mut timings, &interrupted);
+    let result = call(args, started, &mut timings);
     timings.total_us = started.elapsed().as_micros();
     report(args, result, &timings)
 }
 
-fn call(
-    args: &RunArgs,
-    started: Instant,
-    timings: &mut Timings,
-    interrupted: &AtomicBool,
-) -> Result {
+fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     let failed = |code, e: anyhow::Error| Result::Failed(code, format!("{e:#}"));
     // The shared directories' copy lives in guest RAM next to its copy in the request.
     let dirs_mib = if args.dirs.is_empty() {
@@ -138,11 +131,13 @@ fn call(
         Err(e) => return failed(code::BULWARK, e),
     };
     if args.isolation == Isolation::Wasm {
-        return call_in_process(args, &module, shared, started, timings, interrupted);
+        return call_in_process(args, &module, shared, started, timings);
     }
     let digest_hex = sha256_hex(&module);
     let (artifact, _compiled) = match cache::artifact(&args.module, &digest_hex) {
         Ok(a) => a,
+        // Ctrl-C reaches the compiler process too.
+        Err(_) if interrupt::requested() => return Result::Interrupted,
         Err(e) => return failed(code::MODULE, e),
     };
     timings.compile_us = started.elapsed().as_micros();
@@ -183,15 +178,15 @@ fn call(
         Err(e) => return failed(code::BULWARK, e),
     };
     timings.vm_start_us = vm_started.elapsed().as_micros();
-    if interrupted.load(Ordering::SeqCst) {
-        return Result::Failed(code::BULWARK, "interrupted".into());
+    if interrupt::requested() {
+        return Result::Interrupted;
     }
     let call_started = Instant::now();
     let outcome = vm.call(&request, deadline);
     timings.call_us = call_started.elapsed().as_micros();
     drop(vm);
-    if interrupted.load(Ordering::SeqCst) {
-        return Result::Failed(code::BULWARK, "interrupted".into());
+    if interrupt::requested() {
+        return Result::Interrupted;
     }
     match outcome {
         Ok(Some(mut response)) => {
@@ -259,7 +254,6 @@ fn call_in_process(
     shared: Vec<bulwark_proto::tree::SharedDir>,
     started: Instant,
     timings: &mut Timings,
-    interrupted: &AtomicBool,
 ) -> Result {
     let read_us = started.elapsed().as_micros();
     let stdin = match stdin_bytes() {
@@ -295,8 +289,8 @@ fn call_in_process(
         deadline: call_started + args.timeout,
     });
     timings.call_us = call_started.elapsed().as_micros();
-    if interrupted.load(Ordering::SeqCst) {
-        return Result::Failed(code::BULWARK, "interrupted".into());
+    if interrupt::requested() {
+        return Result::Interrupted;
     }
     match outcome {
         Ok(Some(response)) => {
@@ -380,6 +374,7 @@ fn exit_code(result: &Result) -> u8 {
             Outcome::Error(_) => code::MODULE,
         },
         Result::TimedOut => code::TIMEOUT,
+        Result::Interrupted => code::INTERRUPTED,
         Result::Failed(code, _) => *code,
     }
 }
@@ -433,6 +428,7 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
                 obj["timings_us"]["guest_run"] = r.timings.run_us.into();
             }
             Result::TimedOut => obj["error"] = format!("timed out after {:?}", args.timeout).into(),
+            Result::Interrupted => obj["error"] = "interrupted (Ctrl-C or SIGTERM)".into(),
             Result::Failed(_, msg) => obj["error"] = msg.as_str().into(),
         }
         println!("{obj}");
@@ -478,6 +474,14 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
                 ""
             } else {
                 "; --dir directories are unchanged"
+            }
+        ),
+        Result::Interrupted => eprintln!(
+            "bulwark: interrupted; the call was stopped{}",
+            if args.dirs.is_empty() {
+                ""
+            } else {
+                " and --dir directories are unchanged"
             }
         ),
         Result::Failed(_, msg) => eprintln!("bulwark: {msg}"),

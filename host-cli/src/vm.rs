@@ -60,6 +60,7 @@ impl Vm {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start {}", vmm.display()))?;
+        crate::interrupt::watch_vmm(child.id());
         let vm = Self { child, dir, uds };
         Ok(vm)
     }
@@ -175,6 +176,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        crate::interrupt::forget_vmm();
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);

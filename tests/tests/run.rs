@@ -282,3 +282,71 @@ fn the_json_example_tool_ranks_records() {
         stderr(&out)
     );
 }
+
+/// Every process whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let path = entry.expect("entry").path();
+        if let Ok(cmdline) = std::fs::read(path.join("cmdline")) {
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains(needle) {
+                found.push(text);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn ctrl_c_stops_the_call_and_cleans_up() {
+    if !kvm_available() {
+        return;
+    }
+    for isolation in ["vm", "wasm"] {
+        let child = Command::new(bulwark_binary())
+            .args(["run", "--isolation", isolation, "--timeout", "60s"])
+            .args(["--env", "SPIN=1", &tool()])
+            .env("BULWARK_GUEST", guest_image())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start bulwark");
+        let pid = child.id();
+        // Wait until the tool is spinning (in the VM case, until its VMM runs).
+        let marker = format!("bulwark-{pid}-");
+        let started = Instant::now();
+        while isolation == "vm" && processes_mentioning(&marker).is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no VMM appeared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let interrupted = Instant::now();
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+        let out = child.wait_with_output().expect("bulwark ends");
+        let took = interrupted.elapsed();
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "{isolation}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+        assert!(took < Duration::from_secs(5), "{isolation}: took {took:?}");
+        assert!(
+            processes_mentioning(&marker).is_empty(),
+            "a VMM outlived bulwark"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .expect("temp dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&marker))
+            .collect();
+        assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+    }
+}
