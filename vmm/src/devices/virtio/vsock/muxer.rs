@@ -82,7 +82,17 @@ impl Muxer {
             path: uds_path.to_owned(),
             source,
         };
-        let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
+        // Bind under a temporary name and rename into place, so a client that sees the path
+        // always finds a listening socket (between bind and listen a connect is refused).
+        let mut tmp_name = uds_path.as_os_str().to_owned();
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp_name);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp).map_err(listen_err)?;
+        if let Err(e) = std::fs::rename(&tmp, uds_path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(listen_err(e));
+        }
         listener.set_nonblocking(true).map_err(listen_err)?;
         let epoll = Epoll::new().map_err(listen_err)?;
         epoll
