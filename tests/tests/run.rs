@@ -356,3 +356,84 @@ fn ctrl_c_stops_the_call_and_cleans_up() {
         assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
     }
 }
+
+/// A tool that sleeps for one second in `poll_oneoff` (a relative monotonic-clock
+/// subscription), then prints `slept`.
+const SLEEPER: &str = r#"(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 200) "slept\n")
+  (func (export "_start")
+    (i64.store (i32.const 0) (i64.const 7))              ;; userdata
+    (i32.store8 (i32.const 8) (i32.const 0))              ;; tag: clock
+    (i32.store (i32.const 16) (i32.const 1))              ;; monotonic
+    (i64.store (i32.const 24) (i64.const 1000000000))     ;; 1 s, relative
+    (i64.store (i32.const 32) (i64.const 0))
+    (i32.store16 (i32.const 40) (i32.const 0))
+    (if (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128))
+      (then unreachable))
+    (if (i32.ne (i32.load (i32.const 128)) (i32.const 1)) (then unreachable))
+    (i32.store (i32.const 300) (i32.const 200))
+    (i32.store (i32.const 304) (i32.const 6))
+    (drop (call $write (i32.const 1) (i32.const 300) (i32.const 1) (i32.const 308)))))"#;
+
+#[test]
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped with wait4 to read its rusage"
+)]
+fn a_sleeping_tool_does_not_spin() {
+    if !kvm_available() {
+        return;
+    }
+    let module = scratch_dir("sleeper").join("sleeper.wat");
+    std::fs::write(&module, SLEEPER).unwrap();
+    let started = Instant::now();
+    let mut child = Command::new(bulwark_binary())
+        .arg("run")
+        .arg(&module)
+        .env("BULWARK_GUEST", guest_image())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bulwark");
+    let (mut out, mut err) = (String::new(), String::new());
+    use std::io::Read;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut status = 0;
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `pid` is our own child, not yet reaped; `status` and `usage` are writable memory
+    // of the types wait4 fills in. The rusage covers bulwark and the VMM it waited for.
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, usage.as_mut_ptr()) };
+    let took = started.elapsed();
+    assert_eq!(reaped, pid);
+    // SAFETY: wait4 succeeded, so it filled in the rusage struct.
+    let usage = unsafe { usage.assume_init() };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "status {status:#x}: {err}"
+    );
+    assert_eq!(out, "slept\n");
+    assert!(took >= Duration::from_secs(1), "woke early: {took:?}");
+    let cpu = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    let busy = cpu(usage.ru_utime) + cpu(usage.ru_stime);
+    // A spinning guest would burn the whole second on its vCPU thread.
+    assert!(
+        busy < Duration::from_millis(500),
+        "bulwark and its VM used {busy:?} of CPU for a 1 s sleep"
+    );
+}

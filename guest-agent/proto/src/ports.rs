@@ -17,6 +17,11 @@ pub const CONTROL_EXCEPTION: u16 = CONTROL_BASE + 4;
 /// until it has something for the guest (a used RX buffer) or the VM is stopped. The value read
 /// is a bit set of [`wait_result`]. This is how the guest sleeps: it has no interrupts.
 pub const CONTROL_WAIT: u16 = CONTROL_BASE + 8;
+/// `out` a 32-bit number of microseconds here to bound the next wait on [`CONTROL_WAIT`]: it
+/// then also returns, with [`wait_result::TIMED_OUT`], once that long has passed (0: no bound).
+/// This is how the guest sleeps for a time (WASI `poll_oneoff` on a clock) without spinning.
+/// The bound applies to one wait; a VM without a vsock device returns at once.
+pub const CONTROL_WAIT_LIMIT: u16 = CONTROL_BASE + 16;
 /// `out` a 32-bit guest-physical address here to print a console record: a little-endian u32
 /// length followed by that many bytes (at most [`MAX_CONSOLE_RECORD`]). One VM exit per record,
 /// where the UART costs one per byte under kvm_pvm (`rep outsb` is split into single bytes).
@@ -24,7 +29,7 @@ pub const CONTROL_CONSOLE: u16 = CONTROL_BASE + 12;
 /// Largest console record, in bytes of text.
 pub const MAX_CONSOLE_RECORD: u32 = 4096;
 /// Number of ports in the control block.
-pub const CONTROL_PORT_COUNT: u16 = 16;
+pub const CONTROL_PORT_COUNT: u16 = 20;
 
 /// Bits of the value read from [`CONTROL_WAIT`].
 pub mod wait_result {
@@ -32,6 +37,8 @@ pub mod wait_result {
     pub const VSOCK_RX: u32 = 1 << 0;
     /// The vsock device put buffers on its TX used ring.
     pub const VSOCK_TX: u32 = 1 << 1;
+    /// The bound set through [`super::CONTROL_WAIT_LIMIT`] passed.
+    pub const TIMED_OUT: u32 = 1 << 2;
 }
 
 /// Guest exit statuses written to [`CONTROL_EXIT`].

@@ -347,9 +347,9 @@ fn sock_type(name: &str, engine: &wasmtime::Engine) -> wasmtime::FuncType {
     wasmtime::FuncType::new(engine, params.iter().cloned(), [I32])
 }
 
-/// `poll_oneoff`: clock subscriptions are waited for (the guest has nothing else to do, and the
-/// host's deadline bounds the call); fd subscriptions are ready at once (stdin is all there,
-/// stdout and stderr never block).
+/// `poll_oneoff`: clock subscriptions are waited for in the VMM's bounded wait, so a sleeping
+/// tool blocks its vCPU thread instead of spinning (the host's deadline bounds the call); fd
+/// subscriptions are ready at once (stdin is all there, files and stdout/stderr never block).
 fn poll_oneoff(
     d: &mut [u8],
     ctx: &mut Ctx,
@@ -386,8 +386,14 @@ fn poll_oneoff(
     }
     let fd_ready = ready.iter().any(|r| r.1 != 0);
     if let (Some(at), false) = (deadline, fd_ready) {
-        while ctx.elapsed_ns() < at {
-            core::hint::spin_loop();
+        // Sleep in the VMM (a bounded wait), not in a spin: the vCPU thread blocks.
+        loop {
+            let now = ctx.elapsed_ns();
+            if now >= at {
+                break;
+            }
+            let us = (at - now).div_ceil(1000);
+            crate::control::wait_at_most(u32::try_from(us).unwrap_or(u32::MAX));
         }
     }
     let now = ctx.elapsed_ns();

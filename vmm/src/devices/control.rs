@@ -19,6 +19,7 @@ const EXIT: u64 = (ports::CONTROL_EXIT - ports::CONTROL_BASE) as u64;
 const EXCEPTION: u64 = (ports::CONTROL_EXCEPTION - ports::CONTROL_BASE) as u64;
 const WAIT: u64 = (ports::CONTROL_WAIT - ports::CONTROL_BASE) as u64;
 const CONSOLE: u64 = (ports::CONTROL_CONSOLE - ports::CONTROL_BASE) as u64;
+const WAIT_LIMIT: u64 = (ports::CONTROL_WAIT_LIMIT - ports::CONTROL_BASE) as u64;
 
 /// The control device at [`ports::CONTROL_BASE`].
 pub struct Control {
@@ -26,6 +27,8 @@ pub struct Control {
     stop: Arc<AtomicBool>,
     mem: GuestMemory,
     console: SharedSink,
+    /// Bound of the next wait, in microseconds (0: none).
+    wait_limit_us: u32,
 }
 
 impl Control {
@@ -42,6 +45,7 @@ impl Control {
             stop,
             mem,
             console,
+            wait_limit_us: 0,
         }
     }
 
@@ -92,11 +96,14 @@ impl BusDevice for Control {
                 len: data.len(),
             });
         }
+        let limit = std::mem::take(&mut self.wait_limit_us);
+        let limit = (limit > 0).then(|| std::time::Duration::from_micros(u64::from(limit)));
         let bits = match &self.vsock {
-            Some(vsock) => match lock(vsock).wait(&self.stop) {
+            Some(vsock) => match lock(vsock).wait(&self.stop, limit) {
                 Ok(bits) => bits,
                 Err(fault) => return Ok(DeviceRequest::DeviceBroken(format!("vsock: {fault}"))),
             },
+            None if limit.is_some() => ports::wait_result::TIMED_OUT,
             None => 0,
         };
         data.copy_from_slice(&bits.to_le_bytes());
@@ -109,6 +116,10 @@ impl BusDevice for Control {
             (EXIT, Ok(status)) => Ok(DeviceRequest::Exit(status)),
             (EXCEPTION, Ok(vector)) => Ok(DeviceRequest::ExceptionReported(vector)),
             (CONSOLE, Ok(addr)) => Ok(self.console_record(addr)),
+            (WAIT_LIMIT, Ok(us)) => {
+                self.wait_limit_us = us;
+                Ok(DeviceRequest::None)
+            }
             _ => Err(BadAccess {
                 device: self.name(),
                 what: "write",
@@ -190,5 +201,15 @@ mod tests {
         assert_eq!(c.read(WAIT, &mut v), Ok(DeviceRequest::None));
         assert_eq!(v, [0; 4]);
         assert!(c.read(WAIT, &mut [0; 2]).is_err());
+        // A bound applies to the next wait only.
+        assert_eq!(
+            c.write(WAIT_LIMIT, &500u32.to_le_bytes()),
+            Ok(DeviceRequest::None)
+        );
+        assert_eq!(c.read(WAIT, &mut v), Ok(DeviceRequest::None));
+        assert_eq!(u32::from_le_bytes(v), ports::wait_result::TIMED_OUT);
+        assert_eq!(c.read(WAIT, &mut v), Ok(DeviceRequest::None));
+        assert_eq!(v, [0; 4]);
+        assert!(c.write(WAIT_LIMIT, &[0; 2]).is_err());
     }
 }

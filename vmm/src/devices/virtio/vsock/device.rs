@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use bulwark_proto::ports::wait_result;
 use bulwark_proto::vsock::MAX_PACKET_DATA;
@@ -120,11 +121,16 @@ impl VsockDevice {
         Ok(count)
     }
 
-    /// The guest waits: serve TX, deliver to RX, and block until something was delivered or
-    /// `stop` is set. Returns the [`wait_result`] bits.
-    pub fn wait(&mut self, stop: &AtomicBool) -> Result<u32, DeviceFault> {
+    /// The guest waits: serve TX, deliver to RX, and block until something was delivered,
+    /// `stop` is set, or `limit` (if any) passed. Returns the [`wait_result`] bits.
+    pub fn wait(&mut self, stop: &AtomicBool, limit: Option<Duration>) -> Result<u32, DeviceFault> {
+        let deadline = limit.map(|l| Instant::now() + l);
         if self.mem.is_none() {
-            return Ok(0);
+            return Ok(if limit.is_some() {
+                wait_result::TIMED_OUT
+            } else {
+                0
+            });
         }
         let sent = self.process_tx()?;
         let tx_bit = if sent > 0 { wait_result::VSOCK_TX } else { 0 };
@@ -137,11 +143,21 @@ impl VsockDevice {
             if self.process_rx()? > 0 {
                 return Ok(tx_bit | wait_result::VSOCK_RX);
             }
-            if stop.load(Ordering::Acquire) || (self.muxer.has_work() && timeout == -1) {
+            if stop.load(Ordering::Acquire) || (self.muxer.has_work() && timeout != 0) {
                 // Stopping, or work is pending that the guest gave no RX buffers for.
                 return Ok(tx_bit);
             }
-            timeout = -1;
+            timeout = match deadline {
+                None => -1,
+                Some(at) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(tx_bit | wait_result::TIMED_OUT);
+                    }
+                    // epoll counts milliseconds: round up, so the bound is never cut short.
+                    i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+                }
+            };
         }
     }
 }
@@ -608,12 +624,23 @@ mod tests {
     fn wait_returns_when_stopped_and_when_data_arrives() {
         let mut rig = Rig::new("wait");
         let stop = AtomicBool::new(true);
-        assert_eq!(rig.dev.wait(&stop), Ok(0));
+        assert_eq!(rig.dev.wait(&stop, None), Ok(0));
         stop.store(false, Ordering::Release);
+        // With nothing to deliver, a bounded wait ends when its bound passes.
+        let started = Instant::now();
+        assert_eq!(
+            rig.dev.wait(&stop, Some(Duration::from_millis(30))),
+            Ok(wait_result::TIMED_OUT)
+        );
+        assert!(started.elapsed() >= Duration::from_millis(30), "cut short");
         let mut client = UnixStream::connect(&rig.path).unwrap();
         client.write_all(b"CONNECT 1\n").unwrap();
         rig.offer_rx();
-        assert_eq!(rig.dev.wait(&stop), Ok(wait_result::VSOCK_RX));
+        assert_eq!(
+            rig.dev.wait(&stop, Some(Duration::from_secs(60))),
+            Ok(wait_result::VSOCK_RX),
+            "data ends a bounded wait before its bound"
+        );
         client.set_nonblocking(true).unwrap();
         match client.read(&mut [0u8; 1]) {
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
