@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::cli::Target;
 use crate::compile::sha256_hex;
 
 /// Wall-clock limit of one compilation.
@@ -30,43 +31,64 @@ pub fn dir() -> PathBuf {
 }
 
 /// Digest of everything besides the module that decides the artifact's bytes.
-pub fn engine_key() -> String {
-    let id = format!(
-        "{} {} {}",
-        bulwark_engine::WASMTIME_VERSION,
-        bulwark_engine::TARGET,
-        bulwark_engine::SETTINGS_ID
-    );
+pub fn engine_key(target: Target) -> String {
+    let id = match target {
+        Target::Guest => format!(
+            "{} {} {}",
+            bulwark_engine::WASMTIME_VERSION,
+            bulwark_engine::TARGET,
+            bulwark_engine::SETTINGS_ID
+        ),
+        // Compiled for this machine's CPU: an artifact carried to another machine is refused
+        // when loaded, and the error says to clear the cache.
+        Target::Host => format!(
+            "{} host {}-{} {} {}",
+            bulwark_engine::WASMTIME_VERSION,
+            std::env::consts::ARCH,
+            std::env::consts::OS,
+            bulwark_engine::SETTINGS_ID,
+            crate::local::HOST_SETTINGS_ID
+        ),
+    };
     sha256_hex(id.as_bytes())[..16].to_owned()
 }
 
-/// Path of the artifact for a module with SHA-256 `digest`.
-pub fn artifact_path(digest: &str) -> PathBuf {
+/// Path of the artifact for a module with SHA-256 `digest`, compiled for `target`.
+pub fn artifact_path(digest: &str, target: Target) -> PathBuf {
+    let suffix = match target {
+        Target::Guest => "",
+        Target::Host => "-host",
+    };
     dir()
         .join("artifacts")
-        .join(format!("{digest}-{}.cwasm", engine_key()))
+        .join(format!("{digest}-{}{suffix}.cwasm", engine_key(target)))
 }
 
-/// Returns the cached artifact for `module` (whose SHA-256 is `digest`), compiling it first if
-/// needed. The bool says whether it was compiled now.
-pub fn artifact(module: &Path, digest: &str) -> anyhow::Result<(Vec<u8>, bool)> {
-    let path = artifact_path(digest);
+/// Returns the cached artifact for `module` (whose SHA-256 is `digest`) and `target`,
+/// compiling it first if needed. The bool says whether it was compiled now.
+pub fn artifact(module: &Path, digest: &str, target: Target) -> anyhow::Result<(Vec<u8>, bool)> {
+    let path = artifact_path(digest, target);
     if let Ok(bytes) = std::fs::read(&path) {
         return Ok((bytes, false));
     }
     let parent = path.parent().context("cache path has no directory")?;
     std::fs::create_dir_all(parent)
         .with_context(|| format!("cannot create the compile cache {}", parent.display()))?;
-    compile_in_child(module, &path)?;
+    compile_in_child(module, &path, target)?;
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok((bytes, true))
 }
 
 /// Runs `bulwark compile module -o out` as a child with memory and time limits.
-fn compile_in_child(module: &Path, out: &Path) -> anyhow::Result<()> {
+fn compile_in_child(module: &Path, out: &Path, target: Target) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the bulwark executable")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("compile").arg(module).arg("-o").arg(out);
+    cmd.arg("compile")
+        .arg(module)
+        .arg("-o")
+        .arg(out)
+        .arg("--target")
+        .arg(target.name());
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     // SAFETY: the closure runs in the child between fork and exec and only calls setrlimit,
     // which is async-signal-safe, on its own process.

@@ -221,4 +221,28 @@ pub struct CompileArgs {
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     pub json: bool,
+
+    /// What the artifact is for: `guest` (the Bulwark guest, the default) or `host`
+    /// (`bulwark run --isolation wasm` on this machine).
+    #[arg(long, value_enum, default_value_t = Target::Guest)]
+    pub target: Target,
+}
+
+/// Which engine an artifact is compiled for.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The Bulwark guest (x86_64-unknown-none, the shared engine settings).
+    Guest,
+    /// wasmtime in the `bulwark` process on this machine (`--isolation wasm`).
+    Host,
+}
+
+impl Target {
+    /// The name used on the command line and in cache keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Guest => "guest",
+            Target::Host => "host",
+        }
+    }
 }

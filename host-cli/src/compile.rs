@@ -7,15 +7,19 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 
-use crate::cli::CompileArgs;
+use crate::cli::{CompileArgs, Target};
 
 /// Largest module accepted, in bytes.
 pub const MAX_MODULE_SIZE: u64 = 256 << 20;
 
-/// Compiles `wasm` (binary or text) into an artifact the guest's engine deserializes.
-pub fn compile_bytes(wasm: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let config = bulwark_engine::compiler_config()
-        .map_err(|e| wasmtime_error("configuring the compiler", e))?;
+/// Compiles `wasm` (binary or text) into an artifact for `target`: the guest's engine, or
+/// `--isolation wasm`'s engine on this host.
+pub fn compile_bytes(wasm: &[u8], target: Target) -> anyhow::Result<Vec<u8>> {
+    let config = match target {
+        Target::Guest => bulwark_engine::compiler_config()
+            .map_err(|e| wasmtime_error("configuring the compiler", e))?,
+        Target::Host => crate::local::host_config(),
+    };
     let engine = wasmtime::Engine::new(&config)
         .map_err(|e| wasmtime_error("creating the compiler engine", e))?;
     engine
@@ -98,7 +102,7 @@ pub fn run(args: &CompileArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let wasm = read_module(&args.input)?;
     let digest = sha256_hex(&wasm);
-    let artifact = compile_bytes(&wasm).with_context(|| {
+    let artifact = compile_bytes(&wasm, args.target).with_context(|| {
         format!(
             "cannot compile {}: is it a valid WebAssembly module?",
             args.input.display()
@@ -134,20 +138,25 @@ mod tests {
 
     #[test]
     fn compiles_to_a_reproducible_elf_artifact() {
-        let a = compile_bytes(WAT.as_bytes()).unwrap();
+        let a = compile_bytes(WAT.as_bytes(), Target::Guest).unwrap();
         assert_eq!(&a[..4], b"\x7fELF");
         assert_eq!(
             a,
-            compile_bytes(WAT.as_bytes()).unwrap(),
+            compile_bytes(WAT.as_bytes(), Target::Guest).unwrap(),
             "same input, same bytes"
         );
     }
 
     #[test]
     fn invalid_modules_and_oversized_files_are_refused() {
-        assert!(compile_bytes(b"\0asm\x01\0\0\0garbage").is_err());
+        assert!(compile_bytes(b"\0asm\x01\0\0\0garbage", Target::Guest).is_err());
+        assert!(compile_bytes(b"\0asm\x01\0\0\0garbage", Target::Host).is_err());
         assert!(
-            compile_bytes(b"(module (func (export \"f\") (result i32)))").is_err(),
+            compile_bytes(
+                b"(module (func (export \"f\") (result i32)))",
+                Target::Guest
+            )
+            .is_err(),
             "type error"
         );
         let dir = std::env::temp_dir().join(format!("bulwark-compile-{}", std::process::id()));

@@ -93,7 +93,7 @@ fn cache_check() -> Result<String, String> {
         "{} ({count} artifacts, {} KiB; engine key {})",
         dir.display(),
         bytes / 1024,
-        cache::engine_key()
+        cache::engine_key(crate::cli::Target::Guest)
     ))
 }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use bulwark_proto::call::{Limits, Outcome, PROTOCOL_VERSION, Response, Timings};
 use wasmtime::{
-    Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, Strategy, Trap,
+    Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, Strategy, Trap,
     WasmBacktraceDetails, WasmFeatures,
 };
 use wasmtime_wasi::cli::OutputFile;
@@ -45,8 +45,9 @@ const CAPTURE_CHUNK: usize = 64 << 10;
 
 /// One call run in this process.
 pub struct LocalCall<'a> {
-    /// The module: binary WebAssembly or the text format.
-    pub module: &'a [u8],
+    /// The module, precompiled for this host by `bulwark compile --target host` (the compile
+    /// cache's artifact).
+    pub artifact: &'a [u8],
     /// argv, program name first.
     pub args: Vec<String>,
     /// Environment variables as (name, value).
@@ -58,30 +59,25 @@ pub struct LocalCall<'a> {
     /// Directories to preopen, as (host directory, guest path), with all directory and file
     /// permissions.
     pub preopens: Vec<(PathBuf, String)>,
-    /// When the call is interrupted. Compiling the module counts against it too.
+    /// When the call is interrupted.
     pub deadline: Instant,
 }
 
-/// The module itself cannot run: it is not WebAssembly, or it does not validate or compile.
-#[derive(Debug)]
-pub struct BadModule(String);
-
-impl std::fmt::Display for BadModule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for BadModule {}
-
 /// Runs one call in this process. `Ok(None)`: the deadline passed, or Ctrl-C arrived
 /// (`crate::interrupt::requested` tells which); the tool was stopped.
-/// Errors that are the module's fault (not WebAssembly, invalid) carry a [`BadModule`].
 pub fn run(call: LocalCall<'_>) -> anyhow::Result<Option<Response>> {
     let engine = engine()?;
     let started = Instant::now();
-    let module = Module::new(&engine, call.module)
-        .map_err(|e| anyhow::Error::new(BadModule(format!("compiling: {e:?}"))))?;
+    // SAFETY: the artifact is our own compiler's output (`bulwark compile --target host`, run by
+    // the compile cache with `host_config`), read from the user's own cache directory;
+    // deserialize checks its wasmtime version, settings and CPU features against this engine and
+    // refuses a mismatch. The tool's code is untrusted, but it runs as Wasm.
+    let module = unsafe { Module::deserialize(&engine, call.artifact) }.map_err(|e| {
+        anyhow!(
+            "cannot load the compiled module from the cache ({e}); if the cache was copied from another machine, delete {}",
+            crate::cache::dir().display()
+        )
+    })?;
     let load_us = micros(started.elapsed());
     let linker = linker(&engine)?;
     let deadline = call.deadline;
@@ -129,9 +125,18 @@ pub fn run(call: LocalCall<'_>) -> anyhow::Result<Option<Response>> {
     }
 }
 
+/// Names the settings [`host_config`] adds to the shared ones; change it with them, so the
+/// compile cache never hands out an artifact compiled under other settings.
+pub const HOST_SETTINGS_ID: &str = "v1 cranelift no-components epoch no-backtrace-details";
+
 /// The engine: the guest's shared settings (so the same modules validate, with the same fuel
 /// costs), compiled for this host, plus epoch interruption for the deadline.
 fn engine() -> anyhow::Result<Engine> {
+    Engine::new(&host_config()).map_err(|e| anyhow!("cannot create the wasmtime engine: {e:?}"))
+}
+
+/// The configuration of [`engine`], also what `bulwark compile --target host` compiles with.
+pub fn host_config() -> Config {
     let mut config = bulwark_engine::shared_config();
     config
         .strategy(Strategy::Cranelift)
@@ -141,7 +146,7 @@ fn engine() -> anyhow::Result<Engine> {
         .epoch_interruption(true)
         // The guest has no DWARF support: keep trap messages the same whatever the environment.
         .wasm_backtrace_details(WasmBacktraceDetails::Disable);
-    Engine::new(&config).map_err(|e| anyhow!("cannot create the wasmtime engine: {e:?}"))
+    config
 }
 
 /// What a store's data holds.
@@ -342,9 +347,14 @@ fn capture(cap: usize, name: &str) -> anyhow::Result<(OutputFile, JoinHandle<Cap
 mod tests {
     use super::*;
 
+    fn compiled(module: &[u8]) -> Vec<u8> {
+        crate::compile::compile_bytes(module, crate::cli::Target::Host).unwrap()
+    }
+
     fn call(module: &[u8], limits: Limits) -> anyhow::Result<Option<Response>> {
+        let artifact = compiled(module);
         run(LocalCall {
-            module,
+            artifact: &artifact,
             args: vec!["t".into()],
             env: Vec::new(),
             stdin: Vec::new(),
@@ -381,8 +391,18 @@ mod tests {
 
     #[test]
     fn bad_modules_unknown_imports_and_deadlines() {
-        let e = call(b"#!/bin/sh", Limits::default()).unwrap_err();
-        assert!(e.is::<BadModule>(), "{e:#}");
+        assert!(crate::compile::compile_bytes(b"#!/bin/sh", crate::cli::Target::Host).is_err());
+        let e = run(LocalCall {
+            artifact: b"not an artifact",
+            args: vec!["t".into()],
+            env: Vec::new(),
+            stdin: Vec::new(),
+            limits: Limits::default(),
+            preopens: Vec::new(),
+            deadline: Instant::now() + Duration::from_secs(30),
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("cache"), "{e:#}");
         let import =
             br#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#;
         let r = call(import, Limits::default()).unwrap().unwrap();
@@ -392,8 +412,9 @@ mod tests {
             r.outcome
         );
         let spin = br#"(module (func (export "_start") (loop (br 0))))"#;
+        let spin_artifact = compiled(spin);
         let r = run(LocalCall {
-            module: spin,
+            artifact: &spin_artifact,
             args: vec!["t".into()],
             env: Vec::new(),
             stdin: Vec::new(),

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use bulwark_proto::call::{Artifact, Limits, Outcome, PROTOCOL_VERSION, Request, Response};
 
-use crate::cli::{Isolation, RunArgs};
+use crate::cli::{Isolation, RunArgs, Target};
 use crate::compile::{read_module, sha256_hex};
 use crate::dirs::{self, Budget, Changes};
 use crate::{cache, interrupt, local, vm};
@@ -130,17 +130,21 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         Ok(s) => s,
         Err(e) => return failed(code::BULWARK, e),
     };
-    if args.isolation == Isolation::Wasm {
-        return call_in_process(args, &module, shared, started, timings);
-    }
     let digest_hex = sha256_hex(&module);
-    let (artifact, _compiled) = match cache::artifact(&args.module, &digest_hex) {
+    let target = match args.isolation {
+        Isolation::Vm => Target::Guest,
+        Isolation::Wasm => Target::Host,
+    };
+    let (artifact, _compiled) = match cache::artifact(&args.module, &digest_hex, target) {
         Ok(a) => a,
         // Ctrl-C reaches the compiler process too.
         Err(_) if interrupt::requested() => return Result::Interrupted,
         Err(e) => return failed(code::MODULE, e),
     };
     timings.compile_us = started.elapsed().as_micros();
+    if args.isolation == Isolation::Wasm {
+        return call_in_process(args, &artifact, shared, timings);
+    }
     let stdin = match stdin_bytes() {
         Ok(s) => s,
         Err(e) => return failed(code::BULWARK, e),
@@ -247,15 +251,14 @@ fn finish(
     Result::Done(response, changes)
 }
 
-/// `--isolation wasm`: the call runs in this process (see `local`): no compile cache, no VM.
+/// `--isolation wasm`: the call runs in this process (see `local`), from an artifact the compile
+/// cache holds for this host: no VM.
 fn call_in_process(
     args: &RunArgs,
-    module: &[u8],
+    artifact: &[u8],
     shared: Vec<bulwark_proto::tree::SharedDir>,
-    started: Instant,
     timings: &mut Timings,
 ) -> Result {
-    let read_us = started.elapsed().as_micros();
     let stdin = match stdin_bytes() {
         Ok(s) => s,
         Err(e) => return Result::Failed(code::BULWARK, format!("{e:#}")),
@@ -278,7 +281,7 @@ fn call_in_process(
         .collect();
     let call_started = Instant::now();
     let outcome = local::run(local::LocalCall {
-        module,
+        artifact,
         args: std::iter::once(program)
             .chain(args.args.iter().cloned())
             .collect(),
@@ -294,7 +297,6 @@ fn call_in_process(
     }
     match outcome {
         Ok(Some(response)) => {
-            timings.compile_us = read_us + u128::from(response.timings.load_us);
             if response.outcome != Outcome::Exited(0) {
                 return Result::Done(response, Vec::new());
             }
@@ -318,14 +320,6 @@ fn call_in_process(
             }
         }
         Ok(None) => Result::TimedOut,
-        Err(e) if e.is::<local::BadModule>() => Result::Failed(
-            code::MODULE,
-            // Worded as the compiler process of the VM path words it.
-            format!(
-                "cannot compile {}: is it a valid WebAssembly module?: {e:#}",
-                args.module.display()
-            ),
-        ),
         Err(e) => Result::Failed(code::BULWARK, format!("{e:#}")),
     }
 }

@@ -239,30 +239,42 @@ fn a_second_run_uses_the_compile_cache() {
     )
     .unwrap();
     let cache = dir.join("cache");
-    let json = |_: ()| {
+    let run_json = |isolation: &str| {
         let out = Command::new(bulwark_binary())
-            .args(["run", "--json", module.to_str().unwrap()])
+            .args(["run", "--json", "--isolation", isolation])
+            .arg(&module)
             .env("BULWARK_CACHE_DIR", &cache)
             .env("BULWARK_GUEST", guest_image())
             .stdin(Stdio::null())
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-        stdout(&out)
     };
-    json(());
-    let artifacts = std::fs::read_dir(cache.join("artifacts")).unwrap().count();
-    assert_eq!(artifacts, 1, "one artifact cached");
+    let artifacts = || {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(cache.join("artifacts"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
     let modified = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
-    let entry = std::fs::read_dir(cache.join("artifacts"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let before = modified(&entry);
-    json(());
-    assert_eq!(modified(&entry), before, "the artifact was not rewritten");
+    // One artifact per target: the guest's, and this host's for --isolation wasm.
+    for (isolation, count) in [("vm", 1), ("wasm", 2)] {
+        run_json(isolation);
+        let all = artifacts();
+        assert_eq!(all.len(), count, "{all:?}");
+        let before: Vec<_> = all.iter().map(|p| modified(p)).collect();
+        run_json(isolation);
+        let after: Vec<_> = all.iter().map(|p| modified(p)).collect();
+        assert_eq!(after, before, "{isolation}: an artifact was rewritten");
+        assert_eq!(artifacts().len(), count);
+    }
+    assert!(
+        artifacts()
+            .iter()
+            .any(|p| p.to_string_lossy().ends_with("-host.cwasm"))
+    );
 }
 
 #[test]
