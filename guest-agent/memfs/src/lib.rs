@@ -524,28 +524,33 @@ impl Fs {
     }
 
     /// Mutable bytes of the file `ino`, after growing or shrinking it to `size` within the
-    /// byte limit; the file counts as changed.
+    /// byte limit; the file counts as changed. On an error nothing changed.
     fn resize(&mut self, ino: Ino, size: u64, now_ns: u64) -> Result<&mut Vec<u8>> {
         let new_len = usize::try_from(size).map_err(|_| Errno::FBig)?;
         let old_len = self.file(ino)?.len();
-        let total = self.bytes - old_len as u64 + size;
+        let total = (self.bytes - old_len as u64)
+            .checked_add(size)
+            .ok_or(Errno::NoSpc)?;
         if size > old_len as u64 && total > self.limits.max_bytes {
             return Err(Errno::NoSpc);
         }
-        self.bytes = total;
         let node = self.node_mut(ino)?;
-        node.mtime_ns = now_ns;
         let Data::File { bytes, origin } = &mut node.data else {
             return Err(Errno::IsDir);
         };
-        *origin = None;
         if new_len > bytes.len() {
             bytes
                 .try_reserve(new_len - bytes.len())
                 .map_err(|_| Errno::NoSpc)?;
         }
         bytes.resize(new_len, 0);
-        Ok(bytes)
+        *origin = None;
+        node.mtime_ns = now_ns;
+        self.bytes = total;
+        match &mut self.node_mut(ino)?.data {
+            Data::File { bytes, .. } => Ok(bytes),
+            Data::Dir { .. } => Err(Errno::IsDir),
+        }
     }
 
     /// Writes `data` into the file `ino` at `offset`, growing it (with zeros in any gap).

@@ -97,6 +97,8 @@ fn limits_give_nospc_not_an_allocation_failure() {
     assert_eq!(fs.write(f, 0, &[1; 10], 0), Ok(10));
     assert_eq!(fs.write(f, 10, &[1], 0), Err(Errno::NoSpc));
     assert_eq!(fs.set_size(f, 1 << 40, 0), Err(Errno::NoSpc));
+    assert_eq!(fs.set_size(f, u64::MAX, 0), Err(Errno::NoSpc));
+    assert_eq!(fs.bytes(), 10, "a refused resize changes nothing");
     assert_eq!(fs.write(f, 1 << 40, &[1], 0), Err(Errno::NoSpc));
     fs.mkdir(root, "d", 0).unwrap();
     assert_eq!(fs.create_file(root, "g", 0), Err(Errno::NoSpc));
