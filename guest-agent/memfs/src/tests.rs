@@ -278,3 +278,115 @@ fn bad_trees_are_refused() {
     );
     assert_eq!(fs.load(1, vec![], 0), Err(Errno::BadF));
 }
+
+/// Where `path` leads under `root`: its directory and last name, if it resolves to one.
+fn at<'p>(fs: &Fs, root: Ino, path: &'p str) -> Option<(Ino, &'p str)> {
+    fs.resolve(root, path)
+        .ok()
+        .and_then(|r| r.name.map(|n| (r.dir, n)))
+}
+
+/// Random operations from a fixed seed, as a hostile tool might issue them (names that climb,
+/// huge sizes, open handles to removed files): nothing panics, and the byte and inode counts
+/// always match what is alive.
+#[test]
+fn random_operations_keep_the_books_straight() {
+    let mut fs = Fs::new(Limits {
+        max_bytes: 64 << 10,
+        max_inodes: 40,
+    });
+    let root = fs.add_root(0).unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    const NAMES: [&str; 9] = ["a", "b", "c", "a/b", "a/c", "b/a", "..", ".", "a/../b"];
+    let mut open: Vec<Ino> = Vec::new();
+    // Operations that succeeded, by kind, so the test cannot pass by doing nothing.
+    let mut done = [0u32; 9];
+    for step in 0..20_000u64 {
+        let r = next();
+        let path = NAMES[(next() % NAMES.len() as u64) as usize];
+        let other = NAMES[(next() % NAMES.len() as u64) as usize];
+        let size = match (r >> 16) % 4 {
+            0 => 0,
+            1 => (r >> 24) % 5000,
+            2 => (r >> 24) % (80 << 10),
+            _ => u64::MAX - (r >> 40),
+        };
+        match r % 9 {
+            0 => {
+                if let Some((d, n)) = at(&fs, root, path) {
+                    done[0] += u32::from(fs.create_file(d, n, step).is_ok());
+                }
+            }
+            1 => {
+                if let Some((d, n)) = at(&fs, root, path) {
+                    done[1] += u32::from(fs.mkdir(d, n, step).is_ok());
+                }
+            }
+            2 => {
+                if let Ok(ino) = fs.lookup(root, path) {
+                    done[2] += u32::from(fs.write(ino, size % (70 << 10), &[7; 100], step).is_ok());
+                }
+            }
+            3 => {
+                if let Ok(ino) = fs.lookup(root, path) {
+                    done[3] += u32::from(fs.set_size(ino, size, step).is_ok());
+                }
+            }
+            4 => {
+                if let Some((d, n)) = at(&fs, root, path) {
+                    done[4] += u32::from(fs.unlink(d, n, step).is_ok());
+                }
+            }
+            5 => {
+                if let Some((d, n)) = at(&fs, root, path) {
+                    done[5] += u32::from(fs.rmdir(d, n, step).is_ok());
+                }
+            }
+            6 => {
+                if let (Some((d1, n1)), Some((d2, n2))) =
+                    (at(&fs, root, path), at(&fs, root, other))
+                {
+                    done[6] += u32::from(fs.rename(d1, n1, d2, n2, step).is_ok());
+                }
+            }
+            7 => {
+                if let Ok(ino) = fs.lookup(root, path)
+                    && open.len() < 8
+                    && fs.open(ino).is_ok()
+                {
+                    open.push(ino);
+                }
+            }
+            _ => {
+                if let Some(ino) = open.pop() {
+                    fs.close(ino);
+                }
+            }
+        }
+        // The books: bytes are exactly the live files' sizes, within the cap.
+        let live: u64 = (1..fs.next_ino)
+            .filter_map(|i| fs.stat(i).ok())
+            .filter(|s| s.kind == Kind::File)
+            .map(|s| s.size)
+            .sum();
+        assert_eq!(fs.bytes(), live, "step {step}");
+        assert!(fs.bytes() <= 64 << 10, "step {step}");
+        assert!(fs.inode_count() <= 40, "step {step}");
+        assert!(fs.lookup(root, "..").is_err());
+    }
+    assert!(
+        done[..7].iter().all(|&n| n > 20),
+        "too few operations succeeded: {done:?}"
+    );
+    for ino in open.drain(..) {
+        fs.close(ino);
+    }
+    // Removing everything frees everything.
+    let _ = fs.export(0).unwrap();
+}
