@@ -6,7 +6,7 @@ use alloc::format;
 use alloc::vec::Vec;
 
 use bulwark_proto::call::{Artifact, Outcome, PROTOCOL_VERSION, Request, Response, Timings};
-use wasmtime::{Engine, Linker, Module, Store, StoreLimitsBuilder};
+use wasmtime::{Engine, Linker, Module, Store};
 
 use crate::clock::{self, Clock};
 use crate::wasi::{self, Ctx, CtxParams, Exit};
@@ -103,13 +103,7 @@ impl Agent {
             }
         };
         response.timings.load_us = load_us;
-        let max_memory = usize::try_from(req.limits.max_memory).unwrap_or(usize::MAX);
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(max_memory)
-            .table_elements(1_000_000)
-            .instances(1)
-            .trap_on_grow_failure(false)
-            .build();
+        let limits = bulwark_engine::store_limits(req.limits.max_memory);
         let ctx = Ctx::new(CtxParams {
             args: req.args,
             env: req.env,

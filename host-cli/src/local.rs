@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use bulwark_proto::call::{Limits, Outcome, PROTOCOL_VERSION, Response, Timings};
 use wasmtime::{
-    Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, Strategy, Trap,
-    WasmBacktraceDetails, WasmFeatures,
+    Config, Engine, Linker, Module, Store, StoreLimits, Strategy, Trap, WasmBacktraceDetails,
+    WasmFeatures,
 };
 use wasmtime_wasi::cli::OutputFile;
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -198,13 +198,7 @@ fn prepare(engine: &Engine, call: LocalCall<'_>) -> anyhow::Result<Prepared> {
             .preopened_dir(host, guest, FsPerms::ReadWrite)
             .map_err(|e| anyhow!("cannot open {} for the tool: {e:?}", host.display()))?;
     }
-    let max_memory = usize::try_from(call.limits.max_memory).unwrap_or(usize::MAX);
-    let limits = StoreLimitsBuilder::new()
-        .memory_size(max_memory)
-        .table_elements(1_000_000)
-        .instances(1)
-        .trap_on_grow_failure(false)
-        .build();
+    let limits = bulwark_engine::store_limits(call.limits.max_memory);
     let store = Store::new(
         engine,
         Data {

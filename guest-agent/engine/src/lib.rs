@@ -85,3 +85,18 @@ pub fn outcome_of(e: &wasmtime::Error, exit: Option<i32>) -> Outcome {
         None => Outcome::Error(e.to_string()),
     }
 }
+
+/// Most table elements a tool may have.
+pub const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+
+/// A call's store limits, the same on both sides: linear memory up to `max_memory` bytes,
+/// [`MAX_TABLE_ELEMENTS`], one instance, and a failed `memory.grow` answered with -1 (what the
+/// tool sees) rather than a trap.
+pub fn store_limits(max_memory: u64) -> wasmtime::StoreLimits {
+    wasmtime::StoreLimitsBuilder::new()
+        .memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
+        .table_elements(MAX_TABLE_ELEMENTS)
+        .instances(1)
+        .trap_on_grow_failure(false)
+        .build()
+}

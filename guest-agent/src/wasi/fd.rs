@@ -498,46 +498,53 @@ fn inode(ctx: &Ctx, fd: u32) -> Result<Option<Ino>, i32> {
     Ok(ctx.fds.get(fd)?.ino())
 }
 
+/// `fd_read`, `fd_write` and their positioned forms.
+type Transfer = fn(&mut [u8], &mut Ctx, u32, u32, u32, Option<u64>) -> Result<u32, i32>;
+
+/// Runs a read or write and stores the byte count at `out`.
+fn transfer(
+    c: &mut Caller<'_, Ctx>,
+    f: Transfer,
+    fd: u32,
+    iovs: u32,
+    count: u32,
+    offset: Option<u64>,
+    out: u32,
+) -> i32 {
+    with_mem(c, |d, ctx| {
+        let n = f(d, ctx, fd, iovs, count, offset)?;
+        write_u32(d, out, n)
+    })
+}
+
 /// Adds the `fd_*` functions to `linker`.
 pub fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
     linker.func_wrap(
         MODULE,
         "fd_write",
-        |mut c: Caller<'_, Ctx>, fd: u32, iovs: u32, count: u32, written: u32| {
-            with_mem(&mut c, |d, ctx| {
-                let n = fd_write(d, ctx, fd, iovs, count, None)?;
-                write_u32(d, written, n)
-            })
+        |mut c: Caller<'_, Ctx>, fd: u32, iovs: u32, count: u32, out: u32| {
+            transfer(&mut c, fd_write, fd, iovs, count, None, out)
         },
     )?;
     linker.func_wrap(
         MODULE,
         "fd_pwrite",
-        |mut c: Caller<'_, Ctx>, fd: u32, iovs: u32, count: u32, offset: u64, written: u32| {
-            with_mem(&mut c, |d, ctx| {
-                let n = fd_write(d, ctx, fd, iovs, count, Some(offset))?;
-                write_u32(d, written, n)
-            })
+        |mut c: Caller<'_, Ctx>, fd: u32, iovs: u32, count: u32, at: u64, out: u32| {
+            transfer(&mut c, fd_write, fd, iovs, count, Some(at), out)
         },
     )?;
     linker.func_wrap(
         MODULE,
         "fd_read",
-        |mut c: Caller<'_, Ctx>, fd: u32, iovs: u32, count: u32, read: u32| {
-            with_mem(&mut c, |d, ctx| {
-                let n = fd_read(d, ctx, fd, iovs, count, None)?;
-                write_u32(d, read, n)
-            })
+        |mut c: Caller<'_, Ctx>, fd: u32, iovs: u32, count: u32, out: u32| {
+            transfer(&mut c, fd_read, fd, iovs, count, None, out)
         },
     )?;
     linker.func_wrap(
         MODULE,
         "fd_pread",
-        |mut c: Caller<'_, Ctx>, fd: u32, iovs: u32, count: u32, offset: u64, read: u32| {
-            with_mem(&mut c, |d, ctx| {
-                let n = fd_read(d, ctx, fd, iovs, count, Some(offset))?;
-                write_u32(d, read, n)
-            })
+        |mut c: Caller<'_, Ctx>, fd: u32, iovs: u32, count: u32, at: u64, out: u32| {
+            transfer(&mut c, fd_read, fd, iovs, count, Some(at), out)
         },
     )?;
     linker.func_wrap(
