@@ -57,13 +57,25 @@ fn seed() -> [u8; 32] {
     seed
 }
 
+/// Most bytes of standard input a call carries.
+pub const MAX_STDIN: u64 = 64 << 20;
+
+/// All of standard input (none from a terminal), at most [`MAX_STDIN`] bytes.
 fn stdin_bytes() -> anyhow::Result<Vec<u8>> {
-    let mut stdin = std::io::stdin();
+    let stdin = std::io::stdin();
     let mut data = Vec::new();
     if !stdin.is_terminal() {
         stdin
+            .lock()
+            .take(MAX_STDIN + 1)
             .read_to_end(&mut data)
             .context("cannot read standard input")?;
+    }
+    if data.len() as u64 > MAX_STDIN {
+        anyhow::bail!(
+            "standard input is over the {} MiB a call may carry; pass large data with --dir",
+            MAX_STDIN >> 20
+        );
     }
     Ok(data)
 }
@@ -149,6 +161,17 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         Ok(s) => s,
         Err(e) => return failed(code::BULWARK, e),
     };
+    // The guest holds standard input twice while it reads the request.
+    let need_mib = need_mib + 2 * (stdin.len() as u64).div_ceil(1 << 20);
+    if args.mem_mib < need_mib {
+        return Result::Failed(
+            code::BULWARK,
+            format!(
+                "--mem-mib {} cannot hold this call's standard input as well: use --mem-mib {need_mib} or more",
+                args.mem_mib
+            ),
+        );
+    }
     let mut digest = [0u8; 32];
     for (i, byte) in digest.iter_mut().enumerate() {
         *byte = u8::from_str_radix(&digest_hex[2 * i..2 * i + 2], 16).unwrap_or(0);

@@ -449,3 +449,18 @@ fn a_sleeping_tool_does_not_spin() {
         "bulwark and its VM used {busy:?} of CPU for a 1 s sleep"
     );
 }
+
+#[test]
+fn oversized_stdin_is_refused_before_a_vm_starts() {
+    if !kvm_available() {
+        return;
+    }
+    let big = vec![b'x'; (64 << 20) + 1];
+    let out = run_with_stdin(&[&tool()], &big);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("standard input is over the 64 MiB"),
+        "{}",
+        stderr(&out)
+    );
+}
