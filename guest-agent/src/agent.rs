@@ -5,7 +5,7 @@ use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::vec::Vec;
 
-use bulwark_proto::call::{Artifact, Outcome, PROTOCOL_VERSION, Request, Response, Timings};
+use bulwark_proto::call::{Artifact, Outcome, PROTOCOL_VERSION, Request, Response};
 use wasmtime::{Engine, Linker, Module, Store};
 
 use crate::clock::{self, Clock};
@@ -71,16 +71,7 @@ impl Agent {
 
     /// Runs one call.
     pub fn call(&mut self, req: Request) -> Response {
-        let mut response = Response {
-            version: PROTOCOL_VERSION,
-            outcome: Outcome::Exited(0),
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            output_truncated: false,
-            fuel_consumed: None,
-            dirs: Vec::new(),
-            timings: Timings::default(),
-        };
+        let mut response = Response::new(Outcome::Exited(0));
         if req.dirs.len() > MAX_SHARED_DIRS {
             response.outcome = Outcome::Error(format!(
                 "{} shared directories, over the limit of {MAX_SHARED_DIRS}",

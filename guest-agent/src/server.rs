@@ -6,7 +6,7 @@ use alloc::format;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use bulwark_proto::call::{AGENT_PORT, Outcome, PROTOCOL_VERSION, Request, Response, Timings};
+use bulwark_proto::call::{AGENT_PORT, Outcome, Request, Response};
 use bulwark_proto::frame::{self, MAX_REQUEST_FRAME, PREFIX};
 
 use crate::agent::Agent;
@@ -39,16 +39,7 @@ fn write_all(vs: &mut Vsock, s: Stream, mut data: &[u8]) -> Result<(), StreamErr
 }
 
 fn error_response(message: alloc::string::String) -> Response {
-    Response {
-        version: PROTOCOL_VERSION,
-        outcome: Outcome::Error(message),
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-        output_truncated: false,
-        fuel_consumed: None,
-        dirs: Vec::new(),
-        timings: Timings::default(),
-    }
+    Response::new(Outcome::Error(message))
 }
 
 /// Reads one request frame; an `Err` is the message for the error answer.

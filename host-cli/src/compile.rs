@@ -32,12 +32,19 @@ fn wasmtime_error(what: &str, e: wasmtime::Error) -> anyhow::Error {
     anyhow::anyhow!("{what}: {e:?}")
 }
 
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&sha256(bytes))
 }
 
 /// Reads a module, refusing files over [`MAX_MODULE_SIZE`] before reading them.

@@ -272,7 +272,7 @@ fn execute(
         stdout: stdout.bytes,
         stderr: stderr.bytes,
         fuel_consumed,
-        // Preopened directories are the host's own: the tool changed them in place.
+        // The tool changed scratch copies in place; `run` reads them back from there.
         dirs: Vec::new(),
         timings,
     }))

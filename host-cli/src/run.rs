@@ -8,7 +8,7 @@ use anyhow::Context;
 use bulwark_proto::call::{Artifact, Limits, Outcome, PROTOCOL_VERSION, Request, Response};
 
 use crate::cli::{Isolation, RunArgs, Target};
-use crate::compile::{read_module, sha256_hex};
+use crate::compile::{hex, read_module, sha256};
 use crate::dirs::{self, Budget, Changes};
 use crate::{cache, interrupt, local, vm};
 
@@ -134,33 +134,29 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         Ok(m) => m,
         Err(e) => return failed(code::MODULE, e),
     };
-    let budget = Budget {
-        bytes: args.max_dir_size,
-        entries: args.max_dir_files,
-    };
-    let shared = match dirs::read_all(&args.dirs, budget) {
+    let shared = match dirs::read_all(&args.dirs, budget(args)) {
         Ok(s) => s,
         Err(e) => return failed(code::BULWARK, e),
     };
-    let digest_hex = sha256_hex(&module);
+    let digest = sha256(&module);
     let target = match args.isolation {
         Isolation::Vm => Target::Guest,
         Isolation::Wasm => Target::Host,
     };
-    let (artifact, _compiled) = match cache::artifact(&args.module, &digest_hex, target) {
+    let (artifact, _compiled) = match cache::artifact(&args.module, &hex(&digest), target) {
         Ok(a) => a,
         // Ctrl-C reaches the compiler process too.
         Err(_) if interrupt::requested() => return Result::Interrupted,
         Err(e) => return failed(code::MODULE, e),
     };
     timings.compile_us = started.elapsed().as_micros();
-    if args.isolation == Isolation::Wasm {
-        return call_in_process(args, &artifact, shared, timings);
-    }
     let stdin = match stdin_bytes() {
         Ok(s) => s,
         Err(e) => return failed(code::BULWARK, e),
     };
+    if args.isolation == Isolation::Wasm {
+        return call_in_process(args, &artifact, shared, stdin, timings);
+    }
     // The guest holds standard input twice while it reads the request.
     let need_mib = need_mib + 2 * (stdin.len() as u64).div_ceil(1 << 20);
     if args.mem_mib < need_mib {
@@ -172,23 +168,13 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
             ),
         );
     }
-    let mut digest = [0u8; 32];
-    for (i, byte) in digest.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&digest_hex[2 * i..2 * i + 2], 16).unwrap_or(0);
-    }
-    let program = args
-        .module
-        .file_name()
-        .map_or_else(|| "tool".into(), |n| n.to_string_lossy().into_owned());
     let request = Request {
         version: PROTOCOL_VERSION,
         artifact: Artifact::Inline {
             digest,
             bytes: artifact,
         },
-        args: std::iter::once(program)
-            .chain(args.args.iter().cloned())
-            .collect(),
+        args: argv(args),
         env: args.env.clone(),
         stdin,
         dirs: shared,
@@ -217,11 +203,43 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     }
     match outcome {
         Ok(Some(mut response)) => {
+            cap_output(&mut response, args.max_output);
             let after = std::mem::take(&mut response.dirs);
             finish(args, response, &request.dirs, after)
         }
         Ok(None) => Result::TimedOut,
         Err(e) => failed(code::BULWARK, e),
+    }
+}
+
+/// The tool's argv: the module's file name, then the arguments.
+fn argv(args: &RunArgs) -> Vec<String> {
+    let program = args
+        .module
+        .file_name()
+        .map_or_else(|| "tool".into(), |n| n.to_string_lossy().into_owned());
+    std::iter::once(program)
+        .chain(args.args.iter().cloned())
+        .collect()
+}
+
+/// What `--max-dir-size` and `--max-dir-files` allow, for reading trees.
+fn budget(args: &RunArgs) -> Budget {
+    Budget {
+        bytes: args.max_dir_size,
+        entries: args.max_dir_files,
+    }
+}
+
+/// Holds the guest's answer to `--max-output` on this side too: the answer is the guest's word,
+/// and a guest that sends more than it was allowed does not get it printed.
+fn cap_output(response: &mut Response, max_output: u64) {
+    let cap = usize::try_from(max_output).unwrap_or(usize::MAX);
+    for out in [&mut response.stdout, &mut response.stderr] {
+        if out.len() > cap {
+            out.truncate(cap);
+            response.output_truncated = true;
+        }
     }
 }
 
@@ -280,16 +298,9 @@ fn call_in_process(
     args: &RunArgs,
     artifact: &[u8],
     shared: Vec<bulwark_proto::tree::SharedDir>,
+    stdin: Vec<u8>,
     timings: &mut Timings,
 ) -> Result {
-    let stdin = match stdin_bytes() {
-        Ok(s) => s,
-        Err(e) => return Result::Failed(code::BULWARK, format!("{e:#}")),
-    };
-    let program = args
-        .module
-        .file_name()
-        .map_or_else(|| "tool".into(), |n| n.to_string_lossy().into_owned());
     // The tool gets scratch copies of the shared directories, so a failed call leaves the host's
     // untouched exactly as in a VM.
     let scratch = match Scratch::new(&shared) {
@@ -305,9 +316,7 @@ fn call_in_process(
     let call_started = Instant::now();
     let outcome = local::run(local::LocalCall {
         artifact,
-        args: std::iter::once(program)
-            .chain(args.args.iter().cloned())
-            .collect(),
+        args: argv(args),
         env: args.env.clone(),
         stdin,
         limits: limits(args),
@@ -323,10 +332,7 @@ fn call_in_process(
             if response.outcome != Outcome::Exited(0) {
                 return Result::Done(response, Vec::new());
             }
-            let mut budget = Budget {
-                bytes: args.max_dir_size,
-                entries: args.max_dir_files,
-            };
+            let mut budget = budget(args);
             let after: anyhow::Result<Vec<_>> = scratch
                 .dirs
                 .iter()
@@ -504,4 +510,24 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
         Result::Failed(_, msg) => eprintln!("bulwark: {msg}"),
     }
     ExitCode::from(exit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_over_the_cap_from_the_guest_is_cut_and_flagged() {
+        let mut r = Response::new(Outcome::Exited(0));
+        r.stdout = vec![b'o'; 10];
+        r.stderr = vec![b'e'; 3];
+        cap_output(&mut r, 4);
+        assert_eq!(r.stdout, b"oooo");
+        assert_eq!(r.stderr, b"eee");
+        assert!(r.output_truncated);
+        let mut r = Response::new(Outcome::Exited(0));
+        r.stdout = vec![b'o'; 4];
+        cap_output(&mut r, 4);
+        assert!(!r.output_truncated, "at the cap is not over it");
+    }
 }

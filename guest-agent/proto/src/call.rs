@@ -108,6 +108,22 @@ pub struct Timings {
     pub run_us: u64,
 }
 
+impl Response {
+    /// An answer with `outcome` and nothing else yet (no output, no timings).
+    pub fn new(outcome: Outcome) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            outcome,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            output_truncated: false,
+            fuel_consumed: None,
+            dirs: Vec::new(),
+            timings: Timings::default(),
+        }
+    }
+}
+
 /// The answer to a [`Request`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
