@@ -71,6 +71,12 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
             let value = unsafe { core::ptr::read_volatile(layout::MMIO_UNCLAIMED as *const u32) };
             println!("unclaimed MMIO read returned {value:#x}");
         }
+        Some(TestMode::WriteStubs) => {
+            // SAFETY: a write to the stubs' page, which is mapped supervisor-only: the CPU
+            // faults here and the VMM stops the VM, which is what this test mode is for.
+            unsafe { core::ptr::write_volatile(layout::EXCEPTION_STUBS as *mut u8, 0xcc) };
+            println!("the exception stubs' page took a write from CPL3");
+        }
         Some(TestMode::Spin) => loop {
             core::hint::spin_loop();
         },

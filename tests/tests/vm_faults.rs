@@ -77,3 +77,68 @@ fn a_spinning_guest_is_stopped_by_the_timeout() {
     // Functional, not a speed goal: the VMM did wait for the timeout before stopping the guest.
     assert!(started.elapsed() >= std::time::Duration::from_millis(500));
 }
+
+#[test]
+fn cpl3_code_cannot_write_the_exception_stubs() {
+    if !kvm_available() {
+        return;
+    }
+    let (status, err) = run_test_mode("write-stubs", "30");
+    assert_eq!(status, Some(code::GUEST_CRASH.into()), "{err}");
+    assert!(err.contains("CPU exception 14"), "{err}");
+    // Present, write, from user mode: the page is there but not the guest's to write.
+    assert_eq!(hex_after(&err, "error code 0x"), 0x7, "{err}");
+    assert_eq!(
+        hex_after(&err, "faulting address 0x"),
+        layout::EXCEPTION_STUBS,
+        "{err}"
+    );
+}
+
+/// Runs the `ud2` test mode with a CPU probe; returns the VMM's report and whether the VMM
+/// turned the protection on (its `--report-confinement` line).
+fn probe(which: &str) -> (String, bool) {
+    let out = run_vmm([
+        "--cpu-probe".as_ref(),
+        which.as_ref(),
+        "--report-confinement".as_ref(),
+        "--guest-test".as_ref(),
+        "ud2".as_ref(),
+        "--timeout".as_ref(),
+        "30".as_ref(),
+        guest_image().as_os_str(),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(code::GUEST_CRASH.into()), "{err}");
+    let on = err.contains(&format!("{which} on"));
+    (err, on)
+}
+
+#[test]
+fn smep_stops_cpl0_running_code_from_a_user_page() {
+    if !kvm_available() {
+        return;
+    }
+    let (err, on) = probe("smep");
+    if !on {
+        eprintln!("*** this host's CPU has no SMEP; the probe proved nothing: {err}");
+        return;
+    }
+    // The #UD gate leads into a user page: the fetch itself faults (present, instruction fetch).
+    assert!(err.contains("CPU exception 14"), "{err}");
+    assert_eq!(hex_after(&err, "error code 0x"), 0x11, "{err}");
+}
+
+#[test]
+fn smap_stops_cpl0_writing_a_user_page() {
+    if !kvm_available() {
+        return;
+    }
+    let (err, on) = probe("smap");
+    if !on {
+        eprintln!("*** this host's CPU has no SMAP; the probe proved nothing: {err}");
+        return;
+    }
+    // The exception stack is in a user page: pushing the #UD frame faults, twice: #DF.
+    assert!(err.contains("CPU exception 8"), "{err}");
+}

@@ -7,18 +7,19 @@ use bulwark_proto::boot::{BOOT_INFO_MAGIC, BootInfo, TestMode};
 use bulwark_proto::layout;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::files::{self, InputFileError};
 use crate::memory::GuestMemory;
 
 /// Errors from placing the payload or writing boot info.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    /// The payload file could not be read.
+    /// The payload file could not be read, or is not a regular file.
     #[error("cannot read payload {path}: {source}")]
     ReadPayload {
         /// The payload path.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// What went wrong.
+        source: InputFileError,
     },
     /// Guest RAM cannot hold the image, stack, payload and the minimum heap.
     #[error(
@@ -68,16 +69,20 @@ pub fn plan(
     let fits = |payload_size: u64| min_ram_size(payload_size).is_some_and(|need| need <= mem_size);
     let bytes = match payload {
         Some(path) => {
-            let read_err = |source| BootError::ReadPayload {
-                path: path.to_owned(),
-                source,
-            };
-            // Check the size before reading, so a huge file is refused without being read.
-            let len = std::fs::metadata(path).map_err(read_err)?.len();
-            if !fits(len) {
-                return Err(too_small(len));
+            // Opened once and read with a cap: a FIFO, a device or a file that grows cannot
+            // make this block or read without end. The largest payload that could fit is the
+            // cap; the exact check follows.
+            let max = mem_size.saturating_sub(min_ram_size(0).unwrap_or(u64::MAX));
+            match files::read_regular(path, max) {
+                Ok(bytes) => bytes,
+                Err(InputFileError::TooLarge { size, .. }) => return Err(too_small(size)),
+                Err(source) => {
+                    return Err(BootError::ReadPayload {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
             }
-            std::fs::read(path).map_err(read_err)?
         }
         None => Vec::new(),
     };

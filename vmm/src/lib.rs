@@ -6,8 +6,10 @@
 //! WebAssembly or of the agent protocol.
 
 pub mod boot;
+pub mod confine;
 pub mod cpu;
 pub mod devices;
+pub mod files;
 pub mod loader;
 pub mod memory;
 pub mod outcome;
@@ -15,4 +17,4 @@ pub mod vcpu;
 pub mod vm;
 
 pub use outcome::VmExit;
-pub use vm::{Console, RunReport, VmConfig, VmError, run};
+pub use vm::{Console, RunReport, Vm, VmConfig, VmError, run};

@@ -11,6 +11,7 @@ use bulwark_proto::layout;
 use linux_loader::loader::{KernelLoader, elf::Elf};
 use vm_memory::GuestAddress;
 
+use crate::files::{self, InputFileError};
 use crate::memory::GuestMemory;
 
 /// Largest guest image file the VMM reads.
@@ -26,13 +27,13 @@ const EM_X86_64: u16 = 62;
 /// Errors from reading, checking or loading the guest image.
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
-    /// The file could not be read.
+    /// The file could not be read, or is not a regular file.
     #[error("cannot read guest image {path}: {source}")]
     Read {
         /// The image path.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// What went wrong.
+        source: InputFileError,
     },
     /// The file is larger than [`MAX_IMAGE_FILE`].
     #[error("guest image {path} is {size} bytes, more than the {MAX_IMAGE_FILE}-byte limit")]
@@ -249,18 +250,16 @@ pub struct CheckedImage {
 
 /// Reads the guest ELF at `path` and checks it for a RAM of `ram_size` bytes.
 pub fn read(path: &Path, ram_size: u64) -> Result<CheckedImage, LoaderError> {
-    let read_err = |source| LoaderError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let size = std::fs::metadata(path).map_err(read_err)?.len();
-    if size > MAX_IMAGE_FILE {
-        return Err(LoaderError::TooLarge {
+    let bytes = files::read_regular(path, MAX_IMAGE_FILE).map_err(|e| match e {
+        InputFileError::TooLarge { size, .. } => LoaderError::TooLarge {
             path: path.to_owned(),
             size,
-        });
-    }
-    let bytes = std::fs::read(path).map_err(read_err)?;
+        },
+        other => LoaderError::Read {
+            path: path.to_owned(),
+            source: other,
+        },
+    })?;
     let (entry, segments) = check(path, &bytes, ram_size)?;
     let end = segments
         .iter()

@@ -5,7 +5,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bulwark_proto::boot::TestMode;
-use bulwark_vmm::{Console, VmConfig};
+use std::sync::Arc;
+
+use bulwark_vmm::confine::{Probe, confine_process};
+use bulwark_vmm::cpu::probe::CpuProbe;
+use bulwark_vmm::vm::Unconfined;
+use bulwark_vmm::{Console, Vm, VmConfig};
 use clap::{Parser, ValueEnum};
 
 const EXIT_CODES: &str = "\
@@ -58,7 +63,9 @@ struct Args {
 
     /// Serve a virtio-vsock device whose host side is this Unix socket (Firecracker's
     /// convention): connect and write `CONNECT <port>\n` to reach guest port <port>; guest
-    /// connections to host port P go to the socket `PATH_P`.
+    /// connections to host port P go to the socket `PATH_P`. A confined VMM (the default) has
+    /// no file-system access, so it leaves PATH behind when it exits: remove it, or put it in a
+    /// directory you remove (as `bulwark run` does). With --no-confine it removes PATH itself.
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
 
@@ -73,6 +80,42 @@ struct Args {
     /// For tests: make the guest fault on purpose after it is ready.
     #[arg(long, value_enum, value_name = "MODE")]
     guest_test: Option<GuestTest>,
+
+    /// Run without confinement (no user namespace, Landlock, seccomp or rlimits). For
+    /// debugging only: a guest that escapes Wasm then meets a VMM with every right its user has.
+    #[arg(long)]
+    no_confine: bool,
+
+    /// Print which confinement layers are on, in one line on stderr, before the guest runs.
+    #[arg(long)]
+    report_confinement: bool,
+
+    /// For tests: weaken the CPU state to show whether SMEP or SMAP is enforced (use with
+    /// `--guest-test ud2`; see vmm/src/cpu/probe.rs for what each outcome means).
+    #[arg(long, value_enum, value_name = "PROBE", hide = true)]
+    cpu_probe: Option<CpuProbeArg>,
+
+    /// For tests: make the confined VMM misbehave, to prove the confinement holds.
+    #[arg(long, value_enum, value_name = "PROBE", hide = true)]
+    confine_probe: Option<ConfineProbe>,
+}
+
+/// CPU protections a probe can check.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CpuProbeArg {
+    /// Supervisor-mode execution prevention.
+    Smep,
+    /// Supervisor-mode access prevention.
+    Smap,
+}
+
+/// Deliberate misbehaviour of the confined VMM, for its own tests.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ConfineProbe {
+    /// The vCPU thread calls `openat`: seccomp must kill the VMM with SIGSYS.
+    ForbiddenSyscall,
+    /// Seccomp off; the vCPU thread opens a file: Landlock must refuse it (reported on stderr).
+    OpenFile,
 }
 
 /// Deliberate guest faults, for the VMM's own tests.
@@ -88,6 +131,8 @@ enum GuestTest {
     VsockEcho,
     /// Connect to host port 5000 over vsock, greet, echo until EOF (needs --vsock-uds).
     VsockConnect,
+    /// Write to the CPL0 exception stubs from CPL3 (must be a page fault).
+    WriteStubs,
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -130,6 +175,11 @@ fn main() -> ExitCode {
     config.kvm_device = args.kvm_device;
     config.vsock_uds = args.vsock_uds;
     config.cid = args.cid;
+    config.remove_vsock_socket = args.no_confine;
+    config.cpu_probe = args.cpu_probe.map(|p| match p {
+        CpuProbeArg::Smep => CpuProbe::Smep,
+        CpuProbeArg::Smap => CpuProbe::Smap,
+    });
     config.test_mode = match args.guest_test {
         None => TestMode::None,
         Some(GuestTest::Ud2) => TestMode::InvalidOpcode,
@@ -137,9 +187,35 @@ fn main() -> ExitCode {
         Some(GuestTest::Spin) => TestMode::Spin,
         Some(GuestTest::VsockEcho) => TestMode::VsockEcho,
         Some(GuestTest::VsockConnect) => TestMode::VsockConnect,
+        Some(GuestTest::WriteStubs) => TestMode::WriteStubs,
     };
 
-    let report = match bulwark_vmm::run(&config) {
+    let result = Vm::build(&config).and_then(|vm| {
+        if args.no_confine {
+            if args.report_confinement {
+                eprintln!(
+                    "bulwark-vmm: confinement: off (--no-confine); {}",
+                    vm.cpu_protections()
+                );
+            }
+            return vm.run(Arc::new(Unconfined));
+        }
+        let probe = args.confine_probe.map(|p| match p {
+            ConfineProbe::ForbiddenSyscall => Probe::ForbiddenSyscall,
+            ConfineProbe::OpenFile => Probe::OpenFile,
+        });
+        let seccomp = probe != Some(Probe::OpenFile);
+        let confinement = confine_process(&config, seccomp, probe)?;
+        if args.report_confinement {
+            eprintln!(
+                "bulwark-vmm: confinement: {}; {}",
+                confinement.report,
+                vm.cpu_protections()
+            );
+        }
+        vm.run(confinement)
+    });
+    let report = match result {
         Ok(report) => report,
         Err(e) => {
             eprintln!("bulwark-vmm: {e}");

@@ -37,14 +37,20 @@ pub enum MemoryError {
     NoHostAddress,
 }
 
-/// Allocates `mib` MiB of zeroed guest RAM starting at guest-physical 0.
-pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
+/// Checks that `mib` MiB is a usable RAM size (a whole number of 2 MiB pages, more than 0, at
+/// most [`layout::MAX_RAM_SIZE`]) and returns it in bytes.
+pub fn check_size(mib: u64) -> Result<usize, MemoryError> {
     let max = layout::MAX_RAM_SIZE >> 20;
     let size = mib
         .checked_mul(1 << 20)
         .filter(|&s| s > 0 && s <= layout::MAX_RAM_SIZE && s % layout::PAGE_SIZE == 0);
     let size = size.ok_or(MemoryError::BadSize { mib, max })?;
-    let len = usize::try_from(size).map_err(|_| MemoryError::BadSize { mib, max })?;
+    usize::try_from(size).map_err(|_| MemoryError::BadSize { mib, max })
+}
+
+/// Allocates `mib` MiB of zeroed guest RAM starting at guest-physical 0.
+pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
+    let len = check_size(mib)?;
     GuestMemory::from_ranges(&[(GuestAddress(0), len)])
         .map_err(|source| MemoryError::Allocate { mib, source })
 }

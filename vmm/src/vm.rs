@@ -1,5 +1,8 @@
-//! One VM from configuration to exit: checks the inputs, sets up KVM, memory, CPU state and
-//! devices, runs the vCPU on its own thread and enforces the timeout.
+//! One VM from configuration to exit, in two phases with a seam between them:
+//! [`Vm::build`] checks the inputs and sets up KVM, memory, CPU state and devices, opening every
+//! file and socket the VM will use; [`Vm::run`] runs the vCPU on its own thread and enforces the
+//! timeout. Between the two the process confines itself ([`crate::confine`]): nothing that
+//! needs a path or a privilege happens after `build`.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -14,7 +17,7 @@ use std::time::Duration;
 use bulwark_proto::boot::TestMode;
 use bulwark_proto::{layout, ports};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::boot::{self, BootError};
@@ -27,7 +30,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::VsockDevice;
 use crate::devices::virtio::vsock::muxer::MuxerError;
 use crate::loader::{self, LoaderError};
-use crate::memory::{self, MemoryError};
+use crate::memory::{self, GuestMemory, MemoryError};
 use crate::outcome::{VmExit, code};
 use crate::vcpu::{Vcpu, VcpuError, VcpuTimes};
 
@@ -68,6 +71,11 @@ pub struct VmConfig {
     pub vsock_uds: Option<PathBuf>,
     /// The guest's vsock CID.
     pub cid: u64,
+    /// A test-only CPU probe (SMEP or SMAP enforcement).
+    pub cpu_probe: Option<cpu::probe::CpuProbe>,
+    /// Whether the vsock socket file is removed when the VM ends. A confined VMM cannot remove
+    /// it (no file-system access): the caller that chose the path does.
+    pub remove_vsock_socket: bool,
 }
 
 impl VmConfig {
@@ -84,6 +92,8 @@ impl VmConfig {
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             vsock_uds: None,
             cid: bulwark_proto::vsock::DEFAULT_GUEST_CID,
+            remove_vsock_socket: true,
+            cpu_probe: None,
         }
     }
 }
@@ -129,6 +139,9 @@ pub enum VmError {
     /// The vCPU thread could not be started or panicked.
     #[error("vCPU thread: {0}")]
     Thread(String),
+    /// The process could not confine itself.
+    #[error("cannot confine the VMM: {0}")]
+    Confine(String),
 }
 
 impl VmError {
@@ -138,9 +151,11 @@ impl VmError {
             Self::Image(_) => code::IMAGE,
             Self::Memory(_) | Self::Boot(_) | Self::Console { .. } | Self::Vsock(_) => code::CONFIG,
             Self::Kvm(_) | Self::Cpu(_) => code::KVM,
-            Self::Bus(_) | Self::Vcpu(_) | Self::Thread(_) | Self::VsockDevice(_) => {
-                code::VMM_FAILURE
-            }
+            Self::Bus(_)
+            | Self::Vcpu(_)
+            | Self::Thread(_)
+            | Self::VsockDevice(_)
+            | Self::Confine(_) => code::VMM_FAILURE,
         }
     }
 }
@@ -195,112 +210,252 @@ fn console_sink(config: &VmConfig) -> Result<CappedSink, VmError> {
 /// Does nothing: the signal only has to interrupt `KVM_RUN`.
 extern "C" fn interrupt_vcpu(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Builds the VM described by `config`, runs it to its end and reports why it ended.
-pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
-    // Inputs first: a bad file or size is reported before /dev/kvm is touched.
-    let mem_size = config.mem_mib.saturating_mul(1 << 20);
-    let image = loader::read(&config.guest, mem_size)?;
-    let (mut info, payload) = boot::plan(mem_size, config.payload.as_deref(), config.test_mode, 0)?;
-    let sink = SharedSink::new(console_sink(config)?);
-    if config.cid <= bulwark_proto::vsock::HOST_CID || config.cid >= u64::from(u32::MAX) {
-        return Err(VmError::VsockDevice(DeviceFault(format!(
-            "--cid {} is reserved: use 3 to 4294967294",
-            config.cid
-        ))));
+/// A VM that is built and ready to run: guest memory loaded, CPU state set, devices in place.
+///
+/// Fields drop in order: the vCPU (and its file descriptor) first, then the VM file descriptor,
+/// then guest memory, so KVM never holds a slot whose memory is gone.
+pub struct Vm {
+    vcpu: Vcpu,
+    vm_fd: VmFd,
+    /// Keeps guest RAM mapped until after `vm_fd` is closed.
+    mem: GuestMemory,
+    stop: Arc<AtomicBool>,
+    timeout: Option<Duration>,
+    cr4: u64,
+}
+
+/// What the confinement layer does on each thread of a running VM (see [`crate::confine`]).
+pub trait ThreadConfinement: Send + Sync {
+    /// Runs on the vCPU thread before its first `KVM_RUN`.
+    fn vcpu_thread(&self) -> Result<(), String>;
+    /// Runs on the main thread once the vCPU thread exists, before the guest runs.
+    fn main_thread(&self) -> Result<(), String>;
+}
+
+/// No confinement (`--no-confine`).
+pub struct Unconfined;
+
+impl ThreadConfinement for Unconfined {
+    fn vcpu_thread(&self) -> Result<(), String> {
+        Ok(())
     }
-    let vsock = match &config.vsock_uds {
-        Some(path) => Some(Arc::new(Mutex::new(VsockDevice::new(config.cid, path)?))),
-        None => None,
-    };
-
-    let kvm = open_kvm(&config.kvm_device)?;
-    let vm = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
-    let mem = memory::create(config.mem_mib)?;
-    memory::register(&vm, &mem)?;
-    let vcpu_fd = vm.create_vcpu(0).map_err(kvm_error("KVM_CREATE_VCPU"))?;
-
-    loader::load(&mem, &image)?;
-    info.tsc_khz = vcpu_fd.get_tsc_khz().map_or(0, u64::from);
-    info.vsock_cid = if vsock.is_some() { config.cid } else { 0 };
-    boot::write(&mem, &info, &payload)?;
-    cpu::paging::write(&mem, mem_size)?;
-    cpu::gdt::write(&mem)?;
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu_fd
-        .set_cpuid2(&cpu::cpuid::filter(&supported)?)
-        .map_err(kvm_error("KVM_SET_CPUID2"))?;
-    cpu::regs::set_special(&vcpu_fd)?;
-    cpu::regs::set_general(&vcpu_fd, image.entry)?;
-
-    let mut pio = Bus::new();
-    pio.insert(
-        u64::from(ports::SERIAL_COM1),
-        u64::from(ports::SERIAL_PORT_COUNT),
-        Box::new(Serial::new(sink.clone())),
-    )?;
-    let stop = Arc::new(AtomicBool::new(false));
-    pio.insert(
-        u64::from(ports::CONTROL_BASE),
-        u64::from(ports::CONTROL_PORT_COUNT),
-        Box::new(Control::new(
-            vsock.clone(),
-            Arc::clone(&stop),
-            mem.clone(),
-            sink,
-        )),
-    )?;
-    let mut mmio = Bus::new();
-    if let Some(vsock) = vsock {
-        let transport = MmioTransport::new(vsock, mem.clone())?;
-        mmio.insert(
-            layout::VIRTIO_VSOCK_MMIO,
-            layout::VIRTIO_MMIO_SIZE,
-            Box::new(transport),
-        )?;
+    fn main_thread(&self) -> Result<(), String> {
+        Ok(())
     }
+}
 
-    register_signal_handler(SIGRTMIN(), interrupt_vcpu)
-        .map_err(|e| VmError::Thread(format!("cannot install the vCPU kick signal: {e}")))?;
-    let mut vcpu = Vcpu {
-        fd: vcpu_fd,
-        mem,
-        pio,
-        mmio,
-        stop: Arc::clone(&stop),
-        timeout: config.timeout,
-    };
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("bulwark-vcpu0".into())
-        .spawn(move || {
-            let result = vcpu.run();
-            // Drop the vCPU (and flush the console) before the main thread reports.
-            drop(vcpu);
-            let _ = done_tx.send(());
-            result
-        })
-        .map_err(|e| VmError::Thread(format!("cannot start the vCPU thread: {e}")))?;
+/// Stops a running vCPU from another thread.
+///
+/// It sets `immediate_exit` in the vCPU's shared `kvm_run` page, so the next `KVM_RUN` returns
+/// at once, and signals the vCPU thread out of a `KVM_RUN` already in progress: whichever side
+/// of the call the signal lands on, the vCPU stops.
+pub struct VcpuHandle {
+    run: *mut kvm_bindings::kvm_run,
+    stop: Arc<AtomicBool>,
+}
 
-    let timed_out = config.timeout.is_some_and(|timeout| {
-        matches!(
-            done_rx.recv_timeout(timeout),
-            Err(mpsc::RecvTimeoutError::Timeout)
-        )
-    });
-    if timed_out {
-        stop.store(true, Ordering::Release);
-        // Kick until the vCPU notices: a signal that lands outside KVM_RUN is lost, so repeat.
+// SAFETY: the handle only writes one byte of the kvm_run mapping with a volatile store, which
+// the kernel reads at KVM_RUN entry; the mapping outlives every use (see `VcpuHandle::stop`).
+unsafe impl Send for VcpuHandle {}
+// SAFETY: as above; concurrent volatile byte stores of the same value are harmless.
+unsafe impl Sync for VcpuHandle {}
+
+impl VcpuHandle {
+    /// Asks the vCPU running on `thread` to stop, and kicks it until it has.
+    ///
+    /// Only called while the vCPU (which owns the `kvm_run` mapping) is alive on `thread`.
+    fn stop<T>(&self, thread: &std::thread::JoinHandle<T>) {
+        self.stop.store(true, Ordering::Release);
+        // SAFETY: `run` points into the kvm_run mapping of the vCPU owned by `thread`, which is
+        // alive until the thread returns it; the caller joins only after this returns.
+        unsafe { std::ptr::addr_of_mut!((*self.run).immediate_exit).write_volatile(1) };
         while !thread.is_finished() {
             let _ = thread.kill(SIGRTMIN());
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    let result = thread
-        .join()
-        .map_err(|_| VmError::Thread("the vCPU thread panicked".into()))?;
-    drop(vm);
-    let (exit, times) = result?;
-    Ok(RunReport { exit, times })
+}
+
+impl Vm {
+    /// Checks `config` and builds the VM: reads the image and payload, opens the console and
+    /// the vsock socket, creates the KVM VM, memory, vCPU and devices. Nothing runs yet.
+    pub fn build(config: &VmConfig) -> Result<Self, VmError> {
+        // Inputs first: a bad file or size is reported before /dev/kvm is touched.
+        let mem_size = config.mem_mib.saturating_mul(1 << 20);
+        memory::check_size(config.mem_mib)?;
+        let image = loader::read(&config.guest, mem_size)?;
+        let (mut info, payload) =
+            boot::plan(mem_size, config.payload.as_deref(), config.test_mode, 0)?;
+        let sink = SharedSink::new(console_sink(config)?);
+        if config.cid <= bulwark_proto::vsock::HOST_CID || config.cid >= u64::from(u32::MAX) {
+            return Err(VmError::VsockDevice(DeviceFault(format!(
+                "--cid {} is reserved: use 3 to 4294967294",
+                config.cid
+            ))));
+        }
+        let vsock = match &config.vsock_uds {
+            Some(path) => {
+                let mut device = VsockDevice::new(config.cid, path)?;
+                if !config.remove_vsock_socket {
+                    device.keep_socket_file();
+                }
+                Some(Arc::new(Mutex::new(device)))
+            }
+            None => None,
+        };
+
+        let kvm = open_kvm(&config.kvm_device)?;
+        let vm_fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+        let mem = memory::create(config.mem_mib)?;
+        memory::register(&vm_fd, &mem)?;
+        let vcpu_fd = vm_fd.create_vcpu(0).map_err(kvm_error("KVM_CREATE_VCPU"))?;
+
+        loader::load(&mem, &image)?;
+        info.tsc_khz = vcpu_fd.get_tsc_khz().map_or(0, u64::from);
+        info.vsock_cid = if vsock.is_some() { config.cid } else { 0 };
+        boot::write(&mem, &info, &payload)?;
+        cpu::paging::write(&mem, mem_size)?;
+        cpu::gdt::write(&mem)?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut cpuid = cpu::cpuid::filter(&supported)?;
+        let cr4 = cpu::regs::with_smep_smap(&mut cpuid);
+        vcpu_fd
+            .set_cpuid2(&cpuid)
+            .map_err(kvm_error("KVM_SET_CPUID2"))?;
+        if let Some(probe) = config.cpu_probe {
+            cpu::probe::apply(&mem, mem_size, probe)?;
+        }
+        // A KVM that refuses SMEP/SMAP in CR4 gets the guest without them.
+        let cr4 = match cpu::regs::set_special(&vcpu_fd, cr4) {
+            Ok(()) => cr4,
+            Err(_) => {
+                cpu::regs::set_special(&vcpu_fd, cpu::regs::CR4)?;
+                cpu::regs::CR4
+            }
+        };
+        cpu::regs::set_general(&vcpu_fd, image.entry)?;
+
+        let mut pio = Bus::new();
+        pio.insert(
+            u64::from(ports::SERIAL_COM1),
+            u64::from(ports::SERIAL_PORT_COUNT),
+            Box::new(Serial::new(sink.clone())),
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        pio.insert(
+            u64::from(ports::CONTROL_BASE),
+            u64::from(ports::CONTROL_PORT_COUNT),
+            Box::new(Control::new(
+                vsock.clone(),
+                Arc::clone(&stop),
+                mem.clone(),
+                sink,
+            )),
+        )?;
+        let mut mmio = Bus::new();
+        if let Some(vsock) = vsock {
+            let transport = MmioTransport::new(vsock, mem.clone())?;
+            mmio.insert(
+                layout::VIRTIO_VSOCK_MMIO,
+                layout::VIRTIO_MMIO_SIZE,
+                Box::new(transport),
+            )?;
+        }
+        register_signal_handler(SIGRTMIN(), interrupt_vcpu)
+            .map_err(|e| VmError::Thread(format!("cannot install the vCPU kick signal: {e}")))?;
+        Ok(Self {
+            vcpu: Vcpu {
+                fd: vcpu_fd,
+                mem: mem.clone(),
+                pio,
+                mmio,
+                stop: Arc::clone(&stop),
+                timeout: config.timeout,
+            },
+            vm_fd,
+            mem,
+            stop,
+            timeout: config.timeout,
+            cr4,
+        })
+    }
+
+    /// The CPU's own protections of the guest's CPL0 stubs, in words (SMEP, SMAP).
+    pub fn cpu_protections(&self) -> String {
+        let on = |bit| if self.cr4 & bit != 0 { "on" } else { "off" };
+        format!(
+            "smep {}; smap {}",
+            on(cpu::regs::CR4_SMEP),
+            on(cpu::regs::CR4_SMAP)
+        )
+    }
+
+    /// Runs the guest on a vCPU thread until it stops or its timeout passes, with `confine`
+    /// applied to each thread before the guest's first instruction.
+    pub fn run(self, confine: Arc<dyn ThreadConfinement>) -> Result<RunReport, VmError> {
+        let Self {
+            mut vcpu,
+            vm_fd,
+            mem,
+            stop,
+            timeout,
+            ..
+        } = self;
+        let handle = VcpuHandle {
+            run: std::ptr::from_mut(vcpu.fd.get_kvm_run()),
+            stop,
+        };
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let (go_tx, go_rx) = mpsc::channel::<bool>();
+        let on_vcpu = Arc::clone(&confine);
+        let thread = std::thread::Builder::new()
+            .name("bulwark-vcpu0".into())
+            .spawn(move || {
+                let result = on_vcpu
+                    .vcpu_thread()
+                    .map_err(VmError::Confine)
+                    .and_then(|()| {
+                        // The guest starts only once the main thread is confined too.
+                        match go_rx.recv() {
+                            Ok(true) => vcpu.run().map_err(VmError::from),
+                            _ => Err(VmError::Confine(
+                                "the main thread could not be confined".into(),
+                            )),
+                        }
+                    });
+                let _ = done_tx.send(());
+                (result, vcpu)
+            })
+            .map_err(|e| VmError::Thread(format!("cannot start the vCPU thread: {e}")))?;
+        let confined = confine.main_thread();
+        let _ = go_tx.send(confined.is_ok());
+        let timed_out = timeout.is_some_and(|timeout| {
+            matches!(
+                done_rx.recv_timeout(timeout),
+                Err(mpsc::RecvTimeoutError::Timeout)
+            )
+        });
+        if timed_out {
+            handle.stop(&thread);
+        }
+        let (result, vcpu) = thread
+            .join()
+            .map_err(|_| VmError::Thread("the vCPU thread panicked".into()))?;
+        // The vCPU and VM descriptors go before guest memory; the console is flushed as the
+        // devices drop, before the caller reports.
+        drop(vcpu);
+        drop(vm_fd);
+        drop(mem);
+        confined.map_err(VmError::Confine)?;
+        let (exit, times) = result?;
+        Ok(RunReport { exit, times })
+    }
+}
+
+/// Builds the VM described by `config` and runs it to its end, unconfined (tests and tools
+/// that embed the VMM; `bulwark-vmm` confines itself between the two phases).
+pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
+    Vm::build(config)?.run(Arc::new(Unconfined))
 }

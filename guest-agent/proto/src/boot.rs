@@ -21,6 +21,9 @@ pub enum TestMode {
     /// Connect to host port [`HOST_TEST_PORT`](crate::vsock::HOST_TEST_PORT), write a greeting,
     /// echo what comes back until the host closes, then exit with status 0.
     VsockConnect = 5,
+    /// Write to the exception stubs' page from CPL3 (the VMM must report a page fault: the
+    /// page is supervisor-only and read-only).
+    WriteStubs = 6,
 }
 
 impl TestMode {
@@ -33,6 +36,7 @@ impl TestMode {
             3 => Some(Self::Spin),
             4 => Some(Self::VsockEcho),
             5 => Some(Self::VsockConnect),
+            6 => Some(Self::WriteStubs),
             _ => None,
         }
     }

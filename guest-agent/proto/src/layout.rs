@@ -7,7 +7,8 @@
 //! ```text
 //! 0x0000_0000  SYSTEM       2 MiB  supervisor-only: page tables, GDT, TSS, IDT, exception stack
 //! 0x0020_0000  BOOT_INFO    2 MiB  user read-only: the `BootInfo` block
-//! 0x0040_0000  IMAGE       28 MiB  the guest ELF (exception stubs first, at EXCEPTION_STUBS)
+//! 0x0040_0000  STUBS        2 MiB  supervisor-only, read-only: the CPL0 exception stubs
+//! 0x0060_0000  IMAGE       26 MiB  the rest of the guest ELF (code, data, bss)
 //! 0x0200_0000  STACK_GUARD  2 MiB  not mapped: a stack overflow faults instead of corrupting
 //! 0x0220_0000  STACK        4 MiB  the guest stack, growing down from STACK_TOP
 //! 0x0260_0000  PAYLOAD      ...    an optional blob the VMM loads, then the heap up to RAM's end
@@ -47,11 +48,16 @@ pub const EXCEPTION_STACK_BOTTOM: u64 = 0x10_0000;
 /// Guest-physical address of the boot-info block (`crate::boot::BootInfo`).
 pub const BOOT_INFO: u64 = 0x20_0000;
 
-/// Start of the region the guest ELF's loadable segments must lie in.
+/// Start of the region the guest ELF's loadable segments must lie in. Its first 2 MiB page
+/// ([`EXCEPTION_STUBS`]) holds only the CPL0 exception stubs and is mapped supervisor-only and
+/// read-only, so code running at CPL3 can neither rewrite nor run them.
 pub const IMAGE_START: u64 = 0x40_0000;
+/// Where the guest image's CPL3 code and data start: the page after the stubs' page.
+pub const IMAGE_USER_START: u64 = IMAGE_START + PAGE_SIZE;
 /// End (exclusive) of the guest image region.
 pub const IMAGE_END: u64 = 0x200_0000;
-/// Address of the CPL0 exception stubs: the guest's linker script puts them first in the image.
+/// Address of the CPL0 exception stubs: the guest's linker script puts them alone in the first
+/// page of the image region.
 /// The stub for vector `v` starts at `EXCEPTION_STUBS + v * EXCEPTION_STUB_STRIDE`.
 pub const EXCEPTION_STUBS: u64 = IMAGE_START;
 /// Distance between two consecutive exception stubs, in bytes.
@@ -109,7 +115,8 @@ pub const fn heap_start(payload_size: u64) -> Option<u64> {
 const _: () = assert!(MMIO_START % (1 << 30) + MMIO_SIZE <= 1 << 30);
 const _: () = assert!(MMIO_START + MMIO_SIZE <= PD_COUNT << 30);
 const _: () = assert!(MAX_RAM_SIZE <= MMIO_START);
-const _: () = assert!(EXCEPTION_STUBS + EXCEPTION_VECTORS * EXCEPTION_STUB_STRIDE <= IMAGE_END);
+const _: () =
+    assert!(EXCEPTION_STUBS + EXCEPTION_VECTORS * EXCEPTION_STUB_STRIDE <= IMAGE_USER_START);
 
 #[cfg(test)]
 mod tests {
@@ -121,6 +128,7 @@ mod tests {
             SYSTEM_START,
             BOOT_INFO,
             IMAGE_START,
+            IMAGE_USER_START,
             IMAGE_END,
             STACK_GUARD,
             STACK_BOTTOM,

@@ -34,7 +34,8 @@ const IO_BITMAP_SIZE: u64 = 0x10000 / 8 + 1;
 /// Limit of the TSS segment: the TSS and its I/O permission bitmap.
 pub const TSS_LIMIT: u32 = (TSS_SIZE + IO_BITMAP_SIZE - 1) as u32;
 /// Offset of RSP0 in the TSS.
-const TSS_RSP0: u64 = 4;
+/// Offset of RSP0 (the stack for exceptions from CPL3) in the TSS.
+pub const TSS_RSP0: u64 = 4;
 /// Offset of IST1 in the TSS.
 const TSS_IST1: u64 = 0x24;
 /// Offset of the I/O map base field in the TSS.
@@ -91,7 +92,14 @@ pub fn io_bitmap() -> Vec<u8> {
 
 /// The 16-byte IDT gate for exception `vector`: a DPL0 64-bit interrupt gate to its stub.
 pub fn idt_gate(vector: u64) -> [u64; 2] {
-    let handler = layout::EXCEPTION_STUBS + vector * layout::EXCEPTION_STUB_STRIDE;
+    idt_gate_to(
+        vector,
+        layout::EXCEPTION_STUBS + vector * layout::EXCEPTION_STUB_STRIDE,
+    )
+}
+
+/// A DPL0 64-bit interrupt gate for `vector` to `handler`.
+pub fn idt_gate_to(vector: u64, handler: u64) -> [u64; 2] {
     let ist = if vector == 8 { DOUBLE_FAULT_IST } else { 0 };
     let low = (handler & 0xffff)
         | (u64::from(KERNEL_CS) << 16)

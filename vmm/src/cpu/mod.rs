@@ -5,6 +5,7 @@
 pub mod cpuid;
 pub mod gdt;
 pub mod paging;
+pub mod probe;
 pub mod regs;
 
 /// Errors from building CPU state.

@@ -34,6 +34,9 @@ pub fn pd_entry(addr: u64, mem_size: u64) -> u64 {
         page(WRITABLE)
     } else if addr == layout::BOOT_INFO {
         page(USER)
+    } else if addr == layout::EXCEPTION_STUBS {
+        // Supervisor-only and read-only: CPL3 code can neither rewrite nor run the CPL0 stubs.
+        page(0)
     } else if (layout::STACK_GUARD..layout::STACK_BOTTOM).contains(&addr) {
         0
     } else if addr < mem_size {
@@ -103,9 +106,14 @@ mod tests {
             Some(PRESENT | USER | HUGE),
             "boot info is read-only"
         );
+        assert_eq!(
+            flags(layout::EXCEPTION_STUBS),
+            Some(PRESENT | HUGE),
+            "exception stubs are supervisor-only and read-only"
+        );
         assert_eq!(flags(layout::STACK_GUARD), None, "stack guard is unmapped");
         for a in [
-            layout::IMAGE_START,
+            layout::IMAGE_USER_START,
             layout::STACK_BOTTOM,
             layout::PAYLOAD_START,
             MEM - layout::PAGE_SIZE,

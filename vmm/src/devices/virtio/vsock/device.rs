@@ -49,6 +49,12 @@ impl VsockDevice {
         })
     }
 
+    /// Leaves the socket file in place when the device is dropped (see
+    /// [`Muxer::keep_socket_file`]).
+    pub fn keep_socket_file(&mut self) {
+        self.muxer.keep_socket_file();
+    }
+
     /// The host side, for inspection.
     pub fn muxer(&self) -> &Muxer {
         &self.muxer

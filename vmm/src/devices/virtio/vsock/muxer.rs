@@ -6,8 +6,10 @@
 //! [`Muxer::next_packet_for_guest`] into the guest's RX buffers.
 
 use std::collections::{HashMap, VecDeque};
+use std::ffi::OsStr;
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -54,6 +56,9 @@ pub struct Muxer {
     readable: VecDeque<Key>,
     control: VecDeque<Header>,
     next_local_port: u32,
+    /// Whether dropping the muxer removes the socket file (not in a confined VMM, which has no
+    /// file-system access left: whoever chose the path removes it).
+    remove_socket_file: bool,
 }
 
 /// Errors from setting up the host side.
@@ -75,7 +80,7 @@ pub enum MuxerError {
 impl Muxer {
     /// Listens on `uds_path` for a guest with CID `guest_cid`.
     pub fn new(uds_path: &Path, guest_cid: u64) -> Result<Self, MuxerError> {
-        if uds_path.exists() {
+        if uds_path.exists() && !remove_stale_socket(uds_path) {
             return Err(MuxerError::PathExists(uds_path.to_owned()));
         }
         let listen_err = |source| MuxerError::Listen {
@@ -113,7 +118,14 @@ impl Muxer {
             readable: VecDeque::new(),
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            remove_socket_file: true,
         })
+    }
+
+    /// Leaves the socket file in place when the muxer is dropped (a confined VMM cannot remove
+    /// it; the caller that chose the path does).
+    pub fn keep_socket_file(&mut self) {
+        self.remove_socket_file = false;
     }
 
     /// Number of open connections (for tests and reports).
@@ -244,12 +256,10 @@ impl Muxer {
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", key.0));
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => {
-                self.push_control(self.header(key, op::RST));
-                return;
-            }
+        // Never blocks: nothing listening, a full backlog or a path too long is a refusal.
+        let Ok(stream) = connect_nonblocking(&path) else {
+            self.push_control(self.header(key, op::RST));
+            return;
         };
         let fd = stream.as_raw_fd();
         let event = EpollEvent::new(
@@ -473,6 +483,58 @@ impl Muxer {
     }
 }
 
+/// Connects a new non-blocking, close-on-exec stream socket to the Unix socket at `path`,
+/// without ever waiting.
+///
+/// A Unix-domain `connect` on Linux completes at once or fails: it is never left in progress
+/// (no `EINPROGRESS` to wait on with epoll). When the listener's backlog is full, a blocking
+/// socket would sleep until the host program accepts, stalling the vCPU thread and every other
+/// connection with it; a non-blocking one fails with `EAGAIN`. That, like any other failure, is
+/// returned, and the caller refuses the guest's request with RST, as a TCP stack does under a
+/// SYN flood: the guest may retry. Retrying here instead would need a timer the muxer does not
+/// have, and would let a guest keep host work queued.
+fn connect_nonblocking(path: &OsStr) -> io::Result<UnixStream> {
+    let bytes = path.as_bytes();
+    // SAFETY: sockaddr_un is plain data, for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    // The path and its terminating NUL must fit; a NUL inside would name another socket.
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    let len =
+        libc::socklen_t::try_from(len).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
+    // SAFETY: socket(2) with constant arguments; it returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a descriptor socket(2) just returned, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is an initialised sockaddr_un and `len` is at most its size; `fd` is open.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
+}
+
 /// Parses `CONNECT <port>` (the newline already stripped).
 fn parse_connect(line: &[u8]) -> Option<u32> {
     let text = std::str::from_utf8(line).ok()?;
@@ -480,9 +542,27 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
     port.trim().parse().ok()
 }
 
+/// Removes `path` if it is a Unix socket nobody listens on (one a confined VMM left behind);
+/// anything else at the path is left alone. Returns whether the path is free now.
+fn remove_stale_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        return false;
+    }
+    match UnixStream::connect(path) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).is_ok()
+        }
+        _ => false,
+    }
+}
+
 impl Drop for Muxer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        if self.remove_socket_file {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 
@@ -523,6 +603,67 @@ mod tests {
             "the socket is removed with the muxer"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_guest_connection_to_a_full_backlog_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("bulwark-muxer-full-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = Muxer::new(&dir.join("m.sock"), 3).unwrap();
+        let host = dir.join("m.sock_5000");
+        let listener = UnixListener::bind(&host).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        // SAFETY: listen(2) again on our own listening socket only shrinks its backlog.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let mut queued = Vec::new();
+        let refused = loop {
+            match connect_nonblocking(host.as_os_str()) {
+                Ok(s) => queued.push(s),
+                Err(e) => break e,
+            }
+            assert!(queued.len() < 10_000, "the backlog never filled");
+        };
+        assert_eq!(refused.raw_os_error(), Some(libc::EAGAIN), "{refused}");
+        let request = |src_port| Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port: 5000,
+            type_: TYPE_STREAM,
+            op: op::REQUEST,
+            ..Header::default()
+        };
+        // On another thread, so a connect that blocks fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            m.handle_guest_packet(&request(7), no_data());
+            let _ = tx.send(m);
+        });
+        let mut m = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the muxer blocked connecting to a full backlog");
+        let answer = m.next_packet_for_guest(no_data()).unwrap();
+        assert_eq!((answer.op, answer.dst_port), (op::RST, 7));
+        assert_eq!(m.connection_count(), 0);
+        // Once the host program accepts, the backlog has room and the next request connects.
+        drop(queued);
+        while listener.accept().is_ok() {}
+        m.handle_guest_packet(&request(8), no_data());
+        let answer = m.next_packet_for_guest(no_data()).unwrap();
+        assert_eq!((answer.op, answer.dst_port), (op::RESPONSE, 8));
+        assert_eq!(m.connection_count(), 1);
+        drop(m);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_guest_connection_to_nothing_or_a_long_path_is_refused() {
+        let long = format!("/tmp/{}", "x".repeat(200));
+        let e = connect_nonblocking(OsStr::new(&long)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+        let e = connect_nonblocking(OsStr::new("/nonexistent/bulwark.sock")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
     }
 
     #[test]

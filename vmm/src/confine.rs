@@ -1,0 +1,299 @@
+//! The VMM's confinement, between [`crate::Vm::build`] and [`crate::Vm::run`].
+//!
+//! Once the VM is built, every file, socket and KVM descriptor the VMM will use is open. The
+//! process then gives up what it no longer needs, in this order:
+//!
+//! 1. a new user namespace (while it has one thread): no capability over the host's resources,
+//!    even when started as root;
+//! 2. no_new_privs, not dumpable, and rlimits: no core dumps, a cap on open files;
+//! 3. Landlock: no file-system access, no TCP, abstract Unix sockets and signals scoped;
+//! 4. per thread, a seccomp allow-list: the vCPU thread may run the guest and serve its devices
+//!    (KVM_RUN and two register reads, the vsock sockets, memory, futexes); the main thread may
+//!    wait, kick the vCPU and exit. Anything else kills the process with SIGSYS.
+//!
+//! The main thread also caps processes at zero once the vCPU thread exists.
+
+use std::sync::Arc;
+
+use bulwark_confine::{
+    self as confine, LayerState, Rlimits, SeccompCmpArgLen, SyscallRules, allow, allow_if,
+};
+
+use crate::vm::{ThreadConfinement, VmConfig, VmError};
+
+/// Descriptors the VMM may hold beyond those open at confinement: the vsock device's
+/// connections and pending clients, plus a few for the standard library.
+const SPARE_DESCRIPTORS: u64 = (crate::devices::virtio::vsock::muxer::MAX_CONNECTIONS
+    + crate::devices::virtio::vsock::muxer::MAX_PENDING_CLIENTS)
+    as u64
+    + 32;
+
+/// The only KVM ioctls the vCPU thread may issue once confined.
+mod kvm_ioctl {
+    #![allow(missing_docs)]
+    vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+    vmm_sys_util::ioctl_ior_nr!(
+        KVM_GET_REGS,
+        kvm_bindings::KVMIO,
+        0x81,
+        kvm_bindings::kvm_regs
+    );
+    vmm_sys_util::ioctl_ior_nr!(
+        KVM_GET_SREGS,
+        kvm_bindings::KVMIO,
+        0x83,
+        kvm_bindings::kvm_sregs
+    );
+}
+
+/// A test-only misbehaviour of the confined VMM, to prove the confinement holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// The vCPU thread opens a file (`openat`), which its allow-list forbids.
+    ForbiddenSyscall,
+    /// The vCPU thread opens a file with seccomp off, which Landlock must refuse; the VMM
+    /// reports the outcome on stderr and goes on.
+    OpenFile,
+}
+
+/// Which layers are on, for `--report-confinement`, `bulwark doctor` and tests.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// A new user namespace.
+    pub user_namespace: LayerState,
+    /// Landlock.
+    pub landlock: LayerState,
+    /// Seccomp allow-lists on both threads.
+    pub seccomp: LayerState,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no_new_privs on; dumpable off; rlimits on; user namespace {}; landlock {}; seccomp {}",
+            self.user_namespace, self.landlock, self.seccomp
+        )
+    }
+}
+
+/// The confinement of one VMM process: what was applied to the process, and the filters each
+/// thread installs when [`crate::Vm::run`] starts it.
+pub struct Confinement {
+    /// What is on.
+    pub report: Report,
+    vcpu_filter: Option<confine::Filter>,
+    main_filter: Option<confine::Filter>,
+    probe: Option<Probe>,
+}
+
+/// Confines this process for the VM `config` describes, after [`crate::Vm::build`] and while
+/// the process still has a single thread. `seccomp` off is for the Landlock probe only.
+pub fn confine_process(
+    config: &VmConfig,
+    seccomp: bool,
+    probe: Option<Probe>,
+) -> Result<Arc<Confinement>, VmError> {
+    let err = |e: confine::ConfineError| VmError::Confine(e.to_string());
+    let user_namespace = confine::enter_user_namespace();
+    confine::no_new_privs().map_err(err)?;
+    confine::not_dumpable().map_err(err)?;
+    confine::set_rlimits(&Rlimits {
+        core: 0,
+        file_size: None,
+        open_files: highest_open_descriptor() + 1 + SPARE_DESCRIPTORS,
+        processes: None,
+        address_space: None,
+    })
+    .map_err(err)?;
+    let unix_dir = config
+        .vsock_uds
+        .as_deref()
+        .and_then(std::path::Path::parent)
+        .filter(|d| !d.as_os_str().is_empty());
+    let landlock = confine::deny_filesystem(unix_dir);
+    let (vcpu_filter, main_filter, seccomp_state) = if seccomp {
+        (
+            Some(confine::compile(vcpu_allow_list().map_err(err)?).map_err(err)?),
+            Some(confine::compile(main_allow_list()).map_err(err)?),
+            LayerState::Active("kill on any other call".into()),
+        )
+    } else {
+        (None, None, LayerState::Off)
+    };
+    Ok(Arc::new(Confinement {
+        report: Report {
+            user_namespace,
+            landlock,
+            seccomp: seccomp_state,
+        },
+        vcpu_filter,
+        main_filter,
+        probe,
+    }))
+}
+
+/// The highest descriptor number open now (read before Landlock closes `/proc` to us).
+fn highest_open_descriptor() -> u64 {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                .max()
+                .unwrap_or(2)
+        })
+        .unwrap_or(1024)
+}
+
+impl ThreadConfinement for Confinement {
+    fn vcpu_thread(&self) -> Result<(), String> {
+        if let Some(filter) = &self.vcpu_filter {
+            confine::install(filter).map_err(|e| e.to_string())?;
+        }
+        match self.probe {
+            Some(Probe::ForbiddenSyscall) => {
+                // Must not return: the filter kills the process on `openat`.
+                let _ = std::fs::File::open("/etc/hostname");
+                Err("probe: openat was allowed on the vCPU thread".into())
+            }
+            Some(Probe::OpenFile) => {
+                match std::fs::File::open("/etc/hostname") {
+                    Ok(_) => eprintln!("bulwark-vmm: probe: opened /etc/hostname"),
+                    Err(e) => eprintln!("bulwark-vmm: probe: open refused: {e}"),
+                }
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn main_thread(&self) -> Result<(), String> {
+        if let Some(filter) = &self.main_filter {
+            // Every thread exists now: no more processes or threads.
+            confine::set_rlimits(&Rlimits {
+                core: 0,
+                file_size: None,
+                open_files: highest_open_descriptor_cap(),
+                processes: Some(0),
+                address_space: None,
+            })
+            .map_err(|e| e.to_string())?;
+            confine::install(filter).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// The open-file cap set at confinement (unchanged when processes are capped later).
+fn highest_open_descriptor_cap() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    limit.rlim_cur
+}
+
+/// System calls both threads make: memory, futexes, time, signals, thread exit, and writing
+/// the console and reports.
+fn common() -> Vec<SyscallRules> {
+    [
+        libc::SYS_brk,
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_madvise,
+        libc::SYS_mprotect,
+        libc::SYS_futex,
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_nanosleep,
+        libc::SYS_sched_yield,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_sigaltstack,
+        libc::SYS_getrandom,
+        libc::SYS_write,
+        libc::SYS_writev,
+        libc::SYS_close,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        libc::SYS_gettid,
+        libc::SYS_getpid,
+    ]
+    .into_iter()
+    .map(allow)
+    .collect()
+}
+
+/// The vCPU thread: run the guest, read registers for reports, and serve the vsock device
+/// (accept and read/write its Unix sockets, connect to host ports, epoll).
+fn vcpu_allow_list() -> Result<Vec<SyscallRules>, confine::ConfineError> {
+    let mut list = common();
+    list.push(allow_if(
+        libc::SYS_ioctl,
+        1,
+        SeccompCmpArgLen::Dword,
+        &[
+            u64::from(kvm_ioctl::KVM_RUN()),
+            u64::from(kvm_ioctl::KVM_GET_REGS()),
+            u64::from(kvm_ioctl::KVM_GET_SREGS()),
+            libc::FIONBIO,
+        ],
+    )?);
+    list.push(allow_if(
+        libc::SYS_socket,
+        0,
+        SeccompCmpArgLen::Dword,
+        &[libc::AF_UNIX as u64],
+    )?);
+    list.push(allow_if(
+        libc::SYS_fcntl,
+        1,
+        SeccompCmpArgLen::Dword,
+        &[
+            libc::F_GETFL as u64,
+            libc::F_SETFL as u64,
+            libc::F_GETFD as u64,
+            libc::F_SETFD as u64,
+        ],
+    )?);
+    list.extend(
+        [
+            libc::SYS_read,
+            libc::SYS_readv,
+            libc::SYS_recvfrom,
+            libc::SYS_recvmsg,
+            libc::SYS_sendto,
+            libc::SYS_sendmsg,
+            libc::SYS_accept4,
+            libc::SYS_connect,
+            libc::SYS_shutdown,
+            libc::SYS_getsockopt,
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_ctl,
+        ]
+        .into_iter()
+        .map(allow),
+    );
+    Ok(list)
+}
+
+/// The main thread once the vCPU runs: wait for it or its timeout, kick it, reap it, report,
+/// exit.
+fn main_allow_list() -> Vec<SyscallRules> {
+    let mut list = common();
+    list.extend(
+        [
+            libc::SYS_tgkill,
+            libc::SYS_getrusage,
+            libc::SYS_sched_getaffinity,
+        ]
+        .into_iter()
+        .map(allow),
+    );
+    list
+}
