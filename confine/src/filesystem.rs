@@ -29,10 +29,8 @@ pub fn deny_filesystem(unix_connect_dir: Option<&std::path::Path>) -> LayerState
             .handle_access(AccessNet::from_all(NEWEST))?
             .scope(Scope::AbstractUnixSocket | Scope::Signal)?
             .create()?;
-        if let Some(dir) = unix_connect_dir {
-            if let Ok(fd) = PathFd::new(dir) {
-                ruleset = ruleset.add_rule(PathBeneath::new(fd, AccessFs::ResolveUnix))?;
-            }
+        if let Some(fd) = unix_connect_dir.and_then(|dir| PathFd::new(dir).ok()) {
+            ruleset = ruleset.add_rule(PathBeneath::new(fd, AccessFs::ResolveUnix))?;
         }
         ruleset.restrict_self()
     })();
@@ -40,7 +38,7 @@ pub fn deny_filesystem(unix_connect_dir: Option<&std::path::Path>) -> LayerState
         Ok(status) => match status.ruleset {
             RulesetStatus::FullyEnforced => LayerState::Active(format!("ABI {}", abi_version())),
             RulesetStatus::PartiallyEnforced => LayerState::Active(format!(
-                "ABI {}: the kernel enforces part of the rules",
+                "ABI {}: all this kernel can restrict; newer ABIs add more",
                 abi_version()
             )),
             RulesetStatus::NotEnforced => {

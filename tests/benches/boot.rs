@@ -1,6 +1,8 @@
 //! Start-up benchmark: `bulwark-vmm` process start to the guest's ready line, and to exit, with
-//! the Wasm self-test as payload; plus the VMM's peak RSS. Run with `make bench` (or
-//! `cargo bench -p bulwark-tests` after `make guest`). `BULWARK_BENCH_RUNS` sets the run count.
+//! the Wasm self-test as payload; plus the VMM's peak RSS. The VMM runs confined (its default)
+//! and with `--no-confine`, interleaved run by run, so the cost of confinement is the paired
+//! difference. Run with `make bench` (or `cargo bench -p bulwark-tests` after `make guest`).
+//! `BULWARK_BENCH_RUNS` sets the run count of each.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -19,9 +21,13 @@ struct Sample {
     clippy::zombie_processes,
     reason = "reaped with wait4 to read its peak RSS"
 )]
-fn one_run() -> Sample {
+fn one_run(confined: bool) -> Sample {
     let started = Instant::now();
-    let mut child = Command::new(vmm_binary())
+    let mut cmd = Command::new(vmm_binary());
+    if !confined {
+        cmd.arg("--no-confine");
+    }
+    let mut child = cmd
         .args(["--console", "-", "--timeout", "30", "--payload"])
         .arg(selftest_module())
         .arg(guest_image())
@@ -75,20 +81,39 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .filter(|&n| n >= 1)
         .unwrap_or(30);
-    one_run(); // warm the page cache
-    let samples: Vec<Sample> = (0..runs).map(|_| one_run()).collect();
+    one_run(true); // warm the page cache
+    one_run(false);
+    let mut confined = Vec::new();
+    let mut unconfined = Vec::new();
+    for _ in 0..runs {
+        confined.push(one_run(true));
+        unconfined.push(one_run(false));
+    }
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let (rmin, rmed, rmax) = summary(samples.iter().map(|s| ms(s.ready)).collect());
-    let (emin, emed, emax) = summary(samples.iter().map(|s| ms(s.exit)).collect());
-    let (kmin, kmed, kmax) = summary(samples.iter().map(|s| s.peak_rss_kib).collect());
-    println!("bulwark-vmm start-up, {runs} runs (payload: Wasm self-test)");
-    println!(
-        "  process start -> ready line  min {rmin:7.2} ms  median {rmed:7.2} ms  max {rmax:7.2} ms"
+    println!("bulwark-vmm start-up, {runs} runs each, interleaved (payload: Wasm self-test)");
+    for (name, samples) in [("confined", &confined), ("--no-confine", &unconfined)] {
+        let (rmin, rmed, rmax) = summary(samples.iter().map(|s| ms(s.ready)).collect());
+        let (emin, emed, emax) = summary(samples.iter().map(|s| ms(s.exit)).collect());
+        let (kmin, kmed, kmax) = summary(samples.iter().map(|s| s.peak_rss_kib).collect());
+        println!("  {name}");
+        println!(
+            "    process start -> ready line  min {rmin:7.2} ms  median {rmed:7.2} ms  max {rmax:7.2} ms"
+        );
+        println!(
+            "    process start -> exit        min {emin:7.2} ms  median {emed:7.2} ms  max {emax:7.2} ms"
+        );
+        println!(
+            "    peak RSS of bulwark-vmm      min {kmin:7} KiB median {kmed:7} KiB max {kmax:7} KiB"
+        );
+    }
+    let (dmin, dmed, dmax) = summary(
+        confined
+            .iter()
+            .zip(&unconfined)
+            .map(|(c, u)| ms(c.ready) - ms(u.ready))
+            .collect(),
     );
     println!(
-        "  process start -> exit        min {emin:7.2} ms  median {emed:7.2} ms  max {emax:7.2} ms"
-    );
-    println!(
-        "  peak RSS of bulwark-vmm      min {kmin:7} KiB median {kmed:7} KiB max {kmax:7} KiB"
+        "  confinement cost (start -> ready, pair by pair)  min {dmin:+.2} ms  median {dmed:+.2} ms  max {dmax:+.2} ms"
     );
 }

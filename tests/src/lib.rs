@@ -138,6 +138,7 @@ pub fn start_connecting_guest(test: &str) -> (std::process::Child, std::os::unix
         .args([
             "--guest-test",
             "vsock-connect",
+            "--vsock-guest-connect",
             "--timings",
             "--timeout",
             "300",

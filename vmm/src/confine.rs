@@ -114,7 +114,10 @@ pub fn confine_process(
     let landlock = confine::deny_filesystem(unix_dir);
     let (vcpu_filter, main_filter, seccomp_state) = if seccomp {
         (
-            Some(confine::compile(vcpu_allow_list().map_err(err)?).map_err(err)?),
+            Some(
+                confine::compile(vcpu_allow_list(config.vsock_guest_connections).map_err(err)?)
+                    .map_err(err)?,
+            ),
             Some(confine::compile(main_allow_list()).map_err(err)?),
             LayerState::Active("kill on any other call".into()),
         )
@@ -229,26 +232,30 @@ fn common() -> Vec<SyscallRules> {
 }
 
 /// The vCPU thread: run the guest, read registers for reports, and serve the vsock device
-/// (accept and read/write its Unix sockets, connect to host ports, epoll).
-fn vcpu_allow_list() -> Result<Vec<SyscallRules>, confine::ConfineError> {
+/// (accept and read/write its Unix sockets, epoll; with `guest_connections`, create Unix
+/// sockets and connect them to host ports).
+fn vcpu_allow_list(guest_connections: bool) -> Result<Vec<SyscallRules>, confine::ConfineError> {
     let mut list = common();
     list.push(allow_if(
         libc::SYS_ioctl,
         1,
         SeccompCmpArgLen::Dword,
         &[
-            u64::from(kvm_ioctl::KVM_RUN()),
-            u64::from(kvm_ioctl::KVM_GET_REGS()),
-            u64::from(kvm_ioctl::KVM_GET_SREGS()),
+            kvm_ioctl::KVM_RUN(),
+            kvm_ioctl::KVM_GET_REGS(),
+            kvm_ioctl::KVM_GET_SREGS(),
             libc::FIONBIO,
         ],
     )?);
-    list.push(allow_if(
-        libc::SYS_socket,
-        0,
-        SeccompCmpArgLen::Dword,
-        &[libc::AF_UNIX as u64],
-    )?);
+    if guest_connections {
+        list.push(allow_if(
+            libc::SYS_socket,
+            0,
+            SeccompCmpArgLen::Dword,
+            &[libc::AF_UNIX as u64],
+        )?);
+        list.push(allow(libc::SYS_connect));
+    }
     list.push(allow_if(
         libc::SYS_fcntl,
         1,
@@ -269,7 +276,6 @@ fn vcpu_allow_list() -> Result<Vec<SyscallRules>, confine::ConfineError> {
             libc::SYS_sendto,
             libc::SYS_sendmsg,
             libc::SYS_accept4,
-            libc::SYS_connect,
             libc::SYS_shutdown,
             libc::SYS_getsockopt,
             libc::SYS_epoll_wait,

@@ -69,6 +69,14 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
 
+    /// Let the guest open vsock connections to host ports: a connection to port P goes to the
+    /// Unix socket `PATH_P` (see --vsock-uds). Off by default, when the guest's requests are
+    /// refused and the confined VMM may not create or connect sockets at all. With it, the
+    /// VMM may connect to Unix sockets by path (on kernels with Landlock ABI 9 or later only
+    /// below PATH's directory).
+    #[arg(long)]
+    vsock_guest_connect: bool,
+
     /// The guest's vsock context ID (3 to 4294967294).
     #[arg(long, default_value_t = bulwark_proto::vsock::DEFAULT_GUEST_CID)]
     cid: u64,
@@ -176,6 +184,7 @@ fn main() -> ExitCode {
     config.vsock_uds = args.vsock_uds;
     config.cid = args.cid;
     config.remove_vsock_socket = args.no_confine;
+    config.vsock_guest_connections = args.vsock_guest_connect;
     config.cpu_probe = args.cpu_probe.map(|p| match p {
         CpuProbeArg::Smep => CpuProbe::Smep,
         CpuProbeArg::Smap => CpuProbe::Smap,

@@ -71,6 +71,8 @@ pub struct VmConfig {
     pub vsock_uds: Option<PathBuf>,
     /// The guest's vsock CID.
     pub cid: u64,
+    /// Whether the guest may open vsock connections to host ports (`PATH_<port>` sockets).
+    pub vsock_guest_connections: bool,
     /// A test-only CPU probe (SMEP or SMAP enforcement).
     pub cpu_probe: Option<cpu::probe::CpuProbe>,
     /// Whether the vsock socket file is removed when the VM ends. A confined VMM cannot remove
@@ -94,6 +96,7 @@ impl VmConfig {
             cid: bulwark_proto::vsock::DEFAULT_GUEST_CID,
             remove_vsock_socket: true,
             cpu_probe: None,
+            vsock_guest_connections: false,
         }
     }
 }
@@ -298,6 +301,9 @@ impl Vm {
                 let mut device = VsockDevice::new(config.cid, path)?;
                 if !config.remove_vsock_socket {
                     device.keep_socket_file();
+                }
+                if config.vsock_guest_connections {
+                    device.allow_guest_connections();
                 }
                 Some(Arc::new(Mutex::new(device)))
             }

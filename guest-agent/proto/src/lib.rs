@@ -17,5 +17,6 @@ pub mod tree;
 pub mod vsock;
 
 /// Version of the guest ABI described by this crate. The VMM writes it into boot info; a guest
-/// built against another version refuses to run.
-pub const ABI_VERSION: u32 = 1;
+/// built against another version refuses to run. Version 2: the exception stubs have a page of
+/// their own (`layout::IMAGE_USER_START`).
+pub const ABI_VERSION: u32 = 2;

@@ -49,6 +49,11 @@ impl VsockDevice {
         })
     }
 
+    /// Lets the guest connect to host ports (see [`Muxer::allow_guest_connections`]).
+    pub fn allow_guest_connections(&mut self) {
+        self.muxer.allow_guest_connections();
+    }
+
     /// Leaves the socket file in place when the device is dropped (see
     /// [`Muxer::keep_socket_file`]).
     pub fn keep_socket_file(&mut self) {
@@ -291,6 +296,7 @@ mod tests {
             let path = dir.join("v.sock");
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
             let mut dev = VsockDevice::new(GUEST, &path).unwrap();
+            dev.allow_guest_connections();
             // Creating a mock queue zeroes its rings: do it once, then keep the addresses.
             let mocks = QBASE.map(|b| MockSplitQueue::create(&mem, GuestAddress(b), QSIZE));
             let rings = [0, 1, 2].map(|i| (mocks[i].avail_addr().0, mocks[i].used_addr().0));

@@ -59,6 +59,9 @@ pub struct Muxer {
     /// Whether dropping the muxer removes the socket file (not in a confined VMM, which has no
     /// file-system access left: whoever chose the path removes it).
     remove_socket_file: bool,
+    /// Whether the guest may open connections to host sockets (`PATH_<port>`); off, each such
+    /// request is refused with RST and no host socket is touched.
+    guest_connections: bool,
 }
 
 /// Errors from setting up the host side.
@@ -119,7 +122,15 @@ impl Muxer {
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             remove_socket_file: true,
+            guest_connections: false,
         })
+    }
+
+    /// Lets the guest open connections to host ports: a request for port P connects to the
+    /// Unix socket `<path>_P`. Off by default: a tool call needs only host-initiated
+    /// connections, and a VMM that never connects needs no `socket`/`connect` calls.
+    pub fn allow_guest_connections(&mut self) {
+        self.guest_connections = true;
     }
 
     /// Leaves the socket file in place when the muxer is dropped (a confined VMM cannot remove
@@ -250,7 +261,10 @@ impl Muxer {
 
     /// The guest asks for a connection to host port `key.0`: the Unix socket `<path>_<port>`.
     fn guest_connect(&mut self, key: Key) {
-        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
+        if !self.guest_connections
+            || self.conns.contains_key(&key)
+            || self.conns.len() >= MAX_CONNECTIONS
+        {
             self.reset(key);
             return;
         }
@@ -611,6 +625,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut m = Muxer::new(&dir.join("m.sock"), 3).unwrap();
+        m.allow_guest_connections();
         let host = dir.join("m.sock_5000");
         let listener = UnixListener::bind(&host).unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -653,6 +668,39 @@ mod tests {
         let answer = m.next_packet_for_guest(no_data()).unwrap();
         assert_eq!((answer.op, answer.dst_port), (op::RESPONSE, 8));
         assert_eq!(m.connection_count(), 1);
+        drop(m);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn guest_connections_are_refused_unless_allowed() {
+        let dir = std::env::temp_dir().join(format!("bulwark-muxer-off-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = Muxer::new(&dir.join("m.sock"), 3).unwrap();
+        let listener = UnixListener::bind(dir.join("m.sock_5000")).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let request = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 9,
+            dst_port: 5000,
+            type_: TYPE_STREAM,
+            op: op::REQUEST,
+            ..Header::default()
+        };
+        m.handle_guest_packet(&request, no_data());
+        let answer = m.next_packet_for_guest(no_data()).unwrap();
+        assert_eq!((answer.op, answer.dst_port), (op::RST, 9));
+        assert!(
+            listener.accept().is_err(),
+            "nothing reached the host socket"
+        );
+        m.allow_guest_connections();
+        m.handle_guest_packet(&request, no_data());
+        let answer = m.next_packet_for_guest(no_data()).unwrap();
+        assert_eq!((answer.op, answer.dst_port), (op::RESPONSE, 9));
+        assert!(listener.accept().is_ok());
         drop(m);
         std::fs::remove_dir_all(dir).unwrap();
     }
