@@ -19,7 +19,7 @@ mod seccomp;
 pub use filesystem::{abi_version as landlock_abi, deny_filesystem};
 pub use namespace::enter_user_namespace;
 pub use process::{Rlimits, no_new_privs, not_dumpable, set_rlimits};
-pub use seccomp::{Filter, SyscallRules, allow, allow_if, compile, install};
+pub use seccomp::{Filter, SyscallRules, allow, allow_if, compile, install, runtime_essentials};
 
 /// Re-exported so callers can write argument conditions.
 pub use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};

@@ -42,6 +42,35 @@ pub fn allow_if(
     Ok((syscall, rules))
 }
 
+/// What any Rust program of ours needs once it is running, whatever its job: memory, futexes,
+/// time, signal return and masks, random bytes for hash maps, writing to the descriptors it
+/// holds, closing them, and exiting.
+pub fn runtime_essentials() -> Vec<SyscallRules> {
+    [
+        libc::SYS_brk,
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_madvise,
+        libc::SYS_mprotect,
+        libc::SYS_futex,
+        libc::SYS_clock_gettime,
+        libc::SYS_sched_yield,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_sigaltstack,
+        libc::SYS_getrandom,
+        libc::SYS_write,
+        libc::SYS_writev,
+        libc::SYS_close,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ]
+    .into_iter()
+    .map(allow)
+    .collect()
+}
+
 /// Compiles an allow-list. Entries for the same call are merged (any of their rules allows it;
 /// an entry without rules allows it unconditionally).
 pub fn compile(entries: impl IntoIterator<Item = SyscallRules>) -> Result<Filter, ConfineError> {

@@ -1,21 +1,86 @@
 //! The compile cache: artifacts on disk keyed by (module SHA-256, engine settings, wasmtime
-//! version), compiled by a separate, resource-limited `bulwark compile` process so a compiler
+//! version, target), compiled by a separate, resource-limited compile worker so a compiler
 //! crash or runaway cannot take the CLI with it.
+//!
+//! **Nothing in the cache is trusted because of where it sits.** An entry is one file: a magic
+//! string, an HMAC-SHA256 tag, then the artifact. The tag is keyed by a secret per-user key file
+//! in the cache directory (32 random bytes, mode 0600, made on first use) and covers the entry's
+//! cache key (module digest, engine key, target) and the artifact bytes, so an entry is used only
+//! if it is exactly what the compiler produced for this module, engine and target: a swapped,
+//! truncated, flipped or planted entry fails the check. Such an entry (or one that cannot be
+//! read, or is not a regular file) is deleted and the module compiled again, never executed;
+//! a broken entry heals itself on the next call.
+//!
+//! Tag and artifact live in one file written under a new random name (`O_EXCL`) and renamed into
+//! place, so a reader sees a whole old entry or a whole new one, never a new artifact with an old
+//! tag. The cache directory and its `artifacts` directory are created 0700, and a cache directory
+//! owned by another user or writable by group or others is refused. Entries and the key are
+//! opened once, without following a symbolic link, and read up to a size cap.
+//!
+//! The compile worker is `bulwark compile - -o -`: the module goes in on standard input and the
+//! artifact comes out on standard output; it opens no path. It runs under an address-space limit
+//! that follows the module's size ([`compile_memory`]) and is killed when the call's deadline
+//! passes, or after [`COMPILE_TIMEOUT`], whichever comes first.
 
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use crate::cli::Target;
-use crate::compile::sha256_hex;
+use crate::compile::{ReadError, create_temp, fill_random, read_regular_file_nofollow, sha256_hex};
 
-/// Wall-clock limit of one compilation.
+/// Wall-clock limit of one compilation, whatever the call's own deadline.
 pub const COMPILE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Address-space limit of the compiler process.
-pub const COMPILE_MEMORY: u64 = 8 << 30;
+
+/// Address space the compile worker gets whatever the module's size. Measured with
+/// `ulimit -v` bisection (8 MiB steps) on wasmtime 48 / Cranelift: a 520-byte .wat needs 24 MiB,
+/// the 114-190 KB Rust tools (echo-args, compute, fs-tool, json-rank) 28-37 MiB; this leaves
+/// room for other allocators and hosts.
+pub const COMPILE_MEMORY_BASE: u64 = 256 << 20;
+
+/// Address space the compile worker gets per byte of module, on top of
+/// [`COMPILE_MEMORY_BASE`]. Measured: 10,000 tiny exported functions (190 KB binary) need
+/// 142 MiB (~650 bytes per module byte); one function of 400,000 instructions (870 KB) needs
+/// 1,134 MiB (~1,300 per byte), the worst seen. 2,048 is ~1.6 times that.
+pub const COMPILE_MEMORY_PER_BYTE: u64 = 2048;
+
+/// Most address space the compile worker ever gets (reached by modules of about 3.9 MiB).
+pub const COMPILE_MEMORY_MAX: u64 = 8 << 30;
+
+/// Largest artifact accepted from the compiler or read from the cache.
+pub const MAX_ARTIFACT_SIZE: u64 = 1 << 30;
+
+/// The compile worker's address-space limit for a module of `module_len` bytes.
+pub fn compile_memory(module_len: usize) -> u64 {
+    (module_len as u64)
+        .saturating_mul(COMPILE_MEMORY_PER_BYTE)
+        .saturating_add(COMPILE_MEMORY_BASE)
+        .min(COMPILE_MEMORY_MAX)
+}
+
+/// First bytes of every cache entry (the format's version is in it).
+const MAGIC: &[u8; 8] = b"BWKCWv1\n";
+/// Length of the HMAC-SHA256 tag after [`MAGIC`].
+const TAG_LEN: usize = 32;
+/// Bytes before the artifact in an entry.
+const HEADER_LEN: usize = MAGIC.len() + TAG_LEN;
+/// What the tag covers first, so it can never be confused with another use of the key.
+const TAG_DOMAIN: &[u8] = b"bulwark compile cache entry v1\0";
+/// The secret key file, in the cache directory (not in `artifacts/`).
+const KEY_FILE: &str = "cache-key";
+/// Bytes of secret key.
+const KEY_LEN: usize = 32;
+/// Most bytes of the compile worker's standard error kept for a message.
+const MAX_WORKER_STDERR: u64 = 64 << 10;
+
+type HmacSha256 = Hmac<Sha256>;
 
 /// The cache directory: `$BULWARK_CACHE_DIR`, else `$XDG_CACHE_HOME/bulwark`, else
 /// `~/.cache/bulwark`.
@@ -53,81 +118,508 @@ pub fn engine_key(target: Target) -> String {
     sha256_hex(id.as_bytes())[..16].to_owned()
 }
 
-/// Path of the artifact for a module with SHA-256 `digest`, compiled for `target`.
-pub fn artifact_path(digest: &str, target: Target) -> PathBuf {
+/// File name of the entry for a module with SHA-256 `digest`, compiled for `target`.
+fn entry_name(digest: &str, target: Target) -> String {
     let suffix = match target {
         Target::Guest => "",
         Target::Host => "-host",
     };
-    dir()
-        .join("artifacts")
-        .join(format!("{digest}-{}{suffix}.cwasm", engine_key(target)))
+    format!("{digest}-{}{suffix}.cwasm", engine_key(target))
 }
 
-/// Returns the cached artifact for `module` (whose SHA-256 is `digest`) and `target`,
-/// compiling it first if needed. The bool says whether it was compiled now.
-pub fn artifact(module: &Path, digest: &str, target: Target) -> anyhow::Result<(Vec<u8>, bool)> {
-    let path = artifact_path(digest, target);
-    if let Ok(bytes) = std::fs::read(&path) {
-        return Ok((bytes, false));
+/// What an entry's tag vouches for besides the artifact: module digest, engine key and target.
+fn cache_key(digest: &str, target: Target) -> String {
+    format!("{digest} {} {}", engine_key(target), target.name())
+}
+
+/// Why [`artifact`] returned no artifact.
+#[derive(Debug)]
+pub enum Error {
+    /// The module does not compile, or the compiler died on it: the whole message, naming the
+    /// module.
+    Module(String),
+    /// The deadline passed while compiling: the call's own (`call_deadline`), or
+    /// [`COMPILE_TIMEOUT`]. The compiler was killed and nothing was cached.
+    TimedOut {
+        /// Whether it was the call's deadline (else [`COMPILE_TIMEOUT`]).
+        call_deadline: bool,
+    },
+    /// Ctrl-C, SIGTERM or SIGHUP arrived while compiling; the compiler was killed.
+    Interrupted,
+    /// The cache directory or the compiler process could not be used.
+    Bulwark(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Error {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Bulwark(e)
     }
-    let parent = path.parent().context("cache path has no directory")?;
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create the compile cache {}", parent.display()))?;
-    compile_in_child(module, &path, target)?;
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok((bytes, true))
 }
 
-/// Runs `bulwark compile module -o out` as a child with memory and time limits.
-fn compile_in_child(module: &Path, out: &Path, target: Target) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("cannot find the bulwark executable")?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("compile")
-        .arg(module)
-        .arg("-o")
-        .arg(out)
-        .arg("--target")
-        .arg(target.name());
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-    // SAFETY: the closure runs in the child between fork and exec and only calls setrlimit,
-    // which is async-signal-safe, on its own process.
-    unsafe {
-        cmd.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: COMPILE_MEMORY,
-                rlim_max: COMPILE_MEMORY,
+/// Returns the artifact for `module` (whose SHA-256 is `digest`, read from `name`) and
+/// `target`: the cached one if its tag checks out, else one compiled now, by a compile worker
+/// that is killed at `deadline` (or after [`COMPILE_TIMEOUT`]), and then cached. The bool says
+/// whether it was compiled now.
+pub fn artifact(
+    module: &[u8],
+    name: &Path,
+    digest: &str,
+    target: Target,
+    deadline: Instant,
+) -> Result<(Vec<u8>, bool), Error> {
+    let cache = Cache::open()?;
+    let path = cache.artifacts.join(entry_name(digest, target));
+    let key = cache_key(digest, target);
+    if let Some(artifact) = cache.load(&path, &key) {
+        return Ok((artifact, false));
+    }
+    let artifact = compile_in_child(module, name, target, deadline)?;
+    if let Err(e) = cache.store(&path, &key, &artifact) {
+        // The call can go on with the artifact in hand; the next one compiles again.
+        eprintln!("bulwark: warning: the compiled module was not cached: {e:#}");
+    }
+    Ok((artifact, true))
+}
+
+/// The opened cache: its `artifacts` directory, checked, and the secret key.
+struct Cache {
+    artifacts: PathBuf,
+    key: [u8; KEY_LEN],
+}
+
+impl Cache {
+    /// Creates (0700) and checks the cache directory and its `artifacts` directory, and reads
+    /// the secret key, making it first if there is none.
+    fn open() -> anyhow::Result<Self> {
+        let root = dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .with_context(|| {
+                format!(
+                    "cannot create the compile cache {}; set BULWARK_CACHE_DIR to a directory of your own",
+                    root.display()
+                )
+            })?;
+        // The cache directory itself may be a link the user made; what it leads to is checked.
+        let meta = std::fs::metadata(&root)
+            .with_context(|| format!("cannot inspect the compile cache {}", root.display()))?;
+        check_private(&root, &meta)?;
+        let artifacts = root.join("artifacts");
+        match std::fs::DirBuilder::new().mode(0o700).create(&artifacts) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot create the compile cache {}", artifacts.display())
+                });
+            }
+        }
+        let meta = std::fs::symlink_metadata(&artifacts)
+            .with_context(|| format!("cannot inspect the compile cache {}", artifacts.display()))?;
+        check_private(&artifacts, &meta)?;
+        let key = load_key(&root)?;
+        Ok(Self { artifacts, key })
+    }
+
+    /// The artifact of the entry at `path` if the entry is a regular file whose tag is right for
+    /// `key` and its bytes; any other entry there is deleted.
+    fn load(&self, path: &Path, key: &str) -> Option<Vec<u8>> {
+        let mut bytes =
+            match read_regular_file_nofollow(path, HEADER_LEN as u64 + MAX_ARTIFACT_SIZE) {
+                Ok(bytes) => bytes,
+                Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return None,
+                Err(_) => {
+                    discard(path);
+                    return None;
+                }
             };
-            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
+        if !verify(&self.key, key, &bytes) {
+            discard(path);
+            return None;
+        }
+        bytes.drain(..HEADER_LEN);
+        Some(bytes)
+    }
+
+    /// Writes the entry for `key` at `path`: header and artifact into a new file under a random
+    /// name, renamed over `path`.
+    fn store(&self, path: &Path, key: &str, artifact: &[u8]) -> anyhow::Result<()> {
+        let tag = tag(&self.key, key, artifact)?;
+        let file_name = path
+            .file_name()
+            .context("the cache entry has no file name")?;
+        // No fsync: an entry torn by a crash fails its tag and is compiled again.
+        let (tmp, mut file) = create_temp(&self.artifacts, file_name, 0o600)?;
+        let written = file
+            .write_all(MAGIC)
+            .and_then(|()| file.write_all(&tag))
+            .and_then(|()| file.write_all(artifact))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// This process's effective user id.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Refuses a cache directory that is not a directory, belongs to another user, or that its
+/// group or others may write to: whoever can write there could plant code for Bulwark to run.
+fn check_private(path: &Path, meta: &std::fs::Metadata) -> anyhow::Result<()> {
+    if !meta.is_dir() {
+        bail!(
+            "the compile cache {} is not a directory; remove it or set BULWARK_CACHE_DIR to a directory of your own",
+            path.display()
+        );
+    }
+    let me = euid();
+    if meta.uid() != me {
+        bail!(
+            "the compile cache {} belongs to user {}, not to you (user {me}); bulwark does not use a cache someone else controls: set BULWARK_CACHE_DIR to a directory of your own",
+            path.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "the compile cache {} is writable by its group or others (mode {:o}), so they could plant code for bulwark to run; fix it with `chmod 700 {}` or set BULWARK_CACHE_DIR to a private directory",
+            path.display(),
+            meta.mode() & 0o7777,
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads the cache's secret key from `root`, making it first if there is none, and replacing one
+/// that is damaged (every entry made with the old key is then compiled again).
+fn load_key(root: &Path) -> anyhow::Result<[u8; KEY_LEN]> {
+    let path = root.join(KEY_FILE);
+    for _ in 0..3 {
+        match read_regular_file_nofollow(&path, KEY_LEN as u64) {
+            Ok(bytes) => {
+                if let Ok(key) = <[u8; KEY_LEN]>::try_from(bytes.as_slice()) {
+                    return Ok(key);
+                }
+                // Published whole (see `create_key`), so a short key is damage, not a race.
+                remove_damaged_key(&path)?;
+            }
+            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(ReadError::Io(e)) if e.raw_os_error() != Some(libc::ELOOP) => {
+                return Err(e).with_context(|| {
+                    format!("cannot read the compile cache key {}", path.display())
+                });
+            }
+            Err(_) => remove_damaged_key(&path)?,
+        }
+        create_key(root, &path)?;
+    }
+    bail!(
+        "the compile cache key {} keeps changing under bulwark; is another program writing to {}?",
+        path.display(),
+        root.display()
+    )
+}
+
+/// Removes a damaged key file (gone already is fine).
+fn remove_damaged_key(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "the compile cache key {} is damaged and cannot be removed; remove it by hand",
+                path.display()
+            )
+        }),
+    }
+}
+
+/// Makes a new secret key at `path`: written whole to a new 0600 file, then published with a
+/// hard link, which never replaces a key another process published first (then theirs is used).
+fn create_key(root: &Path, path: &Path) -> anyhow::Result<()> {
+    let mut key = [0u8; KEY_LEN];
+    fill_random(&mut key).context("cannot read random bytes for the compile cache key")?;
+    let (tmp, mut file) = create_temp(root, KEY_FILE.as_ref(), 0o600)?;
+    let published = file
+        .write_all(&key)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            // A file system without hard links: a rename may replace a key published at the
+            // same moment, which only costs the other process's entries a recompile.
+            Err(_) => std::fs::rename(&tmp, path),
+        });
+    let _ = std::fs::remove_file(&tmp);
+    published.with_context(|| format!("cannot create the compile cache key {}", path.display()))
+}
+
+/// The tag of an entry: HMAC-SHA256 under the cache's key over a domain string, the cache key
+/// (length first) and the artifact.
+fn tag(secret: &[u8; KEY_LEN], key: &str, artifact: &[u8]) -> anyhow::Result<[u8; TAG_LEN]> {
+    Ok(mac(secret, key, artifact)?.finalize().into_bytes().into())
+}
+
+/// The HMAC state of [`tag`], before finalizing.
+fn mac(secret: &[u8; KEY_LEN], key: &str, artifact: &[u8]) -> anyhow::Result<HmacSha256> {
+    let mut mac = HmacSha256::new_from_slice(secret)
+        .map_err(|e| anyhow::anyhow!("cannot key the cache's HMAC: {e}"))?;
+    mac.update(TAG_DOMAIN);
+    mac.update(&(key.len() as u64).to_le_bytes());
+    mac.update(key.as_bytes());
+    mac.update(artifact);
+    Ok(mac)
+}
+
+/// Whether `entry` (header and artifact) carries the right tag for `key` (in constant time).
+fn verify(secret: &[u8; KEY_LEN], key: &str, entry: &[u8]) -> bool {
+    if entry.len() < HEADER_LEN || &entry[..MAGIC.len()] != MAGIC {
+        return false;
+    }
+    let (header, artifact) = entry.split_at(HEADER_LEN);
+    mac(secret, key, artifact).is_ok_and(|m| m.verify_slice(&header[MAGIC.len()..]).is_ok())
+}
+
+/// Deletes a cache entry that must not be used. A failure is left for the next writer's rename.
+fn discard(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}
+
+/// Compiles `module` (read from `name`, for messages) in the compile worker, `bulwark compile -
+/// -o - --target T`: the module on its standard input, the artifact from its standard output.
+/// The worker dies with this process, has [`compile_memory`] of address space and no core dump,
+/// and is killed at `deadline`, after [`COMPILE_TIMEOUT`], or on Ctrl-C.
+fn compile_in_child(
+    module: &[u8],
+    name: &Path,
+    target: Target,
+    deadline: Instant,
+) -> Result<Vec<u8>, Error> {
+    let exe = std::env::current_exe().context("cannot find the bulwark executable")?;
+    // Never above the hard limit this process runs under: raising it would fail.
+    let memory = compile_memory(module.len()).min(hard_memory_limit());
+    let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    let mut cmd = Command::new(exe);
+    cmd.args(["compile", "-", "-o", "-", "--target", target.name()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the child between fork and exec and makes only
+    // async-signal-safe calls (prctl, getppid, setrlimit) on its own process; it allocates
+    // nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            crate::interrupt::die_with_parent(parent)?;
+            for (resource, value) in [(libc::RLIMIT_AS, memory), (libc::RLIMIT_CORE, 0)] {
+                let limit = libc::rlimit {
+                    rlim_cur: value,
+                    rlim_max: value,
+                };
+                if libc::setrlimit(resource, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("cannot start the compiler process")?;
     let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().context("waiting for the compiler")? {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use std::io::Read;
-                let _ = e.read_to_string(&mut err);
-            }
-            if status.success() {
-                return Ok(());
-            }
-            let err = err.trim().trim_start_matches("bulwark: ");
-            bail!("{err}");
+    let (stop_at, call_deadline) = match started.checked_add(COMPILE_TIMEOUT) {
+        Some(limit) if limit < deadline => (limit, false),
+        _ => (deadline, true),
+    };
+    let mut child = cmd
+        .spawn()
+        .context("cannot start the compile worker (bulwark compile)")?;
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(anyhow::anyhow!("the compile worker has no standard streams").into());
+    };
+    std::thread::scope(|s| {
+        // The worker reads all of its input before it writes, but its output and error can fill
+        // their pipes, so all three streams move at once.
+        s.spawn(move || {
+            // A worker that stops early closes the pipe: its exit status tells why.
+            let _ = stdin.write_all(module);
+        });
+        let artifact = s.spawn(move || {
+            let mut artifact = Vec::new();
+            stdout
+                .take(MAX_ARTIFACT_SIZE + 1)
+                .read_to_end(&mut artifact)
+                .map(|_| artifact)
+        });
+        let errors = s.spawn(move || {
+            let mut stderr = stderr;
+            let mut text = Vec::new();
+            let _ = (&mut stderr).take(MAX_WORKER_STDERR).read_to_end(&mut text);
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+            String::from_utf8_lossy(&text).into_owned()
+        });
+        let status = wait_until(&mut child, stop_at, call_deadline);
+        let artifact = artifact.join();
+        let errors = errors.join().unwrap_or_default();
+        let status = status?;
+        if crate::interrupt::requested() {
+            return Err(Error::Interrupted);
         }
-        if started.elapsed() > COMPILE_TIMEOUT {
+        let artifact = match artifact {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                return Err(anyhow::Error::new(e)
+                    .context("cannot read the compiled artifact from the compile worker")
+                    .into());
+            }
+            Err(_) => {
+                return Err(anyhow::anyhow!("reading the compile worker's output failed").into());
+            }
+        };
+        if artifact.len() as u64 > MAX_ARTIFACT_SIZE {
+            return Err(Error::Module(format!(
+                "cannot compile {}: its compiled artifact is over the {} MiB limit",
+                name.display(),
+                MAX_ARTIFACT_SIZE >> 20
+            )));
+        }
+        if status.success() && !artifact.is_empty() {
+            return Ok(artifact);
+        }
+        Err(Error::Module(worker_failure(name, status, &errors, memory)))
+    })
+}
+
+/// This process's hard address-space limit (`u64::MAX` when there is none).
+fn hard_memory_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct, which `limit` is.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0 {
+        return u64::MAX;
+    }
+    limit.rlim_max
+}
+
+/// Waits for the worker to end; kills it at `stop_at` or on Ctrl-C.
+fn wait_until(
+    child: &mut std::process::Child,
+    stop_at: Instant,
+    call_deadline: bool,
+) -> Result<ExitStatus, Error> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) => {}
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(anyhow::Error::new(e)
+                    .context("cannot wait for the compile worker")
+                    .into());
+            }
+        }
+        let stop = if crate::interrupt::requested() {
+            Some(Error::Interrupted)
+        } else if Instant::now() >= stop_at {
+            Some(Error::TimedOut { call_deadline })
+        } else {
+            None
+        };
+        if let Some(e) = stop {
             let _ = child.kill();
             let _ = child.wait();
-            bail!(
-                "compiling {} took more than {} s; the compiler was stopped",
-                module.display(),
-                COMPILE_TIMEOUT.as_secs()
-            );
+            return Err(e);
         }
-        std::thread::sleep(Duration::from_millis(2));
+        let left = stop_at.saturating_duration_since(Instant::now());
+        std::thread::sleep(left.min(Duration::from_millis(2)));
+    }
+}
+
+/// The message for a worker that failed: its own message when it exited with one, else how it
+/// died, with its address-space limit (running out of it aborts the worker).
+fn worker_failure(name: &Path, status: ExitStatus, errors: &str, memory: u64) -> String {
+    let last = errors
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    if status.success() {
+        return format!(
+            "cannot compile {}: the compiler produced no artifact",
+            name.display()
+        );
+    }
+    if status.code().is_some() && !errors.trim().is_empty() {
+        let text = errors.trim().trim_start_matches("bulwark: ");
+        return format!("cannot compile {}: {text}", name.display());
+    }
+    format!(
+        "cannot compile {}: the compiler process died ({status}{}); it may have run out of its {} MiB of address space, the limit for a module of this size",
+        name.display(),
+        if last.is_empty() {
+            String::new()
+        } else {
+            format!(": {last}")
+        },
+        memory >> 20
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_limit_follows_the_module_size() {
+        assert_eq!(compile_memory(0), COMPILE_MEMORY_BASE);
+        assert_eq!(
+            compile_memory(1 << 20),
+            COMPILE_MEMORY_BASE + COMPILE_MEMORY_PER_BYTE * (1 << 20)
+        );
+        assert_eq!(compile_memory(256 << 20), COMPILE_MEMORY_MAX);
+        assert_eq!(compile_memory(usize::MAX), COMPILE_MEMORY_MAX);
+    }
+
+    #[test]
+    fn a_tag_binds_the_artifact_to_its_key() {
+        let secret = [7u8; KEY_LEN];
+        let entry = |key: &str, artifact: &[u8]| {
+            let mut e = MAGIC.to_vec();
+            e.extend_from_slice(&tag(&secret, key, artifact).unwrap());
+            e.extend_from_slice(artifact);
+            e
+        };
+        let good = entry("a e guest", b"artifact A");
+        assert!(verify(&secret, "a e guest", &good));
+        assert!(!verify(&secret, "b e guest", &good), "another module's key");
+        assert!(!verify(&secret, "a e host", &good), "another target");
+        assert!(
+            !verify(&[8u8; KEY_LEN], "a e guest", &good),
+            "another secret"
+        );
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(!verify(&secret, "a e guest", &flipped), "a flipped byte");
+        assert!(
+            !verify(&secret, "a e guest", &good[..HEADER_LEN - 1]),
+            "truncated"
+        );
+        assert!(
+            !verify(&secret, "a e guest", &good[MAGIC.len()..]),
+            "no magic"
+        );
+        assert!(!verify(&secret, "a e guest", b""), "empty");
     }
 }

@@ -37,19 +37,107 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make an Ed25519 key pair for signing modules.
+    ///
+    /// Writes the secret key (mode 0600; keep it private) and the public key, each in the
+    /// WebAssembly tool-conventions serialization that `wasmsign2` uses too: 0x81, seed, public
+    /// key (65 bytes) and 0x01, public key (33 bytes). Neither file is ever overwritten: if one
+    /// exists, nothing is written. Prints the key id and the public key in hex (for a policy
+    /// file's `trust-key` line).
+    Keygen(KeygenArgs),
+    /// Sign a WebAssembly binary module: writes a signed copy.
+    ///
+    /// The signature goes into a custom section named `signature` at the start of the module,
+    /// in the WebAssembly tool-conventions signature format (what `wasmsign2` reads and
+    /// writes): Ed25519 over the SHA-256 of everything after that section. The rest of the
+    /// module is unchanged, so the copy runs anywhere the original did. Signing an already
+    /// signed module adds a signature. The copy is written to a temporary file and renamed over
+    /// --output. WebAssembly text (.wat) cannot carry a signature section: convert it to binary
+    /// first.
+    Sign(SignArgs),
+    /// Check a module's signature against trusted public keys, and its SHA-256 against the
+    /// digests a policy pins.
+    ///
+    /// Prints which trusted key verified the module, and its SHA-256; exits 0. A module that
+    /// `bulwark run` with the same --trust/--policy would refuse is refused here too, with the
+    /// same message, and exit code 123; keys, policy or module that cannot be read exit 1.
+    #[command(after_help = crate::policy::SYNTAX)]
+    Verify(VerifyArgs),
+}
+
+/// Arguments of `bulwark keygen`.
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Where to write the secret key (created with mode 0600; must not exist).
+    #[arg(short = 'k', long, value_name = "FILE")]
+    pub secret_key: PathBuf,
+
+    /// Where to write the public key (must not exist).
+    #[arg(short = 'K', long, value_name = "FILE")]
+    pub public_key: PathBuf,
+
+    /// Print one JSON object instead of sentences.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `bulwark sign`.
+#[derive(Args, Debug)]
+pub struct SignArgs {
+    /// The module to sign: binary WebAssembly (.wasm).
+    pub module: PathBuf,
+
+    /// The secret key file (`bulwark keygen -k`; PEM and DER Ed25519 keys work too).
+    #[arg(short = 'k', long, value_name = "FILE")]
+    pub secret_key: PathBuf,
+
+    /// Where to write the signed module (replaced atomically; may be the input itself).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `bulwark verify`.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("trusted").required(true).multiple(true).args(["trust", "policy"])))]
+pub struct VerifyArgs {
+    /// The module to check.
+    pub module: PathBuf,
+
+    /// A trusted public key file (repeatable: a signature by any one of them will do).
+    #[arg(long = "trust", value_name = "PUBLIC_KEY")]
+    pub trust: Vec<PathBuf>,
+
+    /// A policy file: trusted keys and pinned SHA-256 digests (syntax below).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+
+    /// Print one JSON object: ok, sha256, pinned, signatures, verified_by or error.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Exit codes of `bulwark run`, also in its `--help`.
 pub const RUN_EXIT_CODES: &str = "\
 Exit codes:
   0-255  the tool's own exit code (proc_exit(n), or 0 when _start returns)
-  124    the --timeout ran out; the VM was killed
+  255    also: the tool exited with a code outside 0-255 (proc_exit takes a u32: 256 and
+         up, or a negative i32); --json `exit` has the exact code as a signed 32-bit number
+  123    refused by --trust/--policy before anything was compiled: the module is not
+         signed, not signed by a trusted key, changed since it was signed, or its SHA-256
+         is not pinned (the message says which, and what to do)
+  124    the --timeout ran out (it bounds the whole call, compilation included); the
+         compiler or the VM was killed
   125    Bulwark failed or refused the call (bad --dir or limits, the VM could not start
          or crashed, protocol error, a --dir write-back failed)
-  126    the module cannot run (not WebAssembly, compile error, unknown import, no _start)
-  130    interrupted by Ctrl-C or SIGTERM; the VM was killed
+  126    the module cannot run (not WebAssembly, compile error, unknown import, no _start,
+         memories or tables over --max-memory or the store's caps)
+  130    interrupted by Ctrl-C, SIGTERM or SIGHUP; the VM was killed
   134    the tool trapped or ran out of fuel (message on stderr)
-A tool may itself exit with 124-126, 130 or 134; --json tells the cases apart.";
+A tool may itself exit with 123-126, 130, 134 or 255; --json tells the cases apart.";
 
 /// Arguments of `bulwark run`.
 #[derive(Args, Debug)]
@@ -89,7 +177,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub fuel: Option<u64>,
 
-    /// Largest Wasm linear memory, e.g. 64MiB.
+    /// Most Wasm linear memory, all the tool's memories together, e.g. 64MiB.
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub max_memory: u64,
 
@@ -110,6 +198,20 @@ pub struct RunArgs {
     /// without /dev/kvm: only the Wasm sandbox isolates the tool; a warning says so on stderr).
     #[arg(long, value_enum, value_name = "KIND", default_value_t = Isolation::Vm)]
     pub isolation: Isolation,
+
+    /// Run the module only if it is signed by this public key (repeatable: a signature by any
+    /// one of them will do; see `bulwark keygen`, `bulwark sign`). An unsigned or wrongly
+    /// signed module, or one changed after signing, is refused before it is compiled (exit
+    /// 123). WebAssembly text (.wat) cannot carry a signature, so it is refused too.
+    #[arg(long = "trust", value_name = "PUBLIC_KEY")]
+    pub trust: Vec<PathBuf>,
+
+    /// Run the module only if this policy file allows it: signed by one of its trusted keys
+    /// (and --trust keys), if it names any, and with one of its pinned SHA-256 digests, if it
+    /// pins any. Refused modules exit 123 before they are compiled. Syntax: `bulwark verify
+    /// --help`.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
 }
 
 /// What isolates a tool call.
@@ -211,10 +313,12 @@ mod tests {
 /// Arguments of `bulwark compile`.
 #[derive(Args, Debug)]
 pub struct CompileArgs {
-    /// The module: binary WebAssembly or the text format.
+    /// The module: binary WebAssembly or the text format; `-` reads it from standard input.
     pub input: PathBuf,
 
-    /// Where to write the precompiled artifact (replaced atomically).
+    /// Where to write the precompiled artifact (replaced atomically); `-` writes it to
+    /// standard output. With `- -o -` this is the confined compile worker `bulwark run` starts:
+    /// no file system, no network, standard input, output and error only.
     #[arg(short, long, value_name = "FILE")]
     pub output: PathBuf,
 

@@ -1,6 +1,8 @@
 //! `bulwark doctor`: checks what running tools in micro-VMs needs on this host, and says what to
-//! fix. It never makes KVM calls itself: it boots a real VM through `bulwark-vmm`.
+//! fix. It never makes KVM calls itself: it boots a real, confined VM through `bulwark-vmm`
+//! and lists each protection layer the VMM put on (or why the host did not allow one).
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
@@ -9,24 +11,69 @@ use crate::{cache, compile::sha256_hex, vm};
 
 /// One check's result.
 struct Check {
-    name: &'static str,
-    ok: bool,
+    name: String,
+    level: Level,
     detail: String,
 }
 
-fn check(name: &'static str, result: Result<String, String>) -> Check {
-    match result {
-        Ok(detail) => Check {
-            name,
-            ok: true,
-            detail,
-        },
-        Err(detail) => Check {
-            name,
-            ok: false,
-            detail,
-        },
+/// How a check came out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Ok,
+    /// Works, with less protection than it could have (a confinement layer the host lacks).
+    Warn,
+    Fail,
+}
+
+impl Level {
+    fn name(self) -> &'static str {
+        match self {
+            Level::Ok => "ok",
+            Level::Warn => "warn",
+            Level::Fail => "FAIL",
+        }
     }
+}
+
+fn check(name: &str, result: Result<String, String>) -> Check {
+    let (level, detail) = match result {
+        Ok(detail) => (Level::Ok, detail),
+        Err(detail) => (Level::Fail, detail),
+    };
+    Check {
+        name: name.to_owned(),
+        level,
+        detail,
+    }
+}
+
+/// One check per protection layer the VMM reported with `--report-confinement` (a line like
+/// `no_new_privs on; user namespace unavailable (why); ...`): on is ok, anything else a warning
+/// that says why.
+fn layer_checks(report: &str) -> Vec<Check> {
+    const LAYERS: [&str; 8] = [
+        "no_new_privs",
+        "dumpable",
+        "rlimits",
+        "user namespace",
+        "landlock",
+        "seccomp",
+        "smep",
+        "smap",
+    ];
+    report
+        .split("; ")
+        .filter_map(|item| {
+            let layer = LAYERS.iter().find(|l| item.starts_with(*l))?;
+            let state = item[layer.len()..].trim();
+            let good = state.starts_with("on") || (*layer == "dumpable" && state == "off");
+            Some(Check {
+                name: format!("vmm {layer}"),
+                level: if good { Level::Ok } else { Level::Warn },
+                detail: state.to_owned(),
+            })
+        })
+        .collect()
 }
 
 fn kvm_device() -> Result<String, String> {
@@ -71,12 +118,17 @@ fn file_check(env: &str, name: &str) -> Result<String, String> {
 
 fn cache_check() -> Result<String, String> {
     let dir = cache::dir().join("artifacts");
-    std::fs::create_dir_all(&dir).map_err(|e| {
-        format!(
-            "cannot create the compile cache {}: {e}; set BULWARK_CACHE_DIR",
-            dir.display()
-        )
-    })?;
+    // Private, like the compile cache makes it.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| {
+            format!(
+                "cannot create the compile cache {}: {e}; set BULWARK_CACHE_DIR",
+                dir.display()
+            )
+        })?;
     let probe = dir.join(format!(".doctor-{}", std::process::id()));
     std::fs::write(&probe, b"ok")
         .map_err(|e| format!("the compile cache {} is not writable: {e}", dir.display()))?;
@@ -97,20 +149,28 @@ fn cache_check() -> Result<String, String> {
     ))
 }
 
-fn boot_check() -> Result<String, String> {
+/// Boots a confined VM; on success returns what to say and the VMM's confinement report.
+fn boot_check() -> Result<(String, String), String> {
     let vmm = vm::locate("BULWARK_VMM", "bulwark-vmm").map_err(|e| format!("{e:#}"))?;
     let guest = vm::locate("BULWARK_GUEST", "bulwark-guest.elf").map_err(|e| format!("{e:#}"))?;
     let started = Instant::now();
     let out = Command::new(&vmm)
-        .args(["--timeout", "10"])
+        .args(["--timeout", "10", "--report-confinement"])
         .arg(&guest)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot start {}: {e}", vmm.display()))?;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     if out.status.success() {
-        Ok(format!(
-            "a VM booted the guest and exited cleanly in {ms:.1} ms"
+        let err = String::from_utf8_lossy(&out.stderr);
+        let report = err
+            .lines()
+            .find_map(|l| l.strip_prefix("bulwark-vmm: confinement: "))
+            .unwrap_or("")
+            .to_owned();
+        Ok((
+            format!("a confined VM booted the guest and exited cleanly in {ms:.1} ms"),
+            report,
         ))
     } else {
         let err = String::from_utf8_lossy(&out.stderr);
@@ -124,7 +184,7 @@ fn boot_check() -> Result<String, String> {
 
 /// Runs `bulwark doctor`.
 pub fn run(json: bool) -> ExitCode {
-    let checks = [
+    let mut checks = vec![
         check("kvm device", kvm_device()),
         check("kvm", kvm_flavour()),
         check("vmm", file_check("BULWARK_VMM", "bulwark-vmm")),
@@ -133,22 +193,35 @@ pub fn run(json: bool) -> ExitCode {
             file_check("BULWARK_GUEST", "bulwark-guest.elf"),
         ),
         check("compile cache", cache_check()),
-        check("boot", boot_check()),
     ];
-    let all_ok = checks.iter().all(|c| c.ok);
+    match boot_check() {
+        Ok((detail, report)) => {
+            checks.push(check("boot", Ok(detail)));
+            checks.extend(layer_checks(&report));
+        }
+        Err(e) => checks.push(check("boot", Err(e))),
+    }
+    let all_ok = checks.iter().all(|c| c.level != Level::Fail);
     if json {
         let items: Vec<_> = checks
             .iter()
-            .map(|c| serde_json::json!({"check": c.name, "ok": c.ok, "detail": c.detail}))
+            .map(|c| {
+                serde_json::json!({
+                    "check": c.name,
+                    "ok": c.level != Level::Fail,
+                    "level": c.level.name(),
+                    "detail": c.detail,
+                })
+            })
             .collect();
         println!("{}", serde_json::json!({"ok": all_ok, "checks": items}));
     } else {
         for c in &checks {
+            println!("{:<4} {:<19} {}", c.level.name(), c.name, c.detail);
+        }
+        if checks.iter().any(|c| c.level == Level::Warn) {
             println!(
-                "{} {:<14} {}",
-                if c.ok { "ok  " } else { "FAIL" },
-                c.name,
-                c.detail
+                "\nwarn: the VM runs, with a protection layer this host does not offer (the reason is on its line)."
             );
         }
         if !all_ok {

@@ -1,10 +1,14 @@
-//! Ctrl-C and SIGTERM during `bulwark run`: the call stops at once and everything it made is
-//! cleaned up on the normal path out.
+//! Ctrl-C, SIGTERM and SIGHUP during `bulwark run`: the call stops at once and everything it made
+//! is cleaned up on the normal path out.
 //!
-//! The handler (on a thread of the `ctrlc` crate) sets a flag and kills the running VMM, if
-//! there is one, so a call blocked reading the VM's answer sees the connection close instead
-//! of waiting for its deadline. The VM's socket directory and any scratch copies are removed by
-//! their owners' `Drop` on the way out; an in-process call polls [`requested`].
+//! The handler (on a thread of the `ctrlc` crate, whose `termination` feature adds SIGTERM and
+//! SIGHUP to SIGINT) sets a flag and kills the running VMM, if there is one, so a call blocked
+//! reading the VM's answer sees the connection close instead of waiting for its deadline. The VM's
+//! socket directory and any scratch copies are removed by their owners' `Drop` on the way out; an
+//! in-process call polls [`requested`].
+//!
+//! What no handler can catch (SIGKILL, a crash) still takes the VMM along: it is started with
+//! `PR_SET_PDEATHSIG` = SIGKILL (see `vm::Vm::start`), so it never outlives `bulwark`.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
@@ -12,8 +16,8 @@ static REQUESTED: AtomicBool = AtomicBool::new(false);
 /// The VMM process of the call in flight (0: none).
 static VMM_PID: AtomicI32 = AtomicI32::new(0);
 
-/// Installs the handler. Failing to install it is not fatal: the call then simply cannot be
-/// interrupted early.
+/// Installs the handler for SIGINT, SIGTERM and SIGHUP. Failing to install it is not fatal: the
+/// call then simply cannot be interrupted early (the VMM still dies with this process).
 pub fn install() {
     let _ = ctrlc::set_handler(|| {
         REQUESTED.store(true, Ordering::SeqCst);
@@ -28,7 +32,7 @@ pub fn install() {
     });
 }
 
-/// Whether Ctrl-C or SIGTERM arrived.
+/// Whether Ctrl-C, SIGTERM or SIGHUP arrived.
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
 }
@@ -41,4 +45,26 @@ pub fn watch_vmm(pid: u32) {
 /// Forgets the VMM process; call before reaping it.
 pub fn forget_vmm() {
     VMM_PID.store(0, Ordering::SeqCst);
+}
+
+/// Makes the calling child process die with its parent: to be called between fork and exec
+/// (in a `pre_exec` closure) with `parent`, the parent's pid read before the fork.
+///
+/// `PR_SET_PDEATHSIG` sends SIGKILL when the thread that forked the child ends, whatever ends it
+/// (SIGKILL included). If the parent died before the request took effect, the child has already
+/// been adopted by another process: `getppid()` differs from `parent`, and this fails, so the
+/// child never runs. Only async-signal-safe calls are made.
+pub fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's own death signal; getppid has
+    // no preconditions. Both are async-signal-safe, as a pre_exec closure requires.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            // No allocation here: ESRCH says "the parent process is gone".
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+    }
+    Ok(())
 }

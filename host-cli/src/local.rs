@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use bulwark_proto::call::{Limits, Outcome, PROTOCOL_VERSION, Response, Timings};
 use wasmtime::{
-    Config, Engine, Linker, Module, Store, StoreLimits, Strategy, Trap, WasmBacktraceDetails,
-    WasmFeatures,
+    Config, Engine, Linker, Module, Store, Strategy, Trap, WasmBacktraceDetails, WasmFeatures,
 };
 use wasmtime_wasi::cli::OutputFile;
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -33,6 +32,8 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 /// The WASI preview 1 import module.
 const WASI_MODULE: &str = "wasi_snapshot_preview1";
+/// WASI preview 1's `errno::notsup`.
+const ERRNO_NOTSUP: i32 = 58;
 /// Stack of the thread the tool runs on (wasmtime keeps Wasm frames within its own 512 KiB
 /// `max_wasm_stack`; the rest is for host calls).
 const CALL_STACK: usize = 8 << 20;
@@ -152,7 +153,7 @@ pub fn host_config() -> Config {
 /// What a store's data holds.
 struct Data {
     wasi: WasiP1Ctx,
-    limits: StoreLimits,
+    limits: bulwark_engine::CallLimits,
 }
 
 /// WASI preview 1 from wasmtime-wasi, with `proc_exit` as the guest agent has it.
@@ -161,7 +162,7 @@ fn linker(engine: &Engine) -> anyhow::Result<Linker<Data>> {
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |d: &mut Data| &mut d.wasi)
         .map_err(|e| anyhow!("cannot add WASI to the linker: {e:?}"))?;
     // wasmtime-wasi turns proc_exit(n) for n >= 126 into an error; the guest agent passes any
-    // code through (and `bulwark run` exits with its low byte), so this does too.
+    // code through (and `bulwark run` maps codes outside 0..=255 to 255), so this does too.
     linker.allow_shadowing(true);
     linker
         .func_wrap(
@@ -170,6 +171,16 @@ fn linker(engine: &Engine) -> anyhow::Result<Linker<Data>> {
             |code: i32| -> wasmtime::Result<()> { Err(wasmtime::Error::new(I32Exit(code))) },
         )
         .map_err(|e| anyhow!("cannot define proc_exit: {e:?}"))?;
+    // The guest's file system has no symbolic links: path_symlink answers ENOTSUP there, so it
+    // does here too (wasmtime-wasi would make one in the scratch copy, which the write-back then
+    // refuses). Hard links (path_link) work in both, inside the tool's copies.
+    linker
+        .func_wrap(
+            WASI_MODULE,
+            "path_symlink",
+            |_: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { ERRNO_NOTSUP },
+        )
+        .map_err(|e| anyhow!("cannot define path_symlink: {e:?}"))?;
     linker.allow_shadowing(false);
     Ok(linker)
 }
@@ -381,6 +392,70 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Exited(210));
         assert_eq!(r.stdout, b"012345678901234");
         assert!(r.output_truncated);
+    }
+
+    #[test]
+    fn all_memories_and_tables_share_one_budget() {
+        let limits = Limits {
+            max_memory: 64 << 20,
+            ..Limits::default()
+        };
+        // Twenty 32 MiB memories: each under --max-memory, 640 MiB together.
+        let mut many = String::from("(module");
+        for _ in 0..20 {
+            many.push_str(" (memory 512)");
+        }
+        many.push_str(r#" (func (export "_start")))"#);
+        let r = call(many.as_bytes(), limits).unwrap().unwrap();
+        assert!(
+            matches!(&r.outcome, Outcome::Error(m) if m.contains("exceeds memory limits")),
+            "{:?}",
+            r.outcome
+        );
+        // Two memories that fill the budget together; then no memory grows by a page.
+        let grow = r#"(module
+          (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+          (memory $a 512) (memory $b 0)
+          (func (export "_start")
+            (if (i32.ne (memory.grow $b (i32.const 512)) (i32.const 0))
+              (then (call $exit (i32.const 1))))
+            (if (i32.ne (memory.grow $a (i32.const 1)) (i32.const -1))
+              (then (call $exit (i32.const 2))))
+            (if (i32.ne (memory.grow $b (i32.const 1)) (i32.const -1))
+              (then (call $exit (i32.const 3))))
+            (call $exit (i32.const 0))))"#;
+        let r = call(grow.as_bytes(), limits).unwrap().unwrap();
+        assert_eq!(r.outcome, Outcome::Exited(0));
+        let tables = r#"(module (table 600000 funcref) (table 600000 funcref)
+          (func (export "_start")))"#;
+        let r = call(tables.as_bytes(), limits).unwrap().unwrap();
+        assert!(matches!(&r.outcome, Outcome::Error(_)), "{:?}", r.outcome);
+        // As many memories as a module may declare (validation refuses more), all empty: fine.
+        let mut count = String::from("(module");
+        for _ in 0..bulwark_engine::MAX_MEMORIES {
+            count.push_str(" (memory 0)");
+        }
+        count.push_str(r#" (func (export "_start")))"#);
+        let r = call(count.as_bytes(), limits).unwrap().unwrap();
+        assert_eq!(r.outcome, Outcome::Exited(0));
+    }
+
+    #[test]
+    fn symbolic_links_are_not_supported_as_in_the_guest() {
+        let symlink = r#"(module
+          (import "wasi_snapshot_preview1" "path_symlink"
+            (func $symlink (param i32 i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 0) "target")
+          (data (i32.const 16) "link")
+          (func (export "_start")
+            (call $exit (call $symlink (i32.const 0) (i32.const 6) (i32.const 3)
+              (i32.const 16) (i32.const 4)))))"#;
+        let r = call(symlink.as_bytes(), Limits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.outcome, Outcome::Exited(ERRNO_NOTSUP));
     }
 
     #[test]

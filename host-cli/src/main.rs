@@ -3,11 +3,14 @@
 mod cache;
 mod cli;
 mod compile;
+mod confine;
 mod dirs;
 mod doctor;
 mod interrupt;
 mod local;
+mod policy;
 mod run;
+mod sign;
 mod vm;
 
 use std::process::ExitCode;
@@ -20,6 +23,9 @@ fn main() -> ExitCode {
         cli::Command::Compile(args) => compile::run(&args),
         cli::Command::Run(args) => return run::run(&args),
         cli::Command::Doctor { json } => return doctor::run(json),
+        cli::Command::Keygen(args) => sign::keygen(&args),
+        cli::Command::Sign(args) => sign::sign(&args),
+        cli::Command::Verify(args) => return sign::verify(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,6 +24,9 @@ pub mod code {
     pub const MODULE: u8 = 126;
     /// The tool trapped or ran out of fuel.
     pub const TRAP: u8 = 134;
+    /// `--trust`/`--policy` refused the module (unsigned, not signed by a trusted key, changed
+    /// after signing, or not pinned) before it was compiled.
+    pub const REFUSED: u8 = 123;
 }
 
 /// Memory the guest needs besides the tool's linear memory (image, stack, heap bookkeeping,
@@ -105,20 +108,10 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         2 * args.max_dir_size.div_ceil(1 << 20)
     };
     let need_mib = args.max_memory.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB + dirs_mib;
-    if args.isolation == Isolation::Vm && args.mem_mib < need_mib {
-        return Result::Failed(
-            code::BULWARK,
-            format!(
-                "--mem-mib {} cannot hold --max-memory {} MiB{} plus the guest: use --mem-mib {need_mib} or more",
-                args.mem_mib,
-                args.max_memory >> 20,
-                if dirs_mib > 0 {
-                    " and the --dir copies"
-                } else {
-                    ""
-                },
-            ),
-        );
+    if args.isolation == Isolation::Vm
+        && let Err(e) = check_mem_mib(args.mem_mib, need_mib, args.max_memory, dirs_mib > 0)
+    {
+        return Result::Failed(code::BULWARK, e);
     }
     let answer_max = 2 * args.max_output + args.max_dir_size + (1 << 20);
     if answer_max > u64::from(bulwark_proto::frame::MAX_RESPONSE_FRAME) {
@@ -134,7 +127,16 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         Ok(m) => m,
         Err(e) => return failed(code::MODULE, e),
     };
-    let shared = match dirs::read_all(&args.dirs, budget(args)) {
+    // --trust/--policy: the signature and pinned digest are checked before anything compiles.
+    if let Err(refusal) = crate::sign::check_run(args, &module) {
+        return failed(refusal.code, refusal.error);
+    }
+    // The directories stay open until they are written back: that works through these
+    // descriptors, never through paths that could be swapped for links in the meantime.
+    let dirs::Shared {
+        trees: shared,
+        hosts,
+    } = match dirs::read_all(&args.dirs, budget(args)) {
         Ok(s) => s,
         Err(e) => return failed(code::BULWARK, e),
     };
@@ -143,19 +145,27 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         Isolation::Vm => Target::Guest,
         Isolation::Wasm => Target::Host,
     };
-    let (artifact, _compiled) = match cache::artifact(&args.module, &hex(&digest), target) {
+    // The call's deadline started with `bulwark run`: compiling counts against it.
+    let deadline = started + args.timeout;
+    let compiled = cache::artifact(&module, &args.module, &hex(&digest), target, deadline);
+    timings.compile_us = started.elapsed().as_micros();
+    let (artifact, _compiled) = match compiled {
         Ok(a) => a,
         // Ctrl-C reaches the compiler process too.
+        Err(cache::Error::Interrupted) => return Result::Interrupted,
         Err(_) if interrupt::requested() => return Result::Interrupted,
-        Err(e) => return failed(code::MODULE, e),
+        Err(cache::Error::TimedOut { call_deadline }) => {
+            return Result::Failed(code::TIMEOUT, compile_timed_out(args, call_deadline));
+        }
+        Err(cache::Error::Module(msg)) => return Result::Failed(code::MODULE, msg),
+        Err(cache::Error::Bulwark(e)) => return failed(code::BULWARK, e),
     };
-    timings.compile_us = started.elapsed().as_micros();
     let stdin = match stdin_bytes() {
         Ok(s) => s,
         Err(e) => return failed(code::BULWARK, e),
     };
     if args.isolation == Isolation::Wasm {
-        return call_in_process(args, &artifact, shared, stdin, timings);
+        return call_in_process(args, &artifact, shared, &hosts, stdin, deadline, timings);
     }
     // The guest holds standard input twice while it reads the request.
     let need_mib = need_mib + 2 * (stdin.len() as u64).div_ceil(1 << 20);
@@ -185,7 +195,6 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
             .map_or(0, |d| d.as_nanos() as u64),
     };
     let vm_started = Instant::now();
-    let deadline = vm_started + args.timeout;
     let mut vm = match vm::Vm::start(args.mem_mib, deadline) {
         Ok(vm) => vm,
         Err(e) => return failed(code::BULWARK, e),
@@ -205,11 +214,70 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         Ok(Some(mut response)) => {
             cap_output(&mut response, args.max_output);
             let after = std::mem::take(&mut response.dirs);
-            finish(args, response, &request.dirs, after)
+            finish(response, &hosts, &request.dirs, after)
         }
         Ok(None) => Result::TimedOut,
         Err(e) => failed(code::BULWARK, e),
     }
+}
+
+/// Checks `--mem-mib` against the VMM's rules (whole 2 MiB pages, at most
+/// [`bulwark_proto::layout::MAX_RAM_SIZE`]) and against what the call needs (`need_mib`: its
+/// `--max-memory`, the --dir copies when `dirs`, and the guest), so a VM that would refuse to
+/// start, or could not hold the tool, is refused here with the allowed values.
+fn check_mem_mib(
+    mem_mib: u64,
+    need_mib: u64,
+    max_memory: u64,
+    dirs: bool,
+) -> std::result::Result<(), String> {
+    use bulwark_proto::layout::{MAX_RAM_SIZE, PAGE_SIZE};
+    let max_mib = MAX_RAM_SIZE >> 20;
+    let step_mib = PAGE_SIZE >> 20;
+    let what = format!(
+        "--max-memory {} MiB{} plus the guest",
+        max_memory.div_ceil(1 << 20),
+        if dirs { " and the --dir copies" } else { "" }
+    );
+    if need_mib > max_mib {
+        return Err(format!(
+            "{what} need {need_mib} MiB of VM RAM, over the {max_mib} MiB a VM can have: lower --max-memory{}",
+            if dirs { " or --max-dir-size" } else { "" }
+        ));
+    }
+    if !mem_mib.is_multiple_of(step_mib) || mem_mib > max_mib {
+        return Err(format!(
+            "--mem-mib {mem_mib} is not a VM size: use a multiple of {step_mib} from {need_mib} (what {what} need) to {max_mib}"
+        ));
+    }
+    if mem_mib < need_mib {
+        return Err(format!(
+            "--mem-mib {mem_mib} cannot hold {what}: use --mem-mib {need_mib} or more (a multiple of {step_mib}, at most {max_mib})"
+        ));
+    }
+    Ok(())
+}
+
+/// The message of a call whose compilation ran out of time: the call's `--timeout` (counted
+/// from the start of `bulwark run`), or `cache::COMPILE_TIMEOUT`.
+fn compile_timed_out(args: &RunArgs, call_deadline: bool) -> String {
+    let limit = if call_deadline {
+        format!("the call's --timeout of {:?}", args.timeout)
+    } else {
+        format!(
+            "the {} s any compilation may take",
+            cache::COMPILE_TIMEOUT.as_secs()
+        )
+    };
+    format!(
+        "compiling {} took too long: it did not finish within {limit}; the compiler was stopped and nothing was cached{}",
+        args.module.display(),
+        if call_deadline {
+            " (a larger --timeout lets it finish, and later calls use the cached artifact)"
+        } else {
+            ""
+        }
+    )
 }
 
 /// The tool's argv: the module's file name, then the arguments.
@@ -254,17 +322,18 @@ fn limits(args: &RunArgs) -> Limits {
     }
 }
 
-/// Writes the shared directories back when the tool exited 0 (`after`: what each holds now).
+/// Writes the shared directories back when the tool exited 0 (`hosts`: the directories opened
+/// when they were read; `after`: what each holds now).
 fn finish(
-    args: &RunArgs,
     response: Response,
+    hosts: &[dirs::HostDir],
     before: &[bulwark_proto::tree::SharedDir],
     after: Vec<Vec<bulwark_proto::tree::Entry>>,
 ) -> Result {
     if response.outcome != Outcome::Exited(0) {
         return Result::Done(response, Vec::new());
     }
-    if after.len() != before.len() {
+    if after.len() != before.len() || hosts.len() != before.len() {
         return Result::Failed(
             code::BULWARK,
             format!(
@@ -275,15 +344,15 @@ fn finish(
         );
     }
     let mut changes = Vec::new();
-    for ((spec, sent), now) in args.dirs.iter().zip(before).zip(&after) {
-        match dirs::write_back(&spec.host, &sent.entries, now) {
+    for ((host, sent), now) in hosts.iter().zip(before).zip(&after) {
+        match dirs::write_back(host, &sent.entries, now) {
             Ok(c) => changes.push(c),
             Err(e) => {
                 return Result::Failed(
                     code::BULWARK,
                     format!(
                         "the tool exited 0, but its changes to --dir {} could not be written back ({e:#}); files already replaced there are complete, the rest are as before",
-                        spec.host.display()
+                        host.path().display()
                     ),
                 );
             }
@@ -298,7 +367,9 @@ fn call_in_process(
     args: &RunArgs,
     artifact: &[u8],
     shared: Vec<bulwark_proto::tree::SharedDir>,
+    hosts: &[dirs::HostDir],
     stdin: Vec<u8>,
+    deadline: Instant,
     timings: &mut Timings,
 ) -> Result {
     // The tool gets scratch copies of the shared directories, so a failed call leaves the host's
@@ -321,7 +392,7 @@ fn call_in_process(
         stdin,
         limits: limits(args),
         preopens,
-        deadline: call_started + args.timeout,
+        deadline,
     });
     timings.call_us = call_started.elapsed().as_micros();
     if interrupt::requested() {
@@ -336,10 +407,10 @@ fn call_in_process(
             let after: anyhow::Result<Vec<_>> = scratch
                 .dirs
                 .iter()
-                .map(|d| dirs::read_tree(d, &mut budget))
+                .map(|d| dirs::read_tree(&dirs::HostDir::open(d)?, &mut budget))
                 .collect();
             match after {
-                Ok(after) => finish(args, response, &shared, after),
+                Ok(after) => finish(response, hosts, &shared, after),
                 Err(e) => Result::Failed(
                     code::BULWARK,
                     format!(
@@ -389,10 +460,17 @@ impl Drop for Scratch {
     }
 }
 
+/// Exit status of a tool whose exit code is outside 0..=255 (see `cli::RUN_EXIT_CODES`).
+pub const OUT_OF_RANGE_EXIT: u8 = 255;
+
+/// `bulwark run`'s exit status for `result`. A tool's exit code in 0..=255 is passed through;
+/// any other (WASI's `proc_exit` takes a u32: 256 and up, or a negative i32) is
+/// [`OUT_OF_RANGE_EXIT`], never its low byte, so a tool that did not exit 0 never looks like
+/// success.
 fn exit_code(result: &Result) -> u8 {
     match result {
         Result::Done(r, _) => match &r.outcome {
-            Outcome::Exited(code) => (*code & 0xff) as u8,
+            Outcome::Exited(code) => u8::try_from(*code).unwrap_or(OUT_OF_RANGE_EXIT),
             Outcome::Trap(_) | Outcome::OutOfFuel => code::TRAP,
             Outcome::Error(_) => code::MODULE,
         },
@@ -451,7 +529,7 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
                 obj["timings_us"]["guest_run"] = r.timings.run_us.into();
             }
             Result::TimedOut => obj["error"] = format!("timed out after {:?}", args.timeout).into(),
-            Result::Interrupted => obj["error"] = "interrupted (Ctrl-C or SIGTERM)".into(),
+            Result::Interrupted => obj["error"] = "interrupted (Ctrl-C, SIGTERM or SIGHUP)".into(),
             Result::Failed(_, msg) => obj["error"] = msg.as_str().into(),
         }
         println!("{obj}");
@@ -515,6 +593,39 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_codes_outside_a_byte_never_look_like_success() {
+        let exited = |code| {
+            exit_code(&Result::Done(
+                Response::new(Outcome::Exited(code)),
+                Vec::new(),
+            ))
+        };
+        for code in [0, 1, 3, 126, 130, 255] {
+            assert_eq!(i32::from(exited(code)), code);
+        }
+        for code in [256, 512, 65536, i32::MAX, -1, -256, i32::MIN] {
+            assert_eq!(exited(code), OUT_OF_RANGE_EXIT, "{code}");
+        }
+    }
+
+    #[test]
+    fn mem_mib_follows_the_vmms_rules() {
+        assert!(check_mem_mib(512, 352, 256 << 20, false).is_ok());
+        assert!(check_mem_mib(3072, 352, 256 << 20, false).is_ok());
+        for bad in [3, 513, 3074, 4096, u64::MAX] {
+            let e = check_mem_mib(bad, 352, 256 << 20, false).unwrap_err();
+            assert!(
+                e.contains("multiple of 2 from 352") && e.contains("to 3072"),
+                "{e}"
+            );
+        }
+        let e = check_mem_mib(300, 352, 256 << 20, false).unwrap_err();
+        assert!(e.contains("use --mem-mib 352 or more"), "{e}");
+        let e = check_mem_mib(3072, 4192, 4 << 30, false).unwrap_err();
+        assert!(e.contains("over the 3072 MiB a VM can have"), "{e}");
+    }
 
     #[test]
     fn output_over_the_cap_from_the_guest_is_cut_and_flagged() {

@@ -2,7 +2,8 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -39,16 +40,29 @@ pub struct Vm {
     uds: PathBuf,
 }
 
+/// The socket's file name in the VM's private directory.
+const SOCKET_NAME: &str = "vsock.sock";
+/// Longest path a Unix socket can have: `sun_path` holds 108 bytes, the last one a NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// Most bytes the VMM appends to the socket path: `.<pid>.tmp` while it binds (a pid has at
+/// most 7 digits) and `_<port>` for a connection the guest opens (a port has at most 10).
+const SOCKET_SUFFIX: usize = 12;
+/// How long a call waits, once its connection failed or closed, for the VMM to exit and say why.
+const DEATH_GRACE: Duration = Duration::from_secs(1);
+
 impl Vm {
     /// Starts `bulwark-vmm` with the guest image and a vsock device.
+    ///
+    /// The VMM dies with this process, however it ends (`PR_SET_PDEATHSIG`, which follows the
+    /// thread that spawns it: call this from a thread that lives as long as the call).
     pub fn start(mem_mib: u64, deadline: Instant) -> anyhow::Result<Self> {
         let vmm = locate("BULWARK_VMM", "bulwark-vmm")?;
         let guest = locate("BULWARK_GUEST", "bulwark-guest.elf")?;
-        let dir = private_dir()?;
-        let uds = dir.join("vsock.sock");
+        let dir = socket_dir()?;
+        let uds = dir.join(SOCKET_NAME);
         let timeout = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
-        let child = Command::new(&vmm)
-            .arg("--mem-mib")
+        let mut cmd = Command::new(&vmm);
+        cmd.arg("--mem-mib")
             .arg(mem_mib.to_string())
             .arg("--vsock-uds")
             .arg(&uds)
@@ -57,9 +71,20 @@ impl Vm {
             .arg(&guest)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {}", vmm.display()))?;
+            .stderr(Stdio::piped());
+        let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+        // SAFETY: the closure runs in the child between fork and exec and calls only prctl and
+        // getppid (async-signal-safe, no allocation) on its own process.
+        unsafe {
+            cmd.pre_exec(move || crate::interrupt::die_with_parent(parent));
+        }
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e).with_context(|| format!("cannot start {}", vmm.display()));
+            }
+        };
         crate::interrupt::watch_vmm(child.id());
         let vm = Self { child, dir, uds };
         Ok(vm)
@@ -80,6 +105,40 @@ impl Vm {
         Some(format!("the VM ended ({status}): {line}"))
     }
 
+    /// Why the VMM ended, waiting up to [`DEATH_GRACE`] for it to end: a connection that fails
+    /// or closes is most often the VMM going down, and its own report says why.
+    fn failure_after_grace(&mut self) -> Option<String> {
+        let until = Instant::now() + DEATH_GRACE;
+        loop {
+            if let Some(why) = self.failure() {
+                return Some(why);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The error for a connection that failed with `e` while `doing` something: the VMM's
+    /// report if it ends within [`DEATH_GRACE`], else the I/O error.
+    fn lost(&mut self, e: std::io::Error, doing: &str) -> anyhow::Error {
+        match self.failure_after_grace() {
+            Some(why) => anyhow::anyhow!("{why}"),
+            None => anyhow::Error::new(e).context(format!("{doing} (the VM's vsock socket)")),
+        }
+    }
+
+    /// The error for a connection the VM closed: the VMM's report if it ends within
+    /// [`DEATH_GRACE`], else `otherwise`.
+    fn closed(&mut self, otherwise: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{}",
+            self.failure_after_grace()
+                .unwrap_or_else(|| otherwise.to_owned())
+        )
+    }
+
     /// Connects to the agent, sends `req` and returns its response, all before `deadline`.
     /// `Ok(None)` means the deadline passed.
     pub fn call(&mut self, req: &Request, deadline: Instant) -> anyhow::Result<Option<Response>> {
@@ -93,7 +152,7 @@ impl Vm {
                         e.kind(),
                         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
                     ) => {}
-                Err(e) => return Err(e).context("cannot connect to the VM's vsock socket"),
+                Err(e) => return Err(self.lost(e, "cannot connect")),
             }
             if let Some(why) = self.failure() {
                 bail!("{why}");
@@ -116,18 +175,19 @@ impl Vm {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             )
         };
-        writeln!(s, "CONNECT {AGENT_PORT}")?;
+        match writeln!(s, "CONNECT {AGENT_PORT}") {
+            Ok(()) => {}
+            Err(e) if timed_out(&e) => return Ok(None),
+            Err(e) => return Err(self.lost(e, "sending the vsock handshake")),
+        }
         let mut line = Vec::new();
         let mut byte = [0u8];
         while byte[0] != b'\n' {
             match s.read(&mut byte) {
-                Ok(0) => bail!(
-                    self.failure()
-                        .unwrap_or_else(|| "the guest agent refused the connection".into())
-                ),
+                Ok(0) => return Err(self.closed("the guest agent refused the connection")),
                 Ok(_) => line.push(byte[0]),
                 Err(e) if timed_out(&e) => return Ok(None),
-                Err(e) => return Err(e).context("reading the vsock handshake"),
+                Err(e) => return Err(self.lost(e, "reading the vsock handshake")),
             }
             if line.len() > 32 {
                 bail!("bad vsock handshake from the VM");
@@ -146,7 +206,7 @@ impl Vm {
             return if timed_out(&e) {
                 Ok(None)
             } else {
-                Err(e).context("sending the request")
+                Err(self.lost(e, "sending the request"))
             };
         }
         let mut prefix = [0u8; PREFIX];
@@ -154,10 +214,10 @@ impl Vm {
         match s.read_exact(&mut prefix) {
             Ok(()) => {}
             Err(e) if timed_out(&e) => return Ok(None),
-            Err(_) => bail!(
-                self.failure()
-                    .unwrap_or_else(|| "the VM closed the connection".into())
-            ),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(self.closed("the VM closed the connection"));
+            }
+            Err(e) => return Err(self.lost(e, "reading the answer")),
         }
         let len =
             frame::body_len(prefix, MAX_RESPONSE_FRAME).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -166,7 +226,7 @@ impl Vm {
         match s.read_exact(&mut body) {
             Ok(()) => {}
             Err(e) if timed_out(&e) => return Ok(None),
-            Err(e) => return Err(e).context("reading the response"),
+            Err(e) => return Err(self.lost(e, "reading the response")),
         }
         let response: Response =
             frame::decode(&body).map_err(|e| anyhow::anyhow!("bad response from the VM: {e}"))?;
@@ -185,8 +245,12 @@ impl Drop for Vm {
 
 /// A new directory only we can use, under the system temp dir.
 pub fn private_dir() -> anyhow::Result<PathBuf> {
+    private_dir_in(&std::env::temp_dir())
+}
+
+/// A new directory only we can use, under `base`.
+fn private_dir_in(base: &Path) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
-    let base = std::env::temp_dir();
     for attempt in 0..100u32 {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -202,4 +266,58 @@ pub fn private_dir() -> anyhow::Result<PathBuf> {
         }
     }
     bail!("cannot create a private directory in {}", base.display())
+}
+
+/// Whether the VMM's socket paths in `dir` fit a Unix socket address.
+fn socket_fits(dir: &Path) -> bool {
+    dir.join(SOCKET_NAME).as_os_str().len() + SOCKET_SUFFIX <= MAX_SOCKET_PATH
+}
+
+/// A private directory for a VM's socket: under the system temp dir (`$TMPDIR`), or, when that
+/// path is too long for a Unix socket, under `/run/user/<uid>` or `/tmp`.
+fn socket_dir() -> anyhow::Result<PathBuf> {
+    let temp = std::env::temp_dir();
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let fallbacks = [
+        PathBuf::from(format!("/run/user/{uid}")),
+        PathBuf::from("/tmp"),
+    ];
+    for (i, base) in std::iter::once(&temp).chain(&fallbacks).enumerate() {
+        // The directory's name is at most 27 bytes ("bulwark-<pid>-<8 hex>-<2 digits>"); skip
+        // bases that cannot fit before creating anything.
+        if !socket_fits(&base.join("bulwark-4194304-ffffffff-99")) {
+            continue;
+        }
+        match private_dir_in(base) {
+            Ok(dir) if socket_fits(&dir) => return Ok(dir),
+            Ok(dir) => {
+                let _ = std::fs::remove_dir(&dir);
+            }
+            // The temp dir's own errors are the user's to see; a fallback that cannot be used
+            // (no /run/user here) is skipped.
+            Err(e) if i == 0 => return Err(e),
+            Err(_) => {}
+        }
+    }
+    bail!(
+        "the temp directory {} is too long for the VM's Unix socket (a socket path holds at most {MAX_SOCKET_PATH} bytes), and neither {} nor /tmp can be used instead: set TMPDIR to a shorter directory",
+        temp.display(),
+        fallbacks[0].display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths_fit_or_fall_back_to_a_short_directory() {
+        assert!(socket_fits(Path::new("/tmp/bulwark-4194304-ffffffff-99")));
+        let long = format!("/tmp/{}", "d".repeat(80));
+        assert!(!socket_fits(Path::new(&long)));
+        let dir = socket_dir().unwrap();
+        assert!(socket_fits(&dir), "{}", dir.display());
+        std::fs::remove_dir(&dir).unwrap();
+    }
 }

@@ -6,7 +6,9 @@
 //!    `BULWARK_BENCH_RUNS` runs (default 20): min, median, max; then the same number of
 //!    `bulwark run --json` runs for the median of bulwark's own breakdown (compile, vm_start,
 //!    call, total).
-//! 2. The compute tool (`tests/tools/compute`: SHA-256 rounds and a sort over
+//! 2. The same call with the VMM confined and with `--no-confine`, in pairs: the cost of the
+//!    confinement on a whole call.
+//! 3. The compute tool (`tests/tools/compute`: SHA-256 rounds and a sort over
 //!    `BULWARK_BENCH_COMPUTE_MIB` MiB, default 8) built natively, under
 //!    `bulwark run --isolation vm` and under `bulwark run --isolation wasm`,
 //!    `BULWARK_BENCH_COMPUTE_RUNS` runs each (default 5, interleaved so load drifts hit all three
@@ -94,6 +96,15 @@ static CONNECT_RETRIES: AtomicUsize = AtomicUsize::new(0);
 /// A call that hit the vsock connect race is run again (up to five times) and counted in
 /// [`CONNECT_RETRIES`]; any other failure panics.
 fn bulwark_run(cache: &std::path::Path, args: &[String]) -> (Duration, Output) {
+    bulwark_run_with(cache, args, None)
+}
+
+/// [`bulwark_run`] with `vmm` as the VMM (`BULWARK_VMM`) when given.
+fn bulwark_run_with(
+    cache: &std::path::Path,
+    args: &[String],
+    vmm: Option<&std::path::Path>,
+) -> (Duration, Output) {
     let what = format!("bulwark run {}", args.join(" "));
     let mut attempt = 0;
     loop {
@@ -102,6 +113,9 @@ fn bulwark_run(cache: &std::path::Path, args: &[String]) -> (Duration, Output) {
             .args(args)
             .env("BULWARK_CACHE_DIR", cache)
             .env("BULWARK_GUEST", guest_image());
+        if let Some(vmm) = vmm {
+            cmd.env("BULWARK_VMM", vmm);
+        }
         let (wall, out) = timed_raw(&mut cmd, &what);
         let raced = !out.status.success()
             && format!("{}{}", stderr(&out), stdout(&out))
@@ -185,6 +199,58 @@ fn bench_hello(cache: &std::path::Path, runs: usize) {
         medians.join("  "),
         median(json_walls)
     );
+}
+
+/// The cost of the VMM's confinement on a whole tool call: `bulwark run examples/hello.wat`
+/// with the VMM confined (its default) and with `--no-confine`, run in pairs. Both go through
+/// the same one-line `sh` wrapper (`exec bulwark-vmm [--no-confine] "$@"`), so the wrapper's
+/// own cost is in both and the paired difference is the confinement's.
+fn bench_confinement(cache: &std::path::Path, runs: usize) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch_dir("bench-confinement");
+    let vmm = vmm_binary();
+    let wrapper = |name: &str, flag: &str| {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\nexec '{}' {flag} \"$@\"\n", vmm.display()),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", path.display()));
+        path
+    };
+    let confined = wrapper("vmm-confined", "");
+    let unconfined = wrapper("vmm-unconfined", "--no-confine");
+    let hello = [repo_root().join("examples/hello.wat").display().to_string()];
+    let expected = "hello from a Bulwark micro-VM\n";
+    let one = |vmm: &std::path::Path| {
+        let (wall, out) = bulwark_run_with(cache, &hello, Some(vmm));
+        assert_eq!(stdout(&out), expected, "hello.wat printed something else");
+        ms(wall)
+    };
+    one(&confined);
+    one(&unconfined);
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    for _ in 0..runs {
+        with.push(one(&confined));
+        without.push(one(&unconfined));
+    }
+    let deltas: Vec<f64> = with.iter().zip(&without).map(|(a, b)| a - b).collect();
+    let (cmin, cmed, cmax) = summary(with);
+    let (umin, umed, umax) = summary(without);
+    let (dmin, dmed, dmax) = summary(deltas);
+    println!();
+    println!(
+        "bulwark run examples/hello.wat, VMM confined vs --no-confine, {runs} pairs (same sh wrapper)"
+    );
+    println!("  confined        min {cmin:7.2} ms  median {cmed:7.2} ms  max {cmax:7.2} ms");
+    println!("  --no-confine    min {umin:7.2} ms  median {umed:7.2} ms  max {umax:7.2} ms");
+    println!(
+        "  difference, pair by pair   min {dmin:+.2} ms  median {dmed:+.2} ms  max {dmax:+.2} ms   (target: median < +0.5 ms)"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// What one compute run printed and cost.
@@ -380,6 +446,7 @@ fn main() {
     let cache = scratch_dir("bench-run").join("cache");
     println!("load average before: {}", loadavg());
     bench_hello(&cache, runs);
+    bench_confinement(&cache, runs);
     bench_compute(&cache, compute_runs);
     let retries = CONNECT_RETRIES.load(Ordering::Relaxed);
     if retries > 0 {

@@ -208,3 +208,59 @@ fn a_confined_vmm_leaves_its_socket_and_the_next_one_replaces_it() {
     assert_eq!(std::fs::read(&uds).unwrap(), b"precious");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn the_compile_worker_is_confined_before_it_reads_the_module() {
+    // No VM: the worker is a plain process. It confines itself, then blocks reading standard
+    // input, which this test holds open.
+    let mut child = Command::new(bulwark_binary())
+        .args(["compile", "-", "-o", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bulwark compile");
+    let status_path = format!("/proc/{}/status", child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = std::fs::read_to_string(&status_path).unwrap_or_default();
+        if status_field(&status, "Seccomp") == Some("2") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker never showed Seccomp: 2: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(status_field(&status, "NoNewPrivs"), Some("1"), "{status}");
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap_or_default();
+    // "Max processes   0   0   processes": soft and hard limits both zero.
+    let both_zero = |name: &str| {
+        limits.lines().any(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.split_whitespace().take(2).all(|v| v == "0"))
+        })
+    };
+    assert!(both_zero("Max processes"), "{limits}");
+    assert!(both_zero("Max core file size"), "{limits}");
+    assert!(both_zero("Max file size"), "{limits}");
+    // It still compiles once the module arrives.
+    use std::io::{Read, Write};
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(br#"(module (func (export "_start")))"#)
+        .expect("write the module");
+    drop(stdin);
+    let mut artifact = Vec::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_end(&mut artifact)
+        .expect("read the artifact");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(&artifact[..4], b"\x7fELF");
+}

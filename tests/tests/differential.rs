@@ -312,3 +312,179 @@ fn wasm_isolation_enforces_the_timeout() {
     assert!(took >= Duration::from_secs(1), "stopped early: {took:?}");
     assert!(took < Duration::from_secs(10), "stopped late: {took:?}");
 }
+
+/// Writes a module into a fresh scratch directory and returns its path.
+fn module_file(test: &str, wat: &str) -> String {
+    let path = scratch_dir(test).join("tool.wat");
+    std::fs::write(&path, wat).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn exit_codes_outside_a_byte_are_never_success() {
+    // WASI's proc_exit takes a u32: 256 and 512 would be 0 as a process status's low byte, and
+    // 0xffffffff is -1 as the i32 both isolations report.
+    for code in [256, 512, -1] {
+        let module = module_file(
+            "diff-exit-range",
+            &format!(
+                r#"(module
+                  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                  (memory (export "memory") 1)
+                  (func (export "_start") (call $exit (i32.const {code}))))"#
+            ),
+        );
+        let Some(results) = both_ways(&[&module], b"") else {
+            return;
+        };
+        for r in &results {
+            assert_eq!(r["exit"], code, "{r}");
+            assert_eq!(r["exit_code"], 255, "{r}");
+        }
+    }
+}
+
+/// Twenty memories of 32 MiB (640 MiB together), each of which `_start` fills.
+fn many_memories() -> String {
+    let mut wat = String::from("(module\n");
+    for i in 0..20 {
+        wat.push_str(&format!("  (memory $m{i} 512)\n"));
+    }
+    wat.push_str("  (func (export \"_start\")\n");
+    for i in 0..20 {
+        wat.push_str(&format!(
+            "    (memory.fill $m{i} (i32.const 0) (i32.const 1) (i32.const 33554432))\n"
+        ));
+    }
+    wat.push_str("))\n");
+    wat
+}
+
+/// Peak RSS in KiB of `bulwark run ARGS` (and what it waited for), and its exit code.
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped with wait4 to read its rusage"
+)]
+fn peak_rss_kib(args: &[&str]) -> (i32, i64) {
+    let cache = std::env::temp_dir().join(format!("bulwark-test-cache-{}", std::process::id()));
+    let child = std::process::Command::new(bulwark_binary())
+        .arg("run")
+        .args(args)
+        .env("BULWARK_CACHE_DIR", cache)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start bulwark");
+    let pid = child.id() as i32;
+    let mut status = 0;
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `pid` is our own child, not yet reaped; `status` and `usage` are writable memory
+    // of the types wait4 fills in.
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, usage.as_mut_ptr()) };
+    assert_eq!(reaped, pid);
+    // SAFETY: wait4 succeeded, so it filled in the rusage struct.
+    let usage = unsafe { usage.assume_init() };
+    assert!(libc::WIFEXITED(status), "status {status:#x}");
+    (libc::WEXITSTATUS(status), usage.ru_maxrss)
+}
+
+#[test]
+fn all_memories_share_one_budget() {
+    let module = module_file("diff-many-memories", &many_memories());
+    let Some(results) = both_ways(&["--max-memory", "64MiB", &module], b"") else {
+        return;
+    };
+    for r in &results {
+        assert_eq!(r["exit_code"], 126, "{r}");
+        assert!(text(r, "error").contains("exceeds memory limits"), "{r}");
+    }
+    // The refusal comes before any of it is allocated: --isolation wasm stays small (the
+    // artifact is cached by now, so no compiler process counts either).
+    let (code, rss) = peak_rss_kib(&["--isolation", "wasm", "--max-memory", "64MiB", &module]);
+    assert_eq!(code, 126);
+    assert!(rss < 128 * 1024, "peak RSS {rss} KiB");
+    // Two memories that fill the budget together, by growing: then no memory grows by a page.
+    let grow = module_file(
+        "diff-memory-grow",
+        r#"(module
+          (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+          (memory $a 512) (memory $b 0)
+          (func (export "_start")
+            (if (i32.ne (memory.grow $b (i32.const 512)) (i32.const 0))
+              (then (call $exit (i32.const 1))))
+            (memory.fill $b (i32.const 0) (i32.const 1) (i32.const 33554432))
+            (if (i32.ne (memory.grow $a (i32.const 1)) (i32.const -1))
+              (then (call $exit (i32.const 2))))
+            (if (i32.ne (memory.grow $b (i32.const 1)) (i32.const -1))
+              (then (call $exit (i32.const 3))))))"#,
+    );
+    let Some(results) = both_ways(&["--max-memory", "64MiB", &grow], b"") else {
+        return;
+    };
+    for r in &results {
+        assert_eq!(r["exit"], 0, "{r}");
+    }
+}
+
+#[test]
+fn links_a_tool_makes_stay_in_its_copy() {
+    if !kvm_available() {
+        return;
+    }
+    // path_link makes b.txt a second name of a.txt; path_symlink is not supported (ENOTSUP, 58).
+    let module = module_file(
+        "diff-links",
+        r#"(module
+          (import "wasi_snapshot_preview1" "path_link"
+            (func $link (param i32 i32 i32 i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "path_symlink"
+            (func $symlink (param i32 i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 0) "a.txt")
+          (data (i32.const 16) "b.txt")
+          (data (i32.const 32) "c.txt")
+          (func (export "_start")
+            (local $r i32)
+            (local.set $r (call $link (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 5)
+              (i32.const 3) (i32.const 16) (i32.const 5)))
+            (if (local.get $r) (then (call $exit (i32.add (i32.const 100) (local.get $r)))))
+            (local.set $r (call $symlink (i32.const 0) (i32.const 5) (i32.const 3)
+              (i32.const 32) (i32.const 5)))
+            (if (i32.ne (local.get $r) (i32.const 58))
+              (then (call $exit (i32.add (i32.const 150) (local.get $r)))))))"#,
+    );
+    use std::os::unix::fs::MetadataExt;
+    let mut answers = Vec::new();
+    for isolation in ["vm", "wasm"] {
+        let dir = scratch_dir(&format!("diff-links-{isolation}"));
+        std::fs::write(dir.join("a.txt"), b"linked\n").unwrap();
+        let spec = format!("{}::/data", dir.display());
+        let (code, json) = run_json(isolation, &["--dir", &spec, &module], b"");
+        assert_eq!(code, 0, "{isolation}: {json}");
+        // The link came back as a second, independent file.
+        let (a, b) = (dir.join("a.txt"), dir.join("b.txt"));
+        assert_eq!(std::fs::read(&b).unwrap(), b"linked\n", "{isolation}");
+        assert!(!dir.join("c.txt").exists(), "{isolation}");
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&a).unwrap(),
+            std::fs::symlink_metadata(&b).unwrap(),
+        );
+        assert!(mb.file_type().is_file(), "{isolation}");
+        assert_ne!(
+            ma.ino(),
+            mb.ino(),
+            "{isolation}: a.txt and b.txt are one file"
+        );
+        assert_eq!((ma.nlink(), mb.nlink()), (1, 1), "{isolation}");
+        let back = &json["dirs_written_back"][0];
+        answers.push([
+            back["files_written"].clone(),
+            back["dirs_created"].clone(),
+            back["removed"].clone(),
+        ]);
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0][0], 1, "only b.txt was written: {:?}", answers[0]);
+}

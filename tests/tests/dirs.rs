@@ -249,3 +249,127 @@ fn a_tool_cannot_write_past_the_dir_size_cap() {
     assert_eq!(stdout(&out), "wrote 1024 KiB\nfill: error StorageFull\n");
     assert_eq!(std::fs::metadata(d.join("big.bin")).unwrap().len(), 1 << 20);
 }
+
+#[test]
+fn a_host_dir_that_is_a_link_is_refused() {
+    let d = work_dir("dir-link");
+    let link = d.parent().unwrap().join("link");
+    std::os::unix::fs::symlink(&d, &link).unwrap();
+    let before = snapshot(&d);
+    for isolation in ["wasm", "vm"] {
+        if isolation == "vm" && !kvm_available() {
+            continue;
+        }
+        for spelling in ["", "/", "/."] {
+            let spec = format!("{}{spelling}::/data", link.display());
+            let out = run(&[
+                "--isolation",
+                isolation,
+                "--dir",
+                &spec,
+                &fs_tool(),
+                "/data",
+                "work",
+            ]);
+            assert_eq!(out.status.code(), Some(125), "{spec}: {}", stderr(&out));
+            assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+            assert_eq!(stdout(&out), "", "the tool ran");
+        }
+    }
+    assert_eq!(snapshot(&d), before);
+}
+
+/// Swaps the directory `real` for a link to `target` and back every few milliseconds until
+/// `stop`; leaves `real` in place.
+fn swap_until(
+    stop: &std::sync::atomic::AtomicBool,
+    real: &Path,
+    aside: &Path,
+    target: &Path,
+    seed: u64,
+) {
+    use std::sync::atomic::Ordering;
+    let mut x = seed | 1;
+    let mut pause = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(std::time::Duration::from_micros(200 + (x >> 33) % 8000));
+    };
+    while !stop.load(Ordering::Relaxed) {
+        std::fs::rename(real, aside).unwrap();
+        std::os::unix::fs::symlink(target, real).unwrap();
+        pause();
+        std::fs::remove_file(real).unwrap();
+        std::fs::rename(aside, real).unwrap();
+        pause();
+    }
+}
+
+/// While calls work on a --dir, something on the host keeps swapping HOST (through its parent)
+/// for a link to another directory holding files of the same names, and back. Whatever the
+/// timing, a call is refused or its changes land in the directory that was read; the other
+/// directory is never created in, changed or removed from.
+#[test]
+fn a_host_dir_swapped_for_a_link_during_calls_is_never_written_through() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for isolation in ["wasm", "vm"] {
+        if isolation == "vm" && !kvm_available() {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let (mut ran, mut round) = (0, 0u64);
+        while ran < 12 && started.elapsed() < std::time::Duration::from_secs(120) {
+            round += 1;
+            let d = work_dir(&format!("dir-swap-{isolation}-{round}"));
+            let base = d.parent().unwrap().to_path_buf();
+            let outside = base.join("outside");
+            std::fs::create_dir(&outside).unwrap();
+            for (name, _) in snapshot(&d) {
+                if d.join(&name).is_dir() {
+                    std::fs::create_dir_all(outside.join(&name)).unwrap();
+                } else {
+                    std::fs::write(outside.join(&name), format!("outside: {name}")).unwrap();
+                }
+            }
+            std::fs::write(outside.join("out.txt"), b"outside: out.txt").unwrap();
+            let outside_before = snapshot(&outside);
+            let spec = format!("{}::/data", d.display());
+            let stop = AtomicBool::new(false);
+            let out = std::thread::scope(|s| {
+                let swapper =
+                    s.spawn(|| swap_until(&stop, &d, &base.join("aside"), &outside, round));
+                let out = run(&[
+                    "--isolation",
+                    isolation,
+                    "--dir",
+                    &spec,
+                    &fs_tool(),
+                    "/data",
+                    "work",
+                ]);
+                stop.store(true, Ordering::Relaxed);
+                swapper.join().expect("the swapper failed");
+                out
+            });
+            assert_eq!(
+                snapshot(&outside),
+                outside_before,
+                "{isolation}: a write-back reached outside HOST: {}",
+                stderr(&out)
+            );
+            assert!(
+                matches!(out.status.code(), Some(0 | 125)),
+                "{isolation}: {}",
+                stderr(&out)
+            );
+            if !stdout(&out).is_empty() {
+                ran += 1;
+            }
+        }
+        assert!(
+            ran >= 12,
+            "{isolation}: only {ran} calls got past reading the dir"
+        );
+    }
+}

@@ -28,11 +28,19 @@ fn doctor_passes_on_a_working_host_and_names_what_is_broken() {
         "guest image",
         "compile cache",
         "boot",
+        "vmm no_new_privs",
+        "vmm seccomp",
     ] {
         assert!(
             text.lines()
                 .any(|l| l.starts_with("ok") && l.contains(check)),
             "{check}: {text}"
+        );
+    }
+    for layer in ["user namespace", "landlock", "smep", "smap", "rlimits"] {
+        assert!(
+            text.lines().any(|l| l.contains(&format!("vmm {layer}"))),
+            "no line for {layer}: {text}"
         );
     }
     let out = doctor(std::path::Path::new("/nonexistent/guest.elf"));

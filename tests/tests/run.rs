@@ -464,3 +464,223 @@ fn oversized_stdin_is_refused_before_a_vm_starts() {
         stderr(&out)
     );
 }
+
+/// The pids of processes named `comm` whose parent is `parent`.
+fn children_named(parent: u32, comm: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": the name may hold anything, so split at the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("", |(_, n)| n);
+        let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if name == comm && ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Whether process `pid` runs no more: gone, or a zombie not yet reaped.
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+/// Waits up to `limit` for process `pid` to run no more; false if it still runs.
+fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let started = Instant::now();
+    while !process_gone(pid) {
+        if started.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// `bulwark run` on a tool that sleeps for 30 s, once its VMM runs: the bulwark process, the
+/// VMM's pid, and the call's private directory (where the VMM's socket is).
+fn start_sleeping_call(test: &str) -> (std::process::Child, u32, PathBuf) {
+    let module = scratch_dir(test).join("sleeper.wat");
+    std::fs::write(&module, SLEEPER.replace("1000000000", "30000000000")).unwrap();
+    let cache = std::env::temp_dir().join(format!("bulwark-test-cache-{}", std::process::id()));
+    let child = Command::new(bulwark_binary())
+        .args(["run", "--timeout", "60s"])
+        .arg(&module)
+        .env("BULWARK_GUEST", guest_image())
+        .env("BULWARK_CACHE_DIR", cache)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bulwark");
+    let started = Instant::now();
+    let vmm = loop {
+        if let Some(&pid) = children_named(child.id(), "bulwark-vmm").first() {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no VMM appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let cmdline = std::fs::read(format!("/proc/{vmm}/cmdline")).expect("the VMM's cmdline");
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let uds = args
+        .iter()
+        .skip_while(|a| *a != "--vsock-uds")
+        .nth(1)
+        .expect("--vsock-uds in the VMM's arguments");
+    let dir = Path::new(uds).parent().expect("socket dir").to_path_buf();
+    assert!(dir.is_dir(), "{}", dir.display());
+    // Let the guest get into its sleep.
+    std::thread::sleep(Duration::from_millis(300));
+    (child, vmm, dir)
+}
+
+#[test]
+fn sigterm_and_sighup_stop_the_call_and_clean_up() {
+    if !kvm_available() {
+        return;
+    }
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
+        let (child, vmm, dir) = start_sleeping_call("sigterm");
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let out = child.wait_with_output().expect("bulwark ends");
+        let gone = wait_gone(vmm, Duration::from_secs(2));
+        if !gone {
+            // SAFETY: the VMM our bulwark started outlived it; do not leave it running.
+            unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
+        }
+        assert_eq!(out.status.code(), Some(130), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+        assert!(gone, "{name}: the VMM {vmm} outlived bulwark");
+        assert!(!dir.exists(), "{name}: {} was left behind", dir.display());
+    }
+}
+
+#[test]
+fn a_killed_bulwark_takes_its_vmm_along() {
+    if !kvm_available() {
+        return;
+    }
+    let (mut child, vmm, dir) = start_sleeping_call("sigkill");
+    child.kill().expect("SIGKILL bulwark");
+    child.wait().expect("reap bulwark");
+    let gone = wait_gone(vmm, Duration::from_secs(1));
+    if !gone {
+        // SAFETY: the VMM our bulwark started outlived it; do not leave it running.
+        unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
+    }
+    // Nothing can remove the directory after SIGKILL; the test does.
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(gone, "the VMM {vmm} still ran 1 s after bulwark was killed");
+}
+
+#[test]
+fn a_long_tmpdir_still_runs_calls() {
+    if !kvm_available() {
+        return;
+    }
+    // An existing directory whose path is 150 bytes: a socket under it cannot be bound.
+    let base = scratch_dir("long-tmpdir");
+    let pad = 150 - base.as_os_str().len() - 1;
+    let long = base.join("t".repeat(pad));
+    assert_eq!(long.as_os_str().len(), 150);
+    std::fs::create_dir_all(&long).unwrap();
+    let cache = std::env::temp_dir().join(format!("bulwark-test-cache-{}", std::process::id()));
+    let out = Command::new(bulwark_binary())
+        .arg("run")
+        .arg(hello())
+        .env("TMPDIR", &long)
+        .env("BULWARK_GUEST", guest_image())
+        .env("BULWARK_CACHE_DIR", cache)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bulwark");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello from a Bulwark micro-VM\n");
+    assert_eq!(std::fs::read_dir(&long).unwrap().count(), 0);
+}
+
+#[test]
+fn an_unusable_mem_mib_is_refused_with_the_allowed_values() {
+    if !kvm_available() {
+        return;
+    }
+    for bad in ["3", "513", "4096"] {
+        let out = run(&["--mem-mib", bad, &hello()]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(125), "{bad}: {err}");
+        assert!(
+            err.contains(&format!("--mem-mib {bad}"))
+                && err.contains("a multiple of 2 from 352")
+                && err.contains("to 3072"),
+            "{bad}: {err}"
+        );
+    }
+    let out = run(&["--max-memory", "3GiB", &hello()]);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("over the 3072 MiB a VM can have"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_vmm_that_dies_during_the_call_reports_why() {
+    if !kvm_available() {
+        return;
+    }
+    // A VMM whose guest crashes at once, after the socket is up: the call's connection closes,
+    // and what bulwark reports must be the VMM's reason, not the I/O error.
+    let dir = scratch_dir("dying-vmm");
+    let wrapper = dir.join("crashing-vmm");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec '{}' --guest-test ud2 \"$@\"\n",
+            vmm_binary().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cache = std::env::temp_dir().join(format!("bulwark-test-cache-{}", std::process::id()));
+    for _ in 0..5 {
+        let out = Command::new(bulwark_binary())
+            .arg("run")
+            .arg(hello())
+            .env("BULWARK_VMM", &wrapper)
+            .env("BULWARK_GUEST", guest_image())
+            .env("BULWARK_CACHE_DIR", &cache)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run bulwark");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(125), "{err}");
+        assert!(
+            err.contains("the VM ended") && err.contains("CPU exception 6"),
+            "{err}"
+        );
+    }
+}

@@ -199,36 +199,21 @@ fn highest_open_descriptor_cap() -> u64 {
     limit.rlim_cur
 }
 
-/// System calls both threads make: memory, futexes, time, signals, thread exit, and writing
-/// the console and reports.
+/// System calls both threads make: the runtime's essentials (memory, futexes, time, signal
+/// return, writing the console and reports, exit), sleeping, and their own ids.
 fn common() -> Vec<SyscallRules> {
-    [
-        libc::SYS_brk,
-        libc::SYS_mmap,
-        libc::SYS_munmap,
-        libc::SYS_mremap,
-        libc::SYS_madvise,
-        libc::SYS_mprotect,
-        libc::SYS_futex,
-        libc::SYS_clock_gettime,
-        libc::SYS_clock_nanosleep,
-        libc::SYS_nanosleep,
-        libc::SYS_sched_yield,
-        libc::SYS_rt_sigreturn,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_sigaltstack,
-        libc::SYS_getrandom,
-        libc::SYS_write,
-        libc::SYS_writev,
-        libc::SYS_close,
-        libc::SYS_exit,
-        libc::SYS_exit_group,
-        libc::SYS_gettid,
-        libc::SYS_getpid,
-    ]
-    .into_iter()
-    .map(allow)
-    .collect()
+    let mut list = confine::runtime_essentials();
+    list.extend(
+        [
+            libc::SYS_clock_nanosleep,
+            libc::SYS_nanosleep,
+            libc::SYS_gettid,
+            libc::SYS_getpid,
+        ]
+        .into_iter()
+        .map(allow),
+    );
+    list
 }
 
 /// The vCPU thread: run the guest, read registers for reports, and serve the vsock device

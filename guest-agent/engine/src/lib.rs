@@ -86,17 +86,226 @@ pub fn outcome_of(e: &wasmtime::Error, exit: Option<i32>) -> Outcome {
     }
 }
 
-/// Most table elements a tool may have.
+/// Most linear memories a call's store may hold, all instances together. wasmtime's validator
+/// already refuses a module that declares more than 100; this holds the store to it too.
+pub const MAX_MEMORIES: usize = 100;
+
+/// Most tables a call's store may hold, all instances together (the validator's per-module
+/// limit is 100 as well).
+pub const MAX_TABLES: usize = 100;
+
+/// Most table elements a call's store may hold, all its tables together (wasmtime stores a
+/// pointer per element, so this bounds tables to 8 MB whatever `max_memory` is).
 pub const MAX_TABLE_ELEMENTS: usize = 1_000_000;
 
-/// A call's store limits, the same on both sides: linear memory up to `max_memory` bytes,
-/// [`MAX_TABLE_ELEMENTS`], one instance, and a failed `memory.grow` answered with -1 (what the
-/// tool sees) rather than a trap.
-pub fn store_limits(max_memory: u64) -> wasmtime::StoreLimits {
-    wasmtime::StoreLimitsBuilder::new()
-        .memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
-        .table_elements(MAX_TABLE_ELEMENTS)
-        .instances(1)
-        .trap_on_grow_failure(false)
-        .build()
+/// A call's store limits, the same on both sides (the guest agent and
+/// `bulwark run --isolation wasm`): **one** budget of `max_memory` bytes for all linear memories
+/// together, [`MAX_TABLE_ELEMENTS`] for all tables together, at most [`MAX_MEMORIES`] memories,
+/// [`MAX_TABLES`] tables and one instance.
+///
+/// wasmtime asks before every memory or table comes into being (current size 0, desired its
+/// minimum) and before every grow; the limiter adds the growth to the store's total and refuses
+/// what would pass the budget. A refused grow answers `memory.grow`/`table.grow` with -1 (what
+/// the tool sees), never a trap; a refused minimum fails the instantiation. A grow the limiter
+/// allowed but wasmtime then failed (the host's allocator said no) stays counted: the total only
+/// errs on the side of less memory.
+#[derive(Debug, Clone)]
+pub struct CallLimits {
+    /// The budget of all linear memories, in bytes.
+    max_memory: usize,
+    /// Bytes granted to all linear memories so far.
+    memory: usize,
+    /// Elements granted to all tables so far.
+    table_elements: usize,
+}
+
+impl CallLimits {
+    /// Limits for one call whose linear memories may hold `max_memory` bytes together.
+    pub fn new(max_memory: u64) -> Self {
+        Self {
+            max_memory: usize::try_from(max_memory).unwrap_or(usize::MAX),
+            memory: 0,
+            table_elements: 0,
+        }
+    }
+
+    /// Bytes of linear memory granted so far, all memories together.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory
+    }
+
+    /// Table elements granted so far, all tables together.
+    pub fn table_elements(&self) -> usize {
+        self.table_elements
+    }
+}
+
+/// Grants growth from `current` to `desired` (never past `maximum`) out of `total`, if the sum
+/// stays within `budget`.
+fn grant(
+    total: &mut usize,
+    budget: usize,
+    current: usize,
+    desired: usize,
+    maximum: Option<usize>,
+) -> bool {
+    if maximum.is_some_and(|max| desired > max) {
+        // wasmtime would fail this grow after asking; refuse it here so it is never counted.
+        return false;
+    }
+    match total.checked_add(desired.saturating_sub(current)) {
+        Some(sum) if sum <= budget => {
+            *total = sum;
+            true
+        }
+        _ => false,
+    }
+}
+
+impl wasmtime::ResourceLimiter for CallLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(grant(
+            &mut self.memory,
+            self.max_memory,
+            current,
+            desired,
+            maximum,
+        ))
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        // The tool sees -1 from memory.grow, as for a refused grow.
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(grant(
+            &mut self.table_elements,
+            MAX_TABLE_ELEMENTS,
+            current,
+            desired,
+            maximum,
+        ))
+    }
+
+    fn table_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        Ok(())
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
+/// A call's store limits (see [`CallLimits`]): all linear memories together up to `max_memory`
+/// bytes.
+pub fn store_limits(max_memory: u64) -> CallLimits {
+    CallLimits::new(max_memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::ResourceLimiter;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn all_memories_share_one_budget() {
+        let mut l = store_limits(64 << 20);
+        // Twenty 32 MiB memories come into being one by one: two fit, the third does not.
+        assert!(l.memory_growing(0, 32 * MIB, None).unwrap());
+        assert!(l.memory_growing(0, 32 * MIB, None).unwrap());
+        assert!(!l.memory_growing(0, 32 * MIB, None).unwrap());
+        assert!(!l.memory_growing(0, 64 * 1024, None).unwrap());
+        assert_eq!(l.memory_bytes(), 64 * MIB);
+        // An empty memory costs nothing.
+        assert!(l.memory_growing(0, 0, None).unwrap());
+    }
+
+    #[test]
+    fn growth_counts_only_the_difference() {
+        let mut l = store_limits(64 << 20);
+        assert!(l.memory_growing(0, 16 * MIB, None).unwrap());
+        assert!(l.memory_growing(16 * MIB, 48 * MIB, None).unwrap());
+        assert_eq!(l.memory_bytes(), 48 * MIB);
+        // A second memory gets what is left, and not a page more.
+        assert!(!l.memory_growing(0, 16 * MIB + 64 * 1024, None).unwrap());
+        assert!(l.memory_growing(0, 16 * MIB, None).unwrap());
+        assert!(
+            !l.memory_growing(48 * MIB, 48 * MIB + 64 * 1024, None)
+                .unwrap()
+        );
+        assert_eq!(l.memory_bytes(), 64 * MIB);
+        // A refused grow is answered with Ok(false) (memory.grow gives -1), never an error, and
+        // a grow wasmtime itself failed is not a trap either.
+        assert!(
+            l.memory_grow_failed(wasmtime::Error::msg("no memory"))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_single_memory_behaves_as_before() {
+        let mut l = store_limits(32 << 20);
+        assert!(l.memory_growing(0, 64 * 1024, None).unwrap());
+        assert!(l.memory_growing(64 * 1024, 32 * MIB, None).unwrap());
+        assert!(!l.memory_growing(32 * MIB, 96 * MIB, None).unwrap());
+        assert_eq!(l.memory_bytes(), 32 * MIB);
+    }
+
+    #[test]
+    fn growth_past_a_memorys_own_maximum_is_refused_and_not_counted() {
+        let mut l = store_limits(64 << 20);
+        assert!(l.memory_growing(0, MIB, Some(2 * MIB)).unwrap());
+        assert!(!l.memory_growing(MIB, 3 * MIB, Some(2 * MIB)).unwrap());
+        assert_eq!(l.memory_bytes(), MIB);
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_refused() {
+        let mut l = store_limits(u64::MAX);
+        assert!(l.memory_growing(0, usize::MAX - 1, None).unwrap());
+        assert!(!l.memory_growing(0, 2, None).unwrap());
+        assert_eq!(l.memory_bytes(), usize::MAX - 1);
+    }
+
+    #[test]
+    fn all_tables_share_one_element_cap() {
+        let mut l = store_limits(64 << 20);
+        assert!(l.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
+        assert!(l.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
+        assert!(!l.table_growing(0, 1, None).unwrap());
+        assert!(!l.table_growing(10, 11, None).unwrap());
+        assert_eq!(l.table_elements(), MAX_TABLE_ELEMENTS);
+        assert!(l.table_grow_failed(wasmtime::Error::msg("x")).is_ok());
+        // Tables and memories have separate budgets.
+        assert!(l.memory_growing(0, 64 * MIB, None).unwrap());
+    }
+
+    #[test]
+    fn counts_of_instances_memories_and_tables_are_capped() {
+        let l = store_limits(1);
+        assert_eq!(l.instances(), 1);
+        assert_eq!(l.memories(), MAX_MEMORIES);
+        assert_eq!(l.tables(), MAX_TABLES);
+    }
 }

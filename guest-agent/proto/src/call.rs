@@ -35,7 +35,7 @@ pub enum Artifact {
 /// Per-call limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
-    /// Largest linear memory, in bytes.
+    /// Most bytes all the tool's linear memories may hold together.
     pub max_memory: u64,
     /// Most bytes kept of stdout, and of stderr; the rest is dropped and flagged.
     pub max_output: u64,

@@ -12,11 +12,12 @@ mod path;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use bulwark_engine::CallLimits;
 use bulwark_memfs::Fs;
 use bulwark_proto::tree::{Entry, SharedDir};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
-use wasmtime::{Caller, Extern, Linker, Memory, StoreLimits};
+use wasmtime::{Caller, Extern, Linker, Memory};
 
 use crate::clock::{self, Clock};
 use fd::{Desc, Fd, Fds, rights};
@@ -102,8 +103,8 @@ pub struct Ctx {
     realtime_ns: u64,
     started_tsc: u64,
     clock: Clock,
-    /// Memory and table limits for the store.
-    pub limits: StoreLimits,
+    /// Memory and table limits for the store: one budget for all its memories.
+    pub limits: CallLimits,
 }
 
 /// What a call's context is made from.
@@ -127,7 +128,7 @@ pub struct CtxParams {
     /// TSC frequency.
     pub clock: Clock,
     /// Store limits.
-    pub limits: StoreLimits,
+    pub limits: CallLimits,
 }
 
 impl Ctx {

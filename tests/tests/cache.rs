@@ -1,0 +1,106 @@
+//! The compile cache end to end: an entry runs in a VM only if it is exactly what the compiler
+//! produced for that module, engine and target.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use bulwark_tests::*;
+
+/// The smallest WASI tool, printing `line` (20 bytes with its newline, so both modules' entries
+/// are alike).
+fn tool(line: &str) -> String {
+    assert_eq!(line.len(), 20);
+    let text = line.trim_end_matches('\n');
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "{text}\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 20))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#
+    )
+}
+
+const LINE_A: &str = "hello from module A\n";
+const LINE_B: &str = "greetings, module B\n";
+
+/// `bulwark run MODULE` in a VM with the compile cache `cache`.
+fn run(module: &Path, cache: &Path) -> Output {
+    Command::new(bulwark_binary())
+        .arg("run")
+        .arg(module)
+        .env("BULWARK_CACHE_DIR", cache)
+        .env("BULWARK_GUEST", guest_image())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The guest entries (no `-host` suffix) in `cache`.
+fn guest_entries(cache: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(cache.join("artifacts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.to_string_lossy();
+            name.ends_with(".cwasm") && !name.ends_with("-host.cwasm")
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Old code: whatever sat at a cache path was sent to the guest and run, so after the swap
+/// module A printed module B's line and the other way round, and the patched entry printed
+/// "HACKED!".
+#[test]
+fn swapped_or_patched_guest_entries_are_recompiled_never_run() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("cache-swap");
+    let cache = dir.join("cache");
+    let a = dir.join("a.wat");
+    let b = dir.join("b.wat");
+    std::fs::write(&a, tool(LINE_A)).unwrap();
+    std::fs::write(&b, tool(LINE_B)).unwrap();
+    let prints = |module: &Path, line: &str, what: &str| {
+        let out = run(module, &cache);
+        assert_eq!(out.status.code(), Some(0), "{what}: {}", stderr(&out));
+        assert_eq!(stdout(&out), line, "{what}");
+    };
+    prints(&a, LINE_A, "first run of A");
+    let entry_a = guest_entries(&cache).pop().unwrap();
+    let good_a = std::fs::read(&entry_a).unwrap();
+    prints(&b, LINE_B, "first run of B");
+    let entry_b = guest_entries(&cache)
+        .into_iter()
+        .find(|p| *p != entry_a)
+        .unwrap();
+    let good_b = std::fs::read(&entry_b).unwrap();
+
+    std::fs::write(&entry_a, &good_b).unwrap();
+    std::fs::write(&entry_b, &good_a).unwrap();
+    prints(&a, LINE_A, "A after the swap");
+    prints(&b, LINE_B, "B after the swap");
+    assert_eq!(std::fs::read(&entry_a).unwrap(), good_a, "A's entry healed");
+    assert_eq!(std::fs::read(&entry_b).unwrap(), good_b, "B's entry healed");
+
+    let at = good_a
+        .windows(10)
+        .position(|w| w == b"hello from")
+        .expect("the data segment is in the artifact");
+    let mut patched = good_a.clone();
+    patched[at..at + 10].copy_from_slice(b"HACKED! AB");
+    std::fs::write(&entry_a, &patched).unwrap();
+    prints(&a, LINE_A, "A after its entry was patched");
+    assert_eq!(std::fs::read(&entry_a).unwrap(), good_a, "A's entry healed");
+    assert_eq!(
+        guest_entries(&cache).len(),
+        2,
+        "no temporary files are left"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
