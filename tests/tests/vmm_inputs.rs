@@ -112,6 +112,51 @@ fn a_missing_payload_is_a_config_error() {
 }
 
 #[test]
+fn unusable_options_are_config_errors_before_kvm_is_touched() {
+    // --kvm-device points nowhere: reaching KVM would be a different error and exit code.
+    let image = guest_image();
+    for (args, needle) in [
+        (vec!["--mem-mib", "3"], "guest RAM of 3 MiB is out of range"),
+        (
+            vec!["--mem-mib", "4096"],
+            "guest RAM of 4096 MiB is out of range",
+        ),
+        (vec!["--cid", "2"], "--cid 2 is reserved"),
+    ] {
+        let mut argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| os(a)).collect();
+        argv.extend([os("--kvm-device"), os("/nonexistent/kvm")]);
+        argv.push(image.as_os_str());
+        expect_error(&argv, code::CONFIG, needle);
+    }
+}
+
+#[test]
+fn input_files_that_are_not_regular_are_refused_at_once() {
+    let dir = scratch_dir("vmm-inputs-fifo");
+    let fifo = dir.join("payload");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // A FIFO with no writer as the payload or the image: a blocking open would hang here.
+    expect_error(
+        &[os("--payload"), fifo.as_os_str(), guest_image().as_os_str()],
+        code::CONFIG,
+        "it is a FIFO, not a regular file",
+    );
+    expect_error(
+        &[fifo.as_os_str()],
+        code::IMAGE,
+        "it is a FIFO, not a regular file",
+    );
+    expect_error(
+        &[os("/dev/zero")],
+        code::IMAGE,
+        "it is a character device, not a regular file",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn no_kvm_device_is_a_kvm_error() {
     expect_error(
         &[

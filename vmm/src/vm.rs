@@ -142,6 +142,9 @@ pub enum VmError {
     /// The vCPU thread could not be started or panicked.
     #[error("vCPU thread: {0}")]
     Thread(String),
+    /// An option's value is unusable.
+    #[error("{0}")]
+    Config(String),
     /// The process could not confine itself.
     #[error("cannot confine the VMM: {0}")]
     Confine(String),
@@ -152,7 +155,11 @@ impl VmError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Image(_) => code::IMAGE,
-            Self::Memory(_) | Self::Boot(_) | Self::Console { .. } | Self::Vsock(_) => code::CONFIG,
+            Self::Memory(_)
+            | Self::Boot(_)
+            | Self::Console { .. }
+            | Self::Vsock(_)
+            | Self::Config(_) => code::CONFIG,
             Self::Kvm(_) | Self::Cpu(_) => code::KVM,
             Self::Bus(_)
             | Self::Vcpu(_)
@@ -291,10 +298,10 @@ impl Vm {
             boot::plan(mem_size, config.payload.as_deref(), config.test_mode, 0)?;
         let sink = SharedSink::new(console_sink(config)?);
         if config.cid <= bulwark_proto::vsock::HOST_CID || config.cid >= u64::from(u32::MAX) {
-            return Err(VmError::VsockDevice(DeviceFault(format!(
+            return Err(VmError::Config(format!(
                 "--cid {} is reserved: use 3 to 4294967294",
                 config.cid
-            ))));
+            )));
         }
         let vsock = match &config.vsock_uds {
             Some(path) => {
