@@ -18,7 +18,7 @@ mod seccomp;
 
 pub use filesystem::{abi_version as landlock_abi, deny_filesystem};
 pub use namespace::enter_user_namespace;
-pub use process::{Rlimits, no_new_privs, not_dumpable, set_rlimits};
+pub use process::{Rlimits, die_with_parent, no_new_privs, not_dumpable, set_rlimits};
 pub use seccomp::{Filter, SyscallRules, allow, allow_if, compile, install, runtime_essentials};
 
 /// Re-exported so callers can write argument conditions.

@@ -25,6 +25,24 @@ pub fn not_dumpable() -> Result<(), ConfineError> {
     Ok(())
 }
 
+/// Asks the kernel to SIGKILL this process when its parent (the thread that forked it) ends,
+/// whatever ends it, and checks that the parent is still `parent`: if it died before the
+/// request took effect, this process was already adopted by another one and this fails with
+/// `ESRCH`. Makes only async-signal-safe calls, so it may run between fork and exec.
+pub fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's own death signal; getppid has
+    // no preconditions. Both are async-signal-safe.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+    }
+    Ok(())
+}
+
 /// Resource limits to set (soft and hard alike, so they cannot be raised again).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rlimits {

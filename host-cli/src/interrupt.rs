@@ -55,16 +55,5 @@ pub fn forget_vmm() {
 /// been adopted by another process: `getppid()` differs from `parent`, and this fails, so the
 /// child never runs. Only async-signal-safe calls are made.
 pub fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's own death signal; getppid has
-    // no preconditions. Both are async-signal-safe, as a pre_exec closure requires.
-    unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::getppid() != parent {
-            // No allocation here: ESRCH says "the parent process is gone".
-            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-        }
-    }
-    Ok(())
+    bulwark_confine::die_with_parent(parent)
 }

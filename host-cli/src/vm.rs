@@ -2,7 +2,6 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -72,12 +71,9 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
-        // SAFETY: the closure runs in the child between fork and exec and calls only prctl and
-        // getppid (async-signal-safe, no allocation) on its own process.
-        unsafe {
-            cmd.pre_exec(move || crate::interrupt::die_with_parent(parent));
-        }
+        // The VMM dies with this process whatever ends it: it sets its own parent-death signal
+        // first thing (no pre_exec hook here, so the VMM is spawned rather than forked).
+        cmd.arg("--parent-pid").arg(std::process::id().to_string());
         let child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {

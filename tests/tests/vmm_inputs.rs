@@ -198,3 +198,14 @@ fn no_access_to_dev_kvm_is_a_kvm_error() {
     );
     assert!(err.contains("kvm` group"), "{err}");
 }
+
+#[test]
+fn a_parent_pid_that_is_not_the_parent_is_refused() {
+    // The VMM's parent is this test, never PID 1: a VMM told to die with a process that is not
+    // its parent must not run unwatched.
+    expect_error(
+        &[os("--parent-pid"), os("1"), guest_image().as_os_str()],
+        code::CONFIG,
+        "--parent-pid 1: the parent is gone",
+    );
+}

@@ -89,6 +89,11 @@ struct Args {
     #[arg(long, value_enum, value_name = "MODE")]
     guest_test: Option<GuestTest>,
 
+    /// Die with process PID: exit at once (status 64) unless PID is this VMM's parent, and be
+    /// killed (SIGKILL) when it ends, whatever ends it. `bulwark run` passes its own PID.
+    #[arg(long, value_name = "PID")]
+    parent_pid: Option<libc::pid_t>,
+
     /// Run without confinement (no user namespace, Landlock, seccomp or rlimits). For
     /// debugging only: a guest that escapes Wasm then meets a VMM with every right its user has.
     #[arg(long)]
@@ -170,6 +175,14 @@ fn peak_rss_kib() -> Option<i64> {
 fn main() -> ExitCode {
     let started = Instant::now();
     let args = Args::parse();
+    if let Some(parent) = args.parent_pid {
+        if let Err(e) = bulwark_confine::die_with_parent(parent) {
+            eprintln!(
+                "bulwark-vmm: --parent-pid {parent}: the parent is gone or cannot be watched ({e})"
+            );
+            return ExitCode::from(bulwark_vmm::outcome::code::CONFIG);
+        }
+    }
     let mut config = VmConfig::new(args.guest);
     config.mem_mib = args.mem_mib;
     config.payload = args.payload;
