@@ -175,13 +175,13 @@ fn peak_rss_kib() -> Option<i64> {
 fn main() -> ExitCode {
     let started = Instant::now();
     let args = Args::parse();
-    if let Some(parent) = args.parent_pid {
-        if let Err(e) = bulwark_confine::die_with_parent(parent) {
-            eprintln!(
-                "bulwark-vmm: --parent-pid {parent}: the parent is gone or cannot be watched ({e})"
-            );
-            return ExitCode::from(bulwark_vmm::outcome::code::CONFIG);
-        }
+    if let Some(parent) = args.parent_pid
+        && let Err(e) = bulwark_confine::die_with_parent(parent)
+    {
+        eprintln!(
+            "bulwark-vmm: --parent-pid {parent}: the parent is gone or cannot be watched ({e})"
+        );
+        return ExitCode::from(bulwark_vmm::outcome::code::CONFIG);
     }
     let mut config = VmConfig::new(args.guest);
     config.mem_mib = args.mem_mib;
