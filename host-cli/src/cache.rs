@@ -220,6 +220,7 @@ impl Cache {
             .with_context(|| format!("cannot inspect the compile cache {}", artifacts.display()))?;
         check_private(&artifacts, &meta)?;
         let key = load_key(&root)?;
+        remove_stale_temp_files(&artifacts);
         Ok(Self { artifacts, key })
     }
 
@@ -265,6 +266,36 @@ impl Cache {
 }
 
 /// This process's effective user id.
+/// How old a temporary entry file must be before it counts as left behind by a `bulwark` that
+/// was killed while writing it (a write takes milliseconds).
+const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+
+/// Removes temporary entry files (`.NAME.RANDOM.tmp`) older than [`STALE_TEMP_AGE`] from
+/// `artifacts`: a `bulwark` killed mid-write leaves one behind, and nothing else would remove
+/// it. Only regular files with that name shape are touched; errors are ignored.
+fn remove_stale_temp_files(artifacts: &Path) {
+    let Ok(entries) = std::fs::read_dir(artifacts) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with('.') && name.ends_with(".tmp")) {
+            continue;
+        }
+        let stale = entry.metadata().is_ok_and(|m| {
+            m.file_type().is_file()
+                && m.modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_TEMP_AGE)
+        });
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
@@ -580,6 +611,33 @@ fn worker_failure(name: &Path, status: ExitStatus, errors: &str, memory: u64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temp_files_left_by_a_killed_writer_are_removed_once_stale() {
+        let dir = std::env::temp_dir().join(format!("bulwark-cache-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = dir.join(".abc-def.cwasm.0123456789abcdef.tmp");
+        let fresh = dir.join(".abc-def.cwasm.fedcba9876543210.tmp");
+        let entry = dir.join("abc-def.cwasm");
+        for f in [&old, &fresh, &entry] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let long_ago = std::time::SystemTime::now() - 2 * STALE_TEMP_AGE;
+        for f in [&old, &entry] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        remove_stale_temp_files(&dir);
+        assert!(!old.exists(), "a stale temp file is removed");
+        assert!(fresh.exists(), "a temp file being written is left alone");
+        assert!(entry.exists(), "entries are never touched here");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn the_memory_limit_follows_the_module_size() {
