@@ -105,9 +105,14 @@ fn kvm_flavour() -> Result<String, String> {
     }
 }
 
+/// Largest VMM or guest image doctor reads to print its digest.
+const MAX_CHECKED_FILE: u64 = 256 << 20;
+
 fn file_check(env: &str, name: &str) -> Result<String, String> {
     let path = vm::locate(env, name).map_err(|e| format!("{e:#}"))?;
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    // Opened once and capped: a FIFO or a device named by the environment cannot hang doctor.
+    let bytes = crate::compile::read_regular_file(&path, MAX_CHECKED_FILE)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     Ok(format!(
         "{} ({} bytes, sha256 {})",
         path.display(),

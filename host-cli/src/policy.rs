@@ -56,17 +56,8 @@ pub struct Policy {
 /// Reads and parses the policy file at `path`. A policy that trusts no key and pins no module
 /// is refused: it would allow everything.
 pub fn load(path: &Path) -> anyhow::Result<Policy> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read policy file {}", path.display()))?;
-    if meta.len() > MAX_POLICY_SIZE {
-        bail!(
-            "policy file {} is {} bytes, over the {} MiB a policy may have",
-            path.display(),
-            meta.len(),
-            MAX_POLICY_SIZE >> 20
-        );
-    }
-    let bytes = std::fs::read(path)
+    // Opened once and read with a cap: a FIFO or a device is refused instead of blocking.
+    let bytes = crate::compile::read_regular_file(path, MAX_POLICY_SIZE)
         .with_context(|| format!("cannot read policy file {}", path.display()))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| anyhow::anyhow!("policy file {} is not UTF-8 text", path.display()))?;

@@ -399,22 +399,17 @@ pub fn key_id(key: &PublicKey) -> String {
     with_id.key_id().map_or_else(String::new, |id| hex(id))
 }
 
-/// Reads a small file: at most [`MAX_KEY_FILE`] bytes.
+/// Reads a key file: a regular file (opened once: a FIFO or a device is refused instead of
+/// blocking) of at most [`MAX_KEY_FILE`] bytes.
 fn read_key_file(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let f = std::fs::File::open(path)
-        .with_context(|| format!("cannot read key file {}", path.display()))?;
-    let mut bytes = Vec::new();
-    f.take(MAX_KEY_FILE + 1)
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("cannot read key file {}", path.display()))?;
-    if bytes.len() as u64 > MAX_KEY_FILE {
-        bail!(
+    crate::compile::read_regular_file(path, MAX_KEY_FILE).map_err(|e| match e {
+        crate::compile::ReadError::TooLarge { .. } => anyhow::anyhow!(
             "{} is over {} KiB: not a key file",
             path.display(),
             MAX_KEY_FILE >> 10
-        );
-    }
-    Ok(bytes)
+        ),
+        e => anyhow::Error::new(e).context(format!("cannot read key file {}", path.display())),
+    })
 }
 
 /// Reads a public key file: the format's 33 bytes, the 66 hex digits `bulwark keygen` prints,

@@ -7,6 +7,12 @@ use std::time::{Duration, Instant};
 
 use bulwark_tests::*;
 
+/// Runs the VMM with `args` and the built guest image.
+fn run_guest<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    let image = guest_image();
+    run_vmm(args.iter().map(AsRef::as_ref).chain([image.as_os_str()]))
+}
+
 /// The value of `field` in a `/proc/.../status` text.
 fn status_field<'a>(status: &'a str, field: &str) -> Option<&'a str> {
     status
@@ -20,13 +26,7 @@ fn a_forbidden_system_call_kills_the_confined_vmm_with_sigsys() {
     if !kvm_available() {
         return;
     }
-    let out = run_vmm([
-        "--confine-probe".as_ref(),
-        "forbidden-syscall".as_ref(),
-        "--timeout".as_ref(),
-        "10".as_ref(),
-        guest_image().as_os_str(),
-    ]);
+    let out = run_guest(&["--confine-probe", "forbidden-syscall", "--timeout", "10"]);
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(
         out.status.signal(),
@@ -105,13 +105,12 @@ fn landlock_refuses_file_access_even_without_seccomp() {
     if !kvm_available() {
         return;
     }
-    let out = run_vmm([
-        "--confine-probe".as_ref(),
-        "open-file".as_ref(),
-        "--report-confinement".as_ref(),
-        "--timeout".as_ref(),
-        "10".as_ref(),
-        guest_image().as_os_str(),
+    let out = run_guest(&[
+        "--confine-probe",
+        "open-file",
+        "--report-confinement",
+        "--timeout",
+        "10",
     ]);
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
@@ -130,13 +129,7 @@ fn the_report_names_each_layer_and_no_confine_turns_them_off() {
     if !kvm_available() {
         return;
     }
-    let image = guest_image();
-    let out = run_vmm([
-        "--report-confinement".as_ref(),
-        "--timeout".as_ref(),
-        "10".as_ref(),
-        image.as_os_str(),
-    ]);
+    let out = run_guest(&["--report-confinement", "--timeout", "10"]);
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     for layer in [
@@ -149,13 +142,7 @@ fn the_report_names_each_layer_and_no_confine_turns_them_off() {
     ] {
         assert!(err.contains(layer), "no `{layer}` in: {err}");
     }
-    let out = run_vmm([
-        "--report-confinement".as_ref(),
-        "--no-confine".as_ref(),
-        "--timeout".as_ref(),
-        "10".as_ref(),
-        image.as_os_str(),
-    ]);
+    let out = run_guest(&["--report-confinement", "--no-confine", "--timeout", "10"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("confinement: off"),
@@ -171,16 +158,20 @@ fn a_confined_vmm_leaves_its_socket_and_the_next_one_replaces_it() {
     }
     let dir = scratch_dir("confine-stale-socket");
     let uds = dir.join("vsock.sock");
+    let echo_vm = || {
+        let args = [
+            "--guest-test",
+            "vsock-echo",
+            "--timeout",
+            "0.5",
+            "--vsock-uds",
+        ];
+        let mut args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        args.push(uds.as_os_str());
+        run_guest(&args)
+    };
     for round in 0..2 {
-        let out = run_vmm([
-            "--guest-test".as_ref(),
-            "vsock-echo".as_ref(),
-            "--timeout".as_ref(),
-            "0.5".as_ref(),
-            "--vsock-uds".as_ref(),
-            uds.as_os_str(),
-            guest_image().as_os_str(),
-        ]);
+        let out = echo_vm();
         assert_eq!(
             out.status.code(),
             Some(124),
@@ -195,15 +186,7 @@ fn a_confined_vmm_leaves_its_socket_and_the_next_one_replaces_it() {
     // Something that is not a stale socket is never replaced.
     std::fs::remove_file(&uds).ok();
     std::fs::write(&uds, b"precious").unwrap();
-    let out = run_vmm([
-        "--guest-test".as_ref(),
-        "vsock-echo".as_ref(),
-        "--timeout".as_ref(),
-        "0.5".as_ref(),
-        "--vsock-uds".as_ref(),
-        uds.as_os_str(),
-        guest_image().as_os_str(),
-    ]);
+    let out = echo_vm();
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert_eq!(std::fs::read(&uds).unwrap(), b"precious");
     let _ = std::fs::remove_dir_all(dir);

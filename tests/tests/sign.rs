@@ -376,3 +376,46 @@ fn bad_keys_and_policies_are_clear_errors() {
         "clap: --trust or --policy is required"
     );
 }
+
+#[test]
+fn key_and_policy_files_that_are_fifos_or_devices_are_refused_at_once() {
+    let s = setup("fifo-config");
+    let fifo = path(&s.dir, "key.fifo");
+    let c = std::ffi::CString::new(fifo.as_str()).unwrap_or_else(|e| panic!("{e}"));
+    // SAFETY: mkfifo reads the NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (flag, file) in [
+        ("--trust", fifo.as_str()),
+        ("--trust", "/dev/zero"),
+        ("--policy", fifo.as_str()),
+        ("--policy", "/dev/urandom"),
+    ] {
+        // A FIFO with no writer blocks a plain open forever; a guard turns that into a failure.
+        let mut child = Command::new(bulwark_binary())
+            .args(["run", flag, file, &s.signed])
+            .env("BULWARK_CACHE_DIR", path(&s.dir, "cache"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start bulwark: {e}"));
+        let started = std::time::Instant::now();
+        while child.try_wait().ok().flatten().is_none() {
+            if started.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("bulwark run {flag} {file} blocked");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("bulwark did not finish: {e}"));
+        assert_eq!(out.status.code(), Some(BULWARK_FAILED), "{flag} {file}");
+        assert!(
+            stderr(&out).contains("not a regular file"),
+            "{flag} {file}: {}",
+            stderr(&out)
+        );
+    }
+}

@@ -82,6 +82,8 @@ impl std::fmt::Display for Report {
 pub struct Confinement {
     /// What is on.
     pub report: Report,
+    /// The limits set on the process; the main thread adds the process cap.
+    rlimits: Rlimits,
     vcpu_filter: Option<confine::Filter>,
     main_filter: Option<confine::Filter>,
     probe: Option<Probe>,
@@ -98,14 +100,14 @@ pub fn confine_process(
     let user_namespace = confine::enter_user_namespace();
     confine::no_new_privs().map_err(err)?;
     confine::not_dumpable().map_err(err)?;
-    confine::set_rlimits(&Rlimits {
+    let rlimits = Rlimits {
         core: 0,
         file_size: None,
         open_files: highest_open_descriptor() + 1 + SPARE_DESCRIPTORS,
         processes: None,
         address_space: None,
-    })
-    .map_err(err)?;
+    };
+    confine::set_rlimits(&rlimits).map_err(err)?;
     let unix_dir = config
         .vsock_uds
         .as_deref()
@@ -125,6 +127,7 @@ pub fn confine_process(
         (None, None, LayerState::Off)
     };
     Ok(Arc::new(Confinement {
+        rlimits,
         report: Report {
             user_namespace,
             landlock,
@@ -173,30 +176,14 @@ impl ThreadConfinement for Confinement {
         if let Some(filter) = &self.main_filter {
             // Every thread exists now: no more processes or threads.
             confine::set_rlimits(&Rlimits {
-                core: 0,
-                file_size: None,
-                open_files: highest_open_descriptor_cap(),
                 processes: Some(0),
-                address_space: None,
+                ..self.rlimits
             })
             .map_err(|e| e.to_string())?;
             confine::install(filter).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
-}
-
-/// The open-file cap set at confinement (unchanged when processes are capped later).
-fn highest_open_descriptor_cap() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 1024;
-    }
-    limit.rlim_cur
 }
 
 /// System calls both threads make: the runtime's essentials (memory, futexes, time, signal
