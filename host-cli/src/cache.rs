@@ -174,6 +174,8 @@ pub fn artifact(
         return Ok((artifact, false));
     }
     let artifact = compile_in_child(module, name, target, deadline)?;
+    // Only on a miss, off the path of a cached call: the directory may hold many entries.
+    remove_stale_temp_files(&cache.artifacts);
     if let Err(e) = cache.store(&path, &key, &artifact) {
         // The call can go on with the artifact in hand; the next one compiles again.
         eprintln!("bulwark: warning: the compiled module was not cached: {e:#}");
@@ -220,7 +222,6 @@ impl Cache {
             .with_context(|| format!("cannot inspect the compile cache {}", artifacts.display()))?;
         check_private(&artifacts, &meta)?;
         let key = load_key(&root)?;
-        remove_stale_temp_files(&artifacts);
         Ok(Self { artifacts, key })
     }
 
