@@ -108,9 +108,11 @@ pub fn confine_process(
         address_space: None,
     };
     confine::set_rlimits(&rlimits).map_err(err)?;
+    // Only a VMM that serves guest-initiated connections connects to Unix sockets by path.
     let unix_dir = config
         .vsock_uds
         .as_deref()
+        .filter(|_| config.vsock_guest_connections)
         .and_then(std::path::Path::parent)
         .filter(|d| !d.as_os_str().is_empty());
     let landlock = confine::deny_filesystem(unix_dir);
