@@ -464,6 +464,7 @@ pub fn materialize(root: &Path, entries: &[Entry]) -> anyhow::Result<()> {
             Node::Dir => sys::mkdirat(dir, &parent.name, 0o777),
             Node::File(bytes) => sys::openat(dir, &parent.name, CREATE_FLAGS, 0o666)
                 .and_then(|fd| File::from(fd).write_all(bytes)),
+            Node::Symlink(_) => bail!("{}: symbolic links are not carried yet", entry.path),
             Node::Unchanged => bail!(
                 "{}: a tree to copy cannot hold unchanged entries",
                 entry.path

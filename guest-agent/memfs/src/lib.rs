@@ -655,7 +655,7 @@ impl Fs {
                         *origin = Some((root, entry.path));
                     }
                 }
-                Node::Unchanged => return Err(Errno::Inval),
+                Node::Symlink(_) | Node::Unchanged => return Err(Errno::Inval),
             }
         }
         Ok(())

@@ -22,6 +22,10 @@ pub enum Node {
     Dir,
     /// A regular file and all of its bytes.
     File(Vec<u8>),
+    /// A symbolic link and its target, as the link stores it. Its target is checked by whoever
+    /// makes the link real: the guest's file system resolves it only inside the shared
+    /// directory, and the host writes back only a link whose target stays inside.
+    Symlink(String),
     /// A regular file whose bytes are exactly those the host sent for this same path (only in
     /// answers, so unchanged files do not travel back).
     Unchanged,
