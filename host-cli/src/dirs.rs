@@ -1,31 +1,37 @@
 //! `bulwark run --dir HOST::GUEST`: host directories shared with a tool by copy.
 //!
-//! Before the call HOST is opened once, as a directory and without following a link (a HOST
-//! that is itself a symbolic link is refused), and [`read_tree`] reads it into a tree through
-//! that descriptor: regular files and directories only (a symbolic link, socket, FIFO or device
-//! anywhere in it is refused, as is a tree over the size or entry caps). Every file is opened
-//! once, relative to its directory's descriptor, with `O_NOFOLLOW | O_NONBLOCK`, checked with
-//! `fstat` on that descriptor to be a regular file, and read with a cap of the size budget left;
-//! every directory is opened below HOST's descriptor the way the write-back opens one (below). So
-//! an entry swapped for a link, FIFO or device after it was listed cannot block the read or lead
-//! out of HOST, and a file that grows while it is read cannot take more than the budget.
+//! Before the call HOST is opened once, as a directory and without following a link (a HOST that is
+//! itself a symbolic link is refused), and [`read_tree`] reads it into a tree through that
+//! descriptor: regular files, directories and symbolic links (a socket, FIFO or device anywhere in
+//! it is refused, as is a tree over the size or entry caps). A link is never followed: its target
+//! is read with `readlinkat` and carried as a link when it stays inside the tree ([`check_link`]:
+//! relative, never above the root, `..` only out of a directory of the tree); any other link
+//! refuses the call. Every file is opened once, relative to its directory's descriptor, with
+//! `O_NOFOLLOW | O_NONBLOCK`, checked with `fstat` on that descriptor to be a regular file, and
+//! read with a cap of the size budget left; every directory is opened below HOST's descriptor the
+//! way the write-back opens one (below). So an entry swapped for a link, FIFO or device after it
+//! was listed cannot block the read or lead out of HOST, and a file that grows while it is read
+//! cannot take more than the budget.
 //!
 //! The tool works on its own copy. After a call that exits with code 0, [`write_back`] makes the
 //! host directory match what the tool left: changed and new files are written to a temporary file
-//! (`O_CREAT | O_EXCL`) beside their destination and renamed over it (a reader never sees a
-//! partial file; a replaced file keeps its permissions), new directories are made, and files and
-//! directories the tool removed are removed. It touches only paths that were copied in or that
-//! the tool created, all below the shared directory; every path the guest sends back is checked
-//! before use. The write-back works through the descriptor of HOST kept from the read ([`HostDir`],
-//! which must still be the directory at HOST's path): each directory on the way is opened with
-//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)` (component by component
-//! with `O_NOFOLLOW` where the kernel has no `openat2`), and every change is `mkdirat`, `unlinkat`,
-//! `renameat` or `fchmod` on descriptors. A directory, or HOST itself, replaced by a link on the
-//! host during the call, even while the write-back runs, is never followed: nothing outside HOST is
-//! created, changed or removed. `--isolation wasm` makes its scratch copies ([`materialize`]) and
-//! reads them back with the same code.
+//! (`O_CREAT | O_EXCL`) beside their destination and renamed over it (a reader never sees a partial
+//! file; a replaced file keeps its permissions), new directories are made, and files and
+//! directories the tool removed are removed. A new or changed symbolic link is made with
+//! `symlinkat` at a temporary name and renamed over its destination, and a link the tool removed is
+//! removed (`unlinkat`: the link, never what it leads to); every link in the answer must stay
+//! inside by the same rule as going in, or nothing is written back. It touches only paths that were
+//! copied in or that the tool created, all below the shared directory; every path the guest sends
+//! back is checked before use. The write-back works through the descriptor of HOST kept from the
+//! read ([`HostDir`], which must still be the directory at HOST's path): each directory on the way
+//! is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`
+//! (component by component with `O_NOFOLLOW` where the kernel has no `openat2`), and every change
+//! is `mkdirat`, `unlinkat`, `symlinkat`, `renameat` or `fchmod` on descriptors. A directory, or
+//! HOST itself, replaced by a link on the host during the call, even while the write-back runs, is
+//! never followed: nothing outside HOST is created, changed or removed. `--isolation wasm` makes
+//! its scratch copies ([`materialize`]) and reads them back with the same code.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -192,17 +198,36 @@ fn test_hook(stage: Stage, name: &CStr) {
 #[cfg(not(test))]
 fn test_hook(_: Stage, _: &CStr) {}
 
-/// Reads the directory `root` into a tree, charging `budget`.
+/// Reads the directory `root` into a tree, charging `budget`. A symbolic link is carried as a
+/// link (never followed) when its target stays inside the tree ([`check_link`]); any other is
+/// refused.
 pub fn read_tree(root: &HostDir, budget: &mut Budget) -> anyhow::Result<Vec<Entry>> {
     let mut out = Vec::new();
     walk(root, None, "", budget, &mut out)?;
+    if let Some((path, target, why)) = escaping_link(&out) {
+        bail!(
+            "--dir {}: {} is a symbolic link to `{target}`, {why}; a shared directory may hold only links that stay inside it",
+            root.path.display(),
+            root.path.join(path).display()
+        );
+    }
     Ok(out)
 }
 
+/// What the walk found at a name, before it is added to the tree.
+enum Child {
+    /// A directory, read after the others.
+    Dir,
+    /// A regular file's bytes.
+    File(Vec<u8>),
+    /// A symbolic link's target (checked once the whole tree is known).
+    Link(String),
+}
+
 /// Reads the directory `prefix` below `root` (open as `dir`; `None` for `root` itself) into
-/// `out`. Its files are read and its subdirectories noted first; then `dir` is closed and each
-/// subdirectory is opened again from `root` (never through a link, never above `root`) and read
-/// in turn, so a deep tree does not hold a descriptor for every level.
+/// `out`. Its files and links are read and its subdirectories noted first; then `dir` is closed
+/// and each subdirectory is opened again from `root` (never through a link, never above `root`)
+/// and read in turn, so a deep tree does not hold a descriptor for every level.
 fn walk(
     root: &HostDir,
     dir: Option<OwnedFd>,
@@ -218,16 +243,15 @@ fn walk(
             root.path.join(prefix).display()
         )
     })?;
-    // Path and contents (`None`: a directory) of each entry, in order.
-    let mut children: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(names.len());
+    let mut children: Vec<(String, Child)> = Vec::with_capacity(names.len());
     for name in names {
         let host_path = root
             .path
             .join(prefix)
             .join(OsStr::from_bytes(name.as_bytes()));
-        let link = || {
+        let changed = || {
             anyhow::anyhow!(
-                "--dir {}: {} is a symbolic link; shared directories may hold only files and directories",
+                "--dir {}: {} changed while it was being read; share it when nothing else is changing it",
                 root.path.display(),
                 host_path.display()
             )
@@ -267,9 +291,24 @@ fn walk(
         })?;
         let st = sys::lstat_at(at, &name).with_context(cannot_read)?;
         if st.is_link() {
-            return Err(link());
+            let target = match sys::readlinkat(at, &name) {
+                Ok(target) => target,
+                // No longer a link since it was listed.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {
+                    return Err(changed());
+                }
+                Err(e) => return Err(e).with_context(cannot_read),
+            };
+            let Ok(target) = String::from_utf8(target) else {
+                bail!(
+                    "--dir {}: {} is a symbolic link whose target is not UTF-8; it cannot be shared",
+                    root.path.display(),
+                    host_path.display()
+                );
+            };
+            children.push((path, Child::Link(target)));
         } else if st.is_dir() {
-            children.push((path, None));
+            children.push((path, Child::Dir));
         } else if st.is_file() {
             test_hook(Stage::Listed, &name);
             match read_file_at(at, &name, budget.bytes).with_context(cannot_read)? {
@@ -278,7 +317,7 @@ fn walk(
                         .bytes
                         .checked_sub(bytes.len() as u64)
                         .context("a file was read past the size budget")?;
-                    children.push((path, Some(bytes)));
+                    children.push((path, Child::File(bytes)));
                 }
                 FileRead::TooBig { size, grew } => bail!(
                     "--dir {}: its files are larger than the limit (--max-dir-size); {} alone is {}{size} bytes",
@@ -286,7 +325,8 @@ fn walk(
                     host_path.display(),
                     if grew { "at least " } else { "" },
                 ),
-                FileRead::Link => return Err(link()),
+                // Swapped for a link since it was listed: not followed.
+                FileRead::Link => return Err(changed()),
                 FileRead::NotRegular => return Err(special()),
             }
         } else {
@@ -294,37 +334,145 @@ fn walk(
         }
     }
     drop(dir);
-    for (path, bytes) in children {
-        if let Some(bytes) = bytes {
-            out.push(Entry {
-                path,
-                node: Node::File(bytes),
-            });
-            continue;
-        }
-        let sub = open_dir_beneath(root.fd.as_fd(), &path).map_err(|e| {
-            let host_path = root.path.join(&path);
-            match e.raw_os_error() {
-                // Gone, or no longer a directory (a link now?) since it was listed.
-                Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV | libc::ENOENT) => anyhow::anyhow!(
-                    "--dir {}: {} changed while it was being read; share it when nothing else is changing it",
-                    root.path.display(),
-                    host_path.display()
-                ),
-                _ => anyhow::Error::new(e).context(format!(
-                    "--dir {}: cannot read {}",
-                    root.path.display(),
-                    host_path.display()
-                )),
+    for (path, child) in children {
+        let node = match child {
+            Child::File(bytes) => Node::File(bytes),
+            Child::Link(target) => Node::Symlink(target),
+            Child::Dir => {
+                let sub = open_dir_beneath(root.fd.as_fd(), &path).map_err(|e| {
+                    let host_path = root.path.join(&path);
+                    match e.raw_os_error() {
+                        // Gone, or no longer a directory (a link now?) since it was listed.
+                        Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV | libc::ENOENT) => {
+                            anyhow::anyhow!(
+                                "--dir {}: {} changed while it was being read; share it when nothing else is changing it",
+                                root.path.display(),
+                                host_path.display()
+                            )
+                        }
+                        _ => anyhow::Error::new(e).context(format!(
+                            "--dir {}: cannot read {}",
+                            root.path.display(),
+                            host_path.display()
+                        )),
+                    }
+                })?;
+                out.push(Entry {
+                    path: path.clone(),
+                    node: Node::Dir,
+                });
+                walk(root, Some(sub), &path, budget, out)?;
+                continue;
             }
-        })?;
-        out.push(Entry {
-            path: path.clone(),
-            node: Node::Dir,
-        });
-        walk(root, Some(sub), &path, budget, out)?;
+        };
+        out.push(Entry { path, node });
     }
     Ok(())
+}
+
+/// Longest link target carried, in bytes (Linux's `PATH_MAX` less its NUL).
+const MAX_TARGET: usize = 4095;
+
+/// The directories of a tree, as a trie: (directory, name) -> subdirectory, the root being 0.
+struct DirIndex<'a> {
+    children: HashMap<(usize, &'a str), usize>,
+}
+
+impl<'a> DirIndex<'a> {
+    /// Indexes the directories of `entries` (checked paths, parents listed first).
+    fn new(entries: &'a [Entry]) -> Self {
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        let mut children = HashMap::new();
+        for entry in entries {
+            if !matches!(entry.node, Node::Dir) {
+                continue;
+            }
+            let path = entry.path.as_str();
+            let (parent, name) = match path.rsplit_once('/') {
+                Some((parent, name)) => (ids.get(parent).copied(), name),
+                None => (Some(0), path),
+            };
+            if let Some(parent) = parent {
+                let id = children.len() + 1;
+                children.insert((parent, name), id);
+                ids.insert(path, id);
+            }
+        }
+        Self { children }
+    }
+
+    /// The subdirectory `name` of the directory `dir`, if the tree holds one.
+    fn child(&self, dir: usize, name: &str) -> Option<usize> {
+        self.children.get(&(dir, name)).copied()
+    }
+}
+
+/// Checks that the symbolic link at `path` (a checked path) with `target` stays inside the
+/// tree whose directories `dirs` indexes: the target is relative, and resolving it from the
+/// link's directory, one component at a time, never goes above the tree's root. A `..` may only
+/// step out of a directory of the tree (the link's own directories, or one the target named
+/// that the tree holds as a directory): after a name that is a link, a file or nothing, where
+/// `..` leads is not known from the tree (through another link it could be above the root), so
+/// it is refused. Descending through other links is fine, since each of them is checked by the
+/// same rule. A target that names nothing (a dangling link) passes. The work is linear in the
+/// lengths of `path` and `target`.
+fn check_link(path: &str, target: &str, dirs: &DirIndex<'_>) -> Result<(), &'static str> {
+    if target.is_empty() {
+        return Err("an empty target");
+    }
+    if target.len() > MAX_TARGET {
+        return Err("a target longer than a link can hold");
+    }
+    if target.contains('\0') {
+        return Err("a target holding a NUL byte");
+    }
+    if target.starts_with('/') {
+        return Err("an absolute path (it would name the host's own files)");
+    }
+    // Where resolution is, from the root down: a directory of the tree, or `None` below a name
+    // that is not one.
+    let mut here: Vec<Option<usize>> = vec![Some(0)];
+    let step = |here: &mut Vec<Option<usize>>, name: &str| {
+        let next = here
+            .last()
+            .copied()
+            .flatten()
+            .and_then(|d| dirs.child(d, name));
+        here.push(next);
+    };
+    for name in tree::parent(path).into_iter().flat_map(|p| p.split('/')) {
+        step(&mut here, name);
+    }
+    for component in target.split('/') {
+        match component {
+            "" | "." => {}
+            ".." => match here.last() {
+                _ if here.len() == 1 => return Err("which leads above the shared directory"),
+                Some(Some(_)) => {
+                    here.pop();
+                }
+                _ => {
+                    return Err(
+                        "which goes through `..` after a name that is not a directory of the shared tree",
+                    );
+                }
+            },
+            name => step(&mut here, name),
+        }
+    }
+    Ok(())
+}
+
+/// The first symbolic link in `entries` (a tree of checked paths, parents first) whose target
+/// does not stay inside the tree ([`check_link`]): its path, target and why.
+fn escaping_link(entries: &[Entry]) -> Option<(&str, &str, &'static str)> {
+    let dirs = DirIndex::new(entries);
+    entries.iter().find_map(|e| match &e.node {
+        Node::Symlink(target) => check_link(&e.path, target, &dirs)
+            .err()
+            .map(|why| (e.path.as_str(), target.as_str(), why)),
+        _ => None,
+    })
 }
 
 fn special_error(root: &HostDir, host_path: &Path) -> anyhow::Error {
@@ -453,9 +601,14 @@ pub fn read_all(specs: &[DirSpec], mut budget: Budget) -> anyhow::Result<Shared>
 /// shares a scratch copy with the tool).
 pub fn materialize(root: &Path, entries: &[Entry]) -> anyhow::Result<()> {
     let host = HostDir::open(root)?;
-    let top = host.fd.as_fd();
     for entry in entries {
         tree::check_path(&entry.path).map_err(|e| anyhow::anyhow!("{}: {e}", entry.path))?;
+    }
+    if let Some((path, target, why)) = escaping_link(entries) {
+        bail!("{path}: a symbolic link to `{target}`, {why}");
+    }
+    let top = host.fd.as_fd();
+    for entry in entries {
         let path = root.join(&entry.path);
         let parent = open_parent(top, &entry.path)
             .with_context(|| format!("cannot create {}", path.display()))?;
@@ -464,7 +617,9 @@ pub fn materialize(root: &Path, entries: &[Entry]) -> anyhow::Result<()> {
             Node::Dir => sys::mkdirat(dir, &parent.name, 0o777),
             Node::File(bytes) => sys::openat(dir, &parent.name, CREATE_FLAGS, 0o666)
                 .and_then(|fd| File::from(fd).write_all(bytes)),
-            Node::Symlink(_) => bail!("{}: symbolic links are not carried yet", entry.path),
+            Node::Symlink(target) => {
+                c_name(target).and_then(|target| sys::symlinkat(&target, dir, &parent.name))
+            }
             Node::Unchanged => bail!(
                 "{}: a tree to copy cannot hold unchanged entries",
                 entry.path
@@ -478,16 +633,18 @@ pub fn materialize(root: &Path, entries: &[Entry]) -> anyhow::Result<()> {
 /// What [`write_back`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// Files written (new or changed).
+    /// Files and symbolic links written (new or changed).
     pub files_written: usize,
     /// Directories made.
     pub dirs_created: usize,
-    /// Files and directories removed.
+    /// Files, directories and symbolic links removed.
     pub removed: usize,
 }
 
 /// Checks a tree that came back from the tool: plain relative paths, each once, parents
-/// before children and being directories, `Unchanged` only for a file that was sent.
+/// before children and being directories, `Unchanged` only for a file that was sent, and every
+/// symbolic link staying inside the tree ([`check_link`], which every link is checked against,
+/// not only new ones: a directory replaced by a link can change where an old link leads).
 fn check_answer<'a>(
     before: &BTreeMap<&str, &Node>,
     after: &'a [Entry],
@@ -509,6 +666,11 @@ fn check_answer<'a>(
         if seen.insert(path, &entry.node).is_some() {
             bail!("the tool's answer lists `{path}` twice");
         }
+    }
+    if let Some((path, target, why)) = escaping_link(after) {
+        bail!(
+            "the tool left a symbolic link `{path}` -> `{target}`, {why}; only links that stay inside a shared directory are written back"
+        );
     }
     Ok(seen)
 }
@@ -618,6 +780,17 @@ fn replace_file(
 /// Creates a new, empty temporary file in `dir` for replacing `name` (`O_EXCL`: never an
 /// existing file or link).
 fn create_temp(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<(CString, File)> {
+    with_temp_name(name, |tmp| {
+        sys::openat(dir, tmp, CREATE_FLAGS, 0o666).map(File::from)
+    })
+}
+
+/// Calls `create` with temporary names for replacing `name` until one is free (`create` fails
+/// with `AlreadyExists` for a taken one): that name and what `create` made.
+fn with_temp_name<T>(
+    name: &CStr,
+    mut create: impl FnMut(&CStr) -> io::Result<T>,
+) -> io::Result<(CString, T)> {
     // A name stays within NAME_MAX with the suffix.
     let name = name.to_string_lossy();
     let mut end = name.len().min(200);
@@ -630,8 +803,8 @@ fn create_temp(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<(CString, File)> 
             ".{stem}.bulwark-{}-{attempt}.tmp",
             std::process::id()
         ))?;
-        match sys::openat(dir, &tmp, CREATE_FLAGS, 0o666) {
-            Ok(fd) => return Ok((tmp, File::from(fd))),
+        match create(&tmp) {
+            Ok(made) => return Ok((tmp, made)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
@@ -640,6 +813,28 @@ fn create_temp(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<(CString, File)> 
         io::ErrorKind::AlreadyExists,
         "every temporary name tried is taken",
     ))
+}
+
+/// Makes `name` in `dir` a symbolic link holding `target`: a new link at a temporary name beside
+/// it, renamed over whatever file or link is there (a reader sees the old entry or the new
+/// link, never neither).
+fn replace_link(dir: BorrowedFd<'_>, name: &CStr, target: &str) -> io::Result<()> {
+    let target = c_name(target)?;
+    let (tmp, ()) = with_temp_name(name, |tmp| sys::symlinkat(&target, dir, tmp))?;
+    let result = sys::renameat(dir, &tmp, name);
+    if result.is_err() {
+        let _ = sys::unlinkat(dir, &tmp, false);
+    }
+    result
+}
+
+/// Whether what is at a path now (`st`, not followed) is what the call saw there (`old`: a link
+/// for a link, otherwise a regular file), so the write-back may replace it.
+fn replaceable(st: &sys::Stat, old: Option<&&Node>) -> bool {
+    match old {
+        Some(Node::Symlink(_)) => st.is_link(),
+        _ => st.is_file(),
+    }
 }
 
 /// Makes the host directory `root` hold `after` where it held `before` (see the module docs).
@@ -653,17 +848,18 @@ pub fn write_back(root: &HostDir, before: &[Entry], after: &[Entry]) -> anyhow::
 
     // Removals first, deepest first, so directories are empty when their turn comes and a name
     // that changed kind is free again.
-    let mut gone: Vec<(&str, bool)> = before
+    let mut gone: Vec<(&str, &Node)> = before
         .iter()
         .filter(|(path, node)| match after_map.get(*path) {
             None => true,
             Some(new) => is_dir(new) != is_dir(node),
         })
-        .map(|(path, node)| (*path, is_dir(node)))
+        .map(|(path, node)| (*path, *node))
         .collect();
     gone.sort_by_key(|(path, _)| std::cmp::Reverse(path.matches('/').count()));
     let gone_set: BTreeSet<&str> = gone.iter().map(|(p, _)| *p).collect();
-    for (path, dir) in &gone {
+    for (path, node) in &gone {
+        let dir = &is_dir(node);
         let host = root.path.join(path);
         let parent = match open_parent(top, path) {
             Ok(p) => p,
@@ -677,7 +873,7 @@ pub fn write_back(root: &HostDir, before: &[Entry], after: &[Entry]) -> anyhow::
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", host.display())),
         };
-        if st.is_link() || st.is_dir() != *dir {
+        if st.is_link() != matches!(node, Node::Symlink(_)) || st.is_dir() != *dir {
             bail!(
                 "{} changed on the host during the call; not removing it",
                 host.display()
@@ -720,7 +916,7 @@ pub fn write_back(root: &HostDir, before: &[Entry], after: &[Entry]) -> anyhow::
                 let parent = open_parent(top, path).map_err(|e| parent_error(root, path, e))?;
                 let at = parent.dir(top);
                 let mode = match sys::lstat_at(at, &parent.name) {
-                    Ok(st) if st.is_file() => Some(st.mode & 0o7777),
+                    Ok(st) if replaceable(&st, old) => st.is_file().then_some(st.mode & 0o7777),
                     Ok(_) => bail!(
                         "{} changed on the host during the call; not replacing it",
                         host.display()
@@ -732,6 +928,26 @@ pub fn write_back(root: &HostDir, before: &[Entry], after: &[Entry]) -> anyhow::
                 };
                 replace_file(at, &parent.name, mode, bytes)
                     .with_context(|| format!("cannot write {}", host.display()))?;
+                changes.files_written += 1;
+            }
+            Node::Symlink(target) if !matches!(old, Some(Node::Symlink(t)) if t == target) => {
+                let host = root.path.join(path);
+                let parent = open_parent(top, path).map_err(|e| parent_error(root, path, e))?;
+                let at = parent.dir(top);
+                match sys::lstat_at(at, &parent.name) {
+                    Ok(st) if replaceable(&st, old) => {}
+                    Ok(_) => bail!(
+                        "{} changed on the host during the call; not replacing it",
+                        host.display()
+                    ),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot read {}", host.display()));
+                    }
+                }
+                replace_link(at, &parent.name, target).with_context(|| {
+                    format!("cannot create the symbolic link {}", host.display())
+                })?;
                 changes.files_written += 1;
             }
             _ => {}
@@ -932,6 +1148,42 @@ mod sys {
             // SAFETY: `dir` is open and both names are NUL-terminated; all outlive the call.
             unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) }
                 .into()
+        })?;
+        Ok(())
+    }
+
+    /// The target of the link `name` in `dir` (`EINVAL`: it is not a link), at most
+    /// `super::MAX_TARGET` bytes (a longer one is `ENAMETOOLONG`).
+    pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; super::MAX_TARGET + 1];
+        let n = retry(|| {
+            // SAFETY: `dir` is open, `name` is NUL-terminated and `buf` is writable for
+            // `buf.len()` bytes, the most the kernel writes; all outlive the call.
+            unsafe {
+                libc::readlinkat(
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            }
+            .try_into()
+            .unwrap_or(-1)
+        })?;
+        let n = usize::try_from(n)
+            .map_err(|_| io::Error::other("readlinkat returned a negative length"))?;
+        if n > super::MAX_TARGET {
+            return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        }
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Creates the link `name` in `dir` holding `target`; fails if `name` exists (`EEXIST`).
+    pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+        retry(|| {
+            // SAFETY: `dir` is open and both strings are NUL-terminated; all outlive the call.
+            unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }.into()
         })?;
         Ok(())
     }

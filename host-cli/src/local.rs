@@ -32,8 +32,6 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 /// The WASI preview 1 import module.
 const WASI_MODULE: &str = "wasi_snapshot_preview1";
-/// WASI preview 1's `errno::notsup`.
-const ERRNO_NOTSUP: i32 = 58;
 /// Stack of the thread the tool runs on (wasmtime keeps Wasm frames within its own 512 KiB
 /// `max_wasm_stack`; the rest is for host calls).
 const CALL_STACK: usize = 8 << 20;
@@ -171,16 +169,9 @@ fn linker(engine: &Engine) -> anyhow::Result<Linker<Data>> {
             |code: i32| -> wasmtime::Result<()> { Err(wasmtime::Error::new(I32Exit(code))) },
         )
         .map_err(|e| anyhow!("cannot define proc_exit: {e:?}"))?;
-    // The guest's file system has no symbolic links: path_symlink answers ENOTSUP there, so it
-    // does here too (wasmtime-wasi would make one in the scratch copy, which the write-back then
-    // refuses). Hard links (path_link) work in both, inside the tool's copies.
-    linker
-        .func_wrap(
-            WASI_MODULE,
-            "path_symlink",
-            |_: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { ERRNO_NOTSUP },
-        )
-        .map_err(|e| anyhow!("cannot define path_symlink: {e:?}"))?;
+    // Symbolic and hard links are wasmtime-wasi's own (the reference the guest follows): made in
+    // the tool's scratch copies, resolved only inside them; the write-back takes back a link
+    // only when it stays inside its directory (`dirs::write_back`).
     linker.allow_shadowing(false);
     Ok(linker)
 }
@@ -253,15 +244,17 @@ fn execute(
     let instance = linker.instantiate(&mut store, module);
     let t1 = Instant::now();
     timings.instantiate_us = micros(t1 - t0);
+    let mut started = false;
     let result = instance.and_then(|instance| {
         let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        started = true;
         start.call(&mut store, ())
     });
     timings.run_us = micros(t1.elapsed());
     let outcome = match result {
         Ok(()) => Outcome::Exited(0),
         Err(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => return Ok(None),
-        Err(e) => outcome_of(&e),
+        Err(e) => outcome_of(&e, started),
     };
     let fuel_consumed = if limits.fuel.is_some() {
         store.get_fuel().ok().map(|left| fuel - left)
@@ -289,9 +282,11 @@ fn execute(
     }))
 }
 
-/// Classifies a failed instantiation or run, exactly as the guest agent does.
-fn outcome_of(e: &wasmtime::Error) -> Outcome {
-    bulwark_engine::outcome_of(e, e.downcast_ref::<I32Exit>().map(|I32Exit(code)| *code))
+/// Classifies a failed instantiation or run (`started`: `_start` was called), exactly as the
+/// guest agent does.
+fn outcome_of(e: &wasmtime::Error, started: bool) -> Outcome {
+    let exit = e.downcast_ref::<I32Exit>().map(|I32Exit(code)| *code);
+    bulwark_engine::outcome_of(e, exit, started)
 }
 
 fn micros(d: Duration) -> u64 {
@@ -408,7 +403,7 @@ mod tests {
         many.push_str(r#" (func (export "_start")))"#);
         let r = call(many.as_bytes(), limits).unwrap().unwrap();
         assert!(
-            matches!(&r.outcome, Outcome::Error(m) if m.contains("exceeds memory limits")),
+            matches!(&r.outcome, Outcome::Refused(m) if m.contains("exceeds memory limits")),
             "{:?}",
             r.outcome
         );
@@ -429,7 +424,7 @@ mod tests {
         let tables = r#"(module (table 600000 funcref) (table 600000 funcref)
           (func (export "_start")))"#;
         let r = call(tables.as_bytes(), limits).unwrap().unwrap();
-        assert!(matches!(&r.outcome, Outcome::Error(_)), "{:?}", r.outcome);
+        assert!(matches!(&r.outcome, Outcome::Refused(_)), "{:?}", r.outcome);
         // As many memories as a module may declare (validation refuses more), all empty: fine.
         let mut count = String::from("(module");
         for _ in 0..bulwark_engine::MAX_MEMORIES {
@@ -441,7 +436,9 @@ mod tests {
     }
 
     #[test]
-    fn symbolic_links_are_not_supported_as_in_the_guest() {
+    fn symbolic_links_are_made_by_wasmtime_wasi_in_the_preopen() {
+        // path_symlink("target", fd 3, "link"), then path_symlink("/etc", fd 3, "abs"): exits
+        // with the first errno times 100 plus the second.
         let symlink = r#"(module
           (import "wasi_snapshot_preview1" "path_symlink"
             (func $symlink (param i32 i32 i32 i32 i32) (result i32)))
@@ -449,13 +446,38 @@ mod tests {
           (memory (export "memory") 1)
           (data (i32.const 0) "target")
           (data (i32.const 16) "link")
+          (data (i32.const 32) "/etc")
+          (data (i32.const 48) "abs")
           (func (export "_start")
-            (call $exit (call $symlink (i32.const 0) (i32.const 6) (i32.const 3)
-              (i32.const 16) (i32.const 4)))))"#;
-        let r = call(symlink.as_bytes(), Limits::default())
-            .unwrap()
-            .unwrap();
-        assert_eq!(r.outcome, Outcome::Exited(ERRNO_NOTSUP));
+            (call $exit (i32.add
+              (i32.mul (i32.const 100)
+                (call $symlink (i32.const 0) (i32.const 6) (i32.const 3)
+                  (i32.const 16) (i32.const 4)))
+              (call $symlink (i32.const 32) (i32.const 4) (i32.const 3)
+                (i32.const 48) (i32.const 3))))))"#;
+        let dir = std::env::temp_dir().join(format!("bulwark-local-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let artifact = compiled(symlink.as_bytes());
+        let r = run(LocalCall {
+            artifact: &artifact,
+            args: vec!["t".into()],
+            env: Vec::new(),
+            stdin: Vec::new(),
+            limits: Limits::default(),
+            preopens: vec![(dir.clone(), "/d".into())],
+            deadline: Instant::now() + Duration::from_secs(30),
+        })
+        .unwrap()
+        .unwrap();
+        // The relative link is made (errno 0); the absolute one is refused (ERRNO_PERM, 63).
+        assert_eq!(r.outcome, Outcome::Exited(63));
+        assert_eq!(
+            std::fs::read_link(dir.join("link")).unwrap(),
+            PathBuf::from("target")
+        );
+        assert!(std::fs::symlink_metadata(dir.join("abs")).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
@@ -476,7 +498,7 @@ mod tests {
             br#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#;
         let r = call(import, Limits::default()).unwrap().unwrap();
         assert!(
-            matches!(&r.outcome, Outcome::Error(m) if m.contains("launch_missiles")),
+            matches!(&r.outcome, Outcome::Refused(m) if m.contains("launch_missiles")),
             "{:?}",
             r.outcome
         );

@@ -373,3 +373,209 @@ fn a_host_dir_swapped_for_a_link_during_calls_is_never_written_through() {
         );
     }
 }
+
+/// Everything under `root`, links not followed: path -> `dir`, `file: CONTENTS` or
+/// `link -> TARGET`.
+fn tree_of(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for entry in std::fs::read_dir(dir).expect("list") {
+            let path = entry.expect("entry").path();
+            let rel = path
+                .strip_prefix(root)
+                .expect("below root")
+                .display()
+                .to_string();
+            let meta = std::fs::symlink_metadata(&path).expect("lstat");
+            let seen = if meta.file_type().is_symlink() {
+                format!(
+                    "link -> {}",
+                    std::fs::read_link(&path).expect("readlink").display()
+                )
+            } else if meta.is_dir() {
+                walk(root, &path, out);
+                "dir".to_owned()
+            } else {
+                let bytes = std::fs::read(&path).expect("read");
+                format!("file: {}", String::from_utf8_lossy(&bytes))
+            };
+            out.insert(rel, seen);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// The directory `fs-tool ... links` expects, under a fresh scratch dir, with a file beside it.
+fn links_dir(test: &str) -> PathBuf {
+    let base = scratch_dir(test);
+    std::fs::write(base.join("beside.txt"), b"outside the shared dir\n").unwrap();
+    let d = base.join("shared");
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    std::fs::write(d.join("data.txt"), b"data").unwrap();
+    std::fs::write(d.join("sub/inner.txt"), b"inner").unwrap();
+    for (link, target) in [
+        ("to-data", "data.txt"),
+        ("to-sub", "sub"),
+        ("dangling", "missing"),
+        ("old", "data.txt"),
+        ("retarget", "data.txt"),
+    ] {
+        std::os::unix::fs::symlink(target, d.join(link)).unwrap();
+    }
+    d
+}
+
+/// What wasmtime-wasi (`--isolation wasm`, the reference) shows `fs-tool DIR links`.
+const LINKS_TRANSCRIPT: &str = r#"list: ok ["dangling@", "data.txt", "old@", "retarget@", "sub/", "to-data@", "to-sub@"]
+readlink to-data: ok "data.txt"
+read to-data: ok "data"
+read to-sub/inner.txt: ok "inner"
+lstat to-sub: ok (true, false)
+stat to-sub: ok true
+list to-sub: ok ["inner.txt"]
+readlink dangling: ok "missing"
+read dangling: error NotFound
+readlink data.txt: error InvalidInput
+symlink new-link: ok ()
+read new-link: ok "inner"
+symlink existing: error AlreadyExists
+remove old: ok ()
+read data.txt after: ok "data"
+remove retarget: ok ()
+symlink retarget: ok ()
+symlink sub/up: ok ()
+read sub/up/data.txt: ok "data"
+symlink abs: error PermissionDenied
+symlink loop: ok ()
+read loop: error FilesystemLoop
+write to-data: ok ()
+list: ok ["dangling@", "data.txt", "loop@", "new-link@", "retarget@", "sub/", "to-data@", "to-sub@"]
+list sub: ok ["inner.txt", "up@"]
+"#;
+
+/// Links in a shared directory go in as links, the tool reads, makes, retargets and removes
+/// them, and what it left comes back: the same with either isolation.
+#[test]
+fn symbolic_links_that_stay_inside_go_in_and_come_back() {
+    let expected: BTreeMap<String, String> = [
+        ("dangling", "link -> missing"),
+        ("data.txt", "file: written through a link"),
+        ("loop", "link -> loop"),
+        ("new-link", "link -> sub/inner.txt"),
+        ("retarget", "link -> sub"),
+        ("sub", "dir"),
+        ("sub/inner.txt", "file: inner"),
+        ("sub/up", "link -> .."),
+        ("to-data", "link -> data.txt"),
+        ("to-sub", "link -> sub"),
+    ]
+    .into_iter()
+    .map(|(p, s)| (p.to_owned(), s.to_owned()))
+    .collect();
+    for isolation in ["wasm", "vm"] {
+        if isolation == "vm" && !kvm_available() {
+            continue;
+        }
+        let d = links_dir(&format!("dir-links-{isolation}"));
+        let spec = format!("{}::/data", d.display());
+        let out = run(&[
+            "--isolation",
+            isolation,
+            "--dir",
+            &spec,
+            &fs_tool(),
+            "/data",
+            "links",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{isolation}: {}", stderr(&out));
+        assert_eq!(stdout(&out), LINKS_TRANSCRIPT, "{isolation}");
+        assert_eq!(tree_of(&d), expected, "{isolation}");
+        let beside = d.parent().unwrap().join("beside.txt");
+        assert_eq!(std::fs::read(beside).unwrap(), b"outside the shared dir\n");
+    }
+}
+
+/// A link in HOST that leads out of it (or is absolute) refuses the call before the tool runs;
+/// a link the tool makes that leads out refuses the whole write-back.
+#[test]
+fn symbolic_links_that_lead_out_are_refused_going_in_and_coming_back() {
+    for isolation in ["wasm", "vm"] {
+        if isolation == "vm" && !kvm_available() {
+            continue;
+        }
+        let d = links_dir(&format!("dir-links-out-{isolation}"));
+        let spec = format!("{}::/data", d.display());
+        let before = tree_of(&d);
+        for (link, target) in [
+            ("esc", "../beside.txt"),
+            ("sub/esc", "../../shared"),
+            ("abs", "/etc/passwd"),
+            // `sub/up` is `..`, inside; through it, `..` is HOST's parent.
+            ("sneaky", "sub/up/../beside.txt"),
+        ] {
+            std::os::unix::fs::symlink("..", d.join("sub/up")).unwrap();
+            std::os::unix::fs::symlink(target, d.join(link)).unwrap();
+            let out = run(&[
+                "--isolation",
+                isolation,
+                "--dir",
+                &spec,
+                &fs_tool(),
+                "/data",
+                "links",
+            ]);
+            assert_eq!(out.status.code(), Some(125), "{link}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains("symbolic link") && stderr(&out).contains(link),
+                "{}",
+                stderr(&out)
+            );
+            assert_eq!(stdout(&out), "", "the tool ran");
+            std::fs::remove_file(d.join(link)).unwrap();
+            std::fs::remove_file(d.join("sub/up")).unwrap();
+        }
+        assert_eq!(tree_of(&d), before);
+
+        for target in ["../beside.txt", "../../etc", "sub/../..", "to-sub/../.."] {
+            let out = run(&[
+                "--isolation",
+                isolation,
+                "--dir",
+                &spec,
+                &fs_tool(),
+                "/data",
+                "symlink",
+                target,
+                "made",
+            ]);
+            // The tool made it (the message names it) and exited 0; nothing came back.
+            assert_eq!(out.status.code(), Some(125), "{target}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains("symbolic link")
+                    && stderr(&out).contains(&format!("`{target}`"))
+                    && stderr(&out).contains("made"),
+                "{isolation} {target}: {}",
+                stderr(&out)
+            );
+            assert_eq!(tree_of(&d), before, "{isolation} {target}: written back");
+        }
+        // One that stays inside comes back, with the rest of the tool's changes.
+        let out = run(&[
+            "--isolation",
+            isolation,
+            "--dir",
+            &spec,
+            &fs_tool(),
+            "/data",
+            "symlink",
+            "../sub/../data.txt",
+            "sub/made",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{isolation}: {}", stderr(&out));
+        let mut expected = before.clone();
+        expected.insert("sub/made".into(), "link -> ../sub/../data.txt".into());
+        expected.insert("after.txt".into(), "file: after".into());
+        assert_eq!(tree_of(&d), expected, "{isolation}");
+    }
+}

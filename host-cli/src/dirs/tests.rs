@@ -1,7 +1,7 @@
 //! Unit tests of reading shared directories and writing the tool's changes back.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -591,16 +591,22 @@ fn states(prefix: &str) -> (Vec<Entry>, Vec<Entry>) {
     a.extend([
         dir(&p("deep")),
         file(&p("deep/x"), b"state a x"),
+        link(&p("deep/up"), "../keep"),
         file(&p("edit"), b"state a"),
         file(&p("gone"), b"only in a"),
         file(&p("keep"), b"keep"),
+        link(&p("link"), "keep"),
+        link(&p("oldlink"), "deep/x"),
     ]);
     b.extend([
         file(&p("edit"), b"state b"),
         file(&p("keep"), b"keep"),
+        link(&p("link"), "edit"),
         file(&p("new"), b"only in b"),
         dir(&p("newdir")),
+        link(&p("newdir/back"), "../new"),
         file(&p("newdir/y"), b"state b y"),
+        file(&p("oldlink"), b"a file in b"),
     ]);
     (a, b)
 }
@@ -608,7 +614,9 @@ fn states(prefix: &str) -> (Vec<Entry>, Vec<Entry>) {
 /// A directory outside HOST holding files with the names the write-backs use.
 fn sentinels(outside: &Path) {
     std::fs::create_dir_all(outside.join("deep")).unwrap();
-    for name in ["deep/x", "edit", "gone", "keep", "new", "sentinel"] {
+    for name in [
+        "deep/x", "deep/up", "edit", "gone", "keep", "link", "new", "oldlink", "sentinel",
+    ] {
         std::fs::write(outside.join(name), format!("outside: {name}")).unwrap();
     }
     std::fs::set_permissions(outside.join("edit"), std::fs::Permissions::from_mode(0o640)).unwrap();
@@ -704,4 +712,383 @@ fn materialized_trees_read_back_identically() {
     assert_eq!(read(&root, &mut big_budget()).unwrap(), tree);
     assert!(materialize(&root, &[file("../x", b"")]).is_err());
     std::fs::remove_dir_all(root).unwrap();
+}
+
+fn link(path: &str, target: &str) -> Entry {
+    Entry {
+        path: path.into(),
+        node: Node::Symlink(target.into()),
+    }
+}
+
+fn symlink(target: &str, at: &Path) {
+    std::os::unix::fs::symlink(target, at).unwrap();
+}
+
+/// The rule a link's target must pass, on its own: relative, never above the root, `..` only
+/// out of a directory of the tree.
+#[test]
+fn a_link_target_passes_only_when_it_stays_inside_the_tree() {
+    let tree = vec![
+        dir("a"),
+        dir("a/b"),
+        file("a/b/f", b""),
+        link("a/l", "b"),
+        dir("c"),
+    ];
+    let dirs = DirIndex::new(&tree);
+    let check = |path: &str, target: &str| check_link(path, target, &dirs);
+    for (path, target) in [
+        ("x", "a/b/f"),
+        ("x", "a"),
+        ("x", "./a/./b/"),
+        ("x", "missing"),
+        ("x", "missing/deeper"),
+        ("x", "a/l/f"),
+        ("x", "a/../c"),
+        ("x", "a/b/../../c"),
+        ("a/x", ".."),
+        ("a/x", "../c"),
+        ("a/b/x", "../../a/b/f"),
+        ("a/b/x", "f"),
+        ("x", "x"),
+    ] {
+        assert_eq!(check(path, target), Ok(()), "{path} -> {target}");
+    }
+    for (path, target, why) in [
+        ("x", "", "empty"),
+        ("x", "/etc/passwd", "absolute"),
+        ("a/x", "/a", "absolute"),
+        ("x", "..", "above"),
+        ("x", "../x", "above"),
+        ("a/x", "../..", "above"),
+        ("a/b/x", "../../../etc", "above"),
+        ("x", "a/b/../../..", "above"),
+        // `a/l` is a link: where its `..` leads is not the tree's business.
+        ("x", "a/l/..", "not a directory"),
+        ("x", "a/l/../..", "not a directory"),
+        ("x", "a/b/f/..", "not a directory"),
+        ("x", "missing/..", "not a directory"),
+        ("x", "a\0b", "NUL"),
+    ] {
+        let e = check(path, target).expect_err(&format!("{path} -> {target}"));
+        assert!(e.contains(why), "{path} -> {target}: {e}");
+    }
+    let long = "a/".repeat(MAX_TARGET / 2 + 1);
+    assert!(check("x", &long).unwrap_err().contains("longer"));
+    assert_eq!(check("x", &"a/".repeat(MAX_TARGET / 2)), Ok(()));
+}
+
+#[test]
+fn links_that_stay_inside_are_carried_as_links_and_never_followed() {
+    let base = scratch("links-in");
+    let (root, outside) = (base.join("root"), base.join("outside"));
+    std::fs::create_dir_all(root.join("d/e")).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"outside").unwrap();
+    std::fs::write(root.join("d/f"), b"f").unwrap();
+    symlink("d/f", &root.join("to-file"));
+    symlink("d", &root.join("to-dir"));
+    symlink("nowhere", &root.join("dangling"));
+    symlink("..", &root.join("d/up"));
+    symlink("../../d/f", &root.join("d/e/back"));
+    symlink("to-dir/e", &root.join("via-link"));
+    let mut budget = big_budget();
+    let tree = read(&root, &mut budget).unwrap();
+    assert_eq!(
+        tree,
+        vec![
+            dir("d"),
+            dir("d/e"),
+            link("d/e/back", "../../d/f"),
+            file("d/f", b"f"),
+            link("d/up", ".."),
+            link("dangling", "nowhere"),
+            link("to-dir", "d"),
+            link("to-file", "d/f"),
+            link("via-link", "to-dir/e"),
+        ],
+        "links are carried, and nothing is read through `to-dir` or `d/up`"
+    );
+    // Every link is an entry; only the one file's bytes count.
+    assert_eq!(budget.entries, 100 - 9);
+    assert_eq!(budget.bytes, (1 << 20) - 1);
+    let mut few = Budget {
+        bytes: 1 << 20,
+        entries: 8,
+    };
+    assert!(
+        read(&root, &mut few)
+            .unwrap_err()
+            .to_string()
+            .contains("--max-dir-files")
+    );
+
+    // Read back from a copy made by materialize: the same tree, the same links on disk.
+    let copy = base.join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    materialize(&copy, &tree).unwrap();
+    assert_eq!(read(&copy, &mut big_budget()).unwrap(), tree);
+    assert_eq!(snapshot(&copy), snapshot(&root));
+    std::fs::remove_dir_all(base).unwrap();
+}
+
+#[test]
+fn links_that_lead_out_or_are_absolute_are_refused_when_read() {
+    let base = scratch("links-out");
+    let (root, outside) = (base.join("root"), base.join("outside"));
+    std::fs::create_dir_all(root.join("d/e")).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    symlink("..", &root.join("d/e/up"));
+    for (at, target, why) in [
+        ("esc", "../outside", "leads above"),
+        ("d/esc", "../../outside/secret", "leads above"),
+        ("d/e/esc", "../../..", "leads above"),
+        ("abs", "/etc/passwd", "absolute"),
+        ("d/abs", &*outside.to_string_lossy(), "absolute"),
+        // `d/e/up` is `..` (inside), so `d/e/up/..` is HOST's parent: lexically it looks inside.
+        ("sneaky", "d/e/up/..", "not a directory"),
+    ] {
+        symlink(target, &root.join(at));
+        let e = read(&root, &mut big_budget()).unwrap_err().to_string();
+        assert!(
+            e.contains("symbolic link") && e.contains(at) && e.contains(why),
+            "{at} -> {target}: {e}"
+        );
+        std::fs::remove_file(root.join(at)).unwrap();
+    }
+    assert!(read(&root, &mut big_budget()).is_ok());
+    // A target that is not UTF-8 cannot be carried.
+    std::os::unix::fs::symlink(OsStr::from_bytes(b"d/\xff"), root.join("bytes")).unwrap();
+    let e = read(&root, &mut big_budget()).unwrap_err().to_string();
+    assert!(e.contains("bytes") && e.contains("not UTF-8"), "{e}");
+    std::fs::remove_dir_all(base).unwrap();
+}
+
+/// A file swapped for a link after it was listed is not read through the link.
+#[test]
+fn a_file_swapped_for_a_link_after_it_was_listed_is_refused() {
+    let base = scratch("link-swap");
+    let root = base.join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(base.join("secret"), b"outside").unwrap();
+    std::fs::write(root.join("victim"), b"v").unwrap();
+    let victim = root.join("victim");
+    let swap = move |stage, name: &CStr| {
+        if stage == Stage::Listed && name == c"victim" {
+            std::fs::remove_file(&victim).unwrap();
+            symlink("../secret", &victim);
+        }
+    };
+    let e = with_hook(swap, || read(&root, &mut big_budget()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("changed while it was being read"), "{e}");
+    std::fs::remove_dir_all(base).unwrap();
+}
+
+#[test]
+fn links_are_written_back_created_replaced_and_removed() {
+    let root = scratch("links-back");
+    std::fs::create_dir(root.join("d")).unwrap();
+    std::fs::write(root.join("d/f"), b"f").unwrap();
+    std::fs::write(root.join("file-to-link"), b"was a file").unwrap();
+    symlink("d/f", &root.join("same"));
+    symlink("d/f", &root.join("retarget"));
+    symlink("d/f", &root.join("gone"));
+    symlink("d/f", &root.join("link-to-file"));
+    symlink("d/f", &root.join("link-to-dir"));
+    std::fs::create_dir(root.join("dir-to-link")).unwrap();
+    let host = open(&root);
+    let before = read_tree(&host, &mut big_budget()).unwrap();
+    let same_before = std::fs::symlink_metadata(root.join("same")).unwrap().ino();
+
+    let after = vec![
+        dir("d"),
+        unchanged("d/f"),
+        link("d/new", "f"),
+        link("dir-to-link", "d"),
+        link("file-to-link", "d/new"),
+        dir("link-to-dir"),
+        file("link-to-file", b"now a file"),
+        link("retarget", "d"),
+        link("same", "d/f"),
+        link("top-new", "d/missing"),
+    ];
+    let changes = write_back(&host, &before, &after).unwrap();
+    assert_eq!(
+        changes,
+        Changes {
+            files_written: 6,
+            dirs_created: 1,
+            removed: 3,
+        }
+    );
+    let expected: BTreeMap<PathBuf, Seen> = [
+        ("d", Seen::Dir),
+        ("d/f", Seen::File("f".into(), 0o100644)),
+        ("d/new", Seen::Link("f".into())),
+        ("dir-to-link", Seen::Link("d".into())),
+        ("file-to-link", Seen::Link("d/new".into())),
+        ("link-to-dir", Seen::Dir),
+        ("retarget", Seen::Link("d".into())),
+        ("same", Seen::Link("d/f".into())),
+        ("top-new", Seen::Link("d/missing".into())),
+    ]
+    .into_iter()
+    .map(|(p, s)| (PathBuf::from(p), s))
+    .collect();
+    let mut now = snapshot(&root);
+    // The new file's permissions come from the umask; only its contents are compared.
+    assert!(matches!(
+        now.remove(Path::new("link-to-file")),
+        Some(Seen::File(s, _)) if s == "now a file"
+    ));
+    if let Some(Seen::File(_, mode)) = now.get_mut(Path::new("d/f")) {
+        *mode = 0o100644;
+    }
+    assert_eq!(now, expected);
+    assert_eq!(
+        std::fs::symlink_metadata(root.join("same")).unwrap().ino(),
+        same_before,
+        "an unchanged link is not remade"
+    );
+    // The write-back wrote through no link: d/f is as it was.
+    assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"f");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn hostile_link_answers_are_refused_before_anything_is_written() {
+    let base = scratch("links-hostile");
+    let (root, outside) = (base.join("root"), base.join("outside"));
+    std::fs::create_dir_all(root.join("s/d")).unwrap();
+    std::fs::create_dir_all(outside.join("etc")).unwrap();
+    std::fs::write(outside.join("etc/passwd"), b"outside").unwrap();
+    std::fs::write(root.join("f"), b"f").unwrap();
+    // Inside today: s/d/.. is s, s/.. is HOST.
+    symlink("d/../..", &root.join("s/l"));
+    let host = open(&root);
+    let before = read_tree(&host, &mut big_budget()).unwrap();
+    let host_before = snapshot(&root);
+    let outside_before = snapshot(&outside);
+    let base_names = || {
+        let mut names: Vec<_> = std::fs::read_dir(&base)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let names_before = base_names();
+    let keep = || {
+        vec![
+            file("f", b"changed"),
+            dir("s"),
+            dir("s/d"),
+            link("s/l", "d/../.."),
+        ]
+    };
+    let with = |extra: Vec<Entry>| {
+        let mut after = keep();
+        after.extend(extra);
+        after
+    };
+    for (after, why) in [
+        (with(vec![link("a", "../outside/etc")]), "leads above"),
+        (with(vec![link("a", "../../etc")]), "leads above"),
+        // The classic: a link out, then a file through it.
+        (
+            with(vec![link("a", "../outside/etc"), file("a/passwd", b"evil")]),
+            "",
+        ),
+        // Even a link that stays inside is no directory to write through.
+        (with(vec![link("a", "s"), file("a/planted", b"x")]), ""),
+        (with(vec![link("a", "/etc")]), "absolute"),
+        (with(vec![link("a", "")]), "empty"),
+        (with(vec![link("a", "x\0y")]), "NUL"),
+        (with(vec![link("a", &"x/".repeat(3000))]), "longer"),
+        (with(vec![link("a", "s/d/../../..")]), "leads above"),
+        // Turns s/d into a link to `..`: then the old link s/l (d/../..) leads above HOST.
+        (
+            vec![
+                file("f", b"changed"),
+                dir("s"),
+                link("s/d", ".."),
+                link("s/l", "d/../.."),
+            ],
+            "not a directory",
+        ),
+        (with(vec![link("s/d/x", "../l/..")]), "not a directory"),
+    ] {
+        let e = write_back(&host, &before, &after)
+            .expect_err(&format!("{after:?}"))
+            .to_string();
+        assert!(e.contains(why), "{after:?}: {e}");
+        assert_eq!(snapshot(&root), host_before, "{after:?}");
+        assert_eq!(snapshot(&outside), outside_before, "{after:?}");
+        assert_eq!(base_names(), names_before, "{after:?}");
+    }
+    std::fs::remove_dir_all(base).unwrap();
+}
+
+/// Something on the host swaps a file or directory for a link during the call: the write-back
+/// neither writes through it nor replaces it.
+#[test]
+fn links_put_on_the_host_during_the_call_are_not_written_through() {
+    let base = scratch("links-swapped");
+    let (root, outside) = (base.join("root"), base.join("outside"));
+    std::fs::create_dir_all(root.join("d")).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("x"), b"outside").unwrap();
+    std::fs::write(root.join("f"), b"f").unwrap();
+    symlink("f", &root.join("l"));
+    let host = open(&root);
+    let before = read_tree(&host, &mut big_budget()).unwrap();
+    let outside_before = snapshot(&outside);
+    let outside_x = outside.join("x").to_string_lossy().into_owned();
+
+    // A file the tool changed is now a link (to outside): not replaced, not written through.
+    std::fs::remove_file(root.join("f")).unwrap();
+    symlink(&outside_x, &root.join("f"));
+    let after = vec![dir("d"), file("f", b"tool"), link("l", "f")];
+    let e = write_back(&host, &before, &after).unwrap_err().to_string();
+    assert!(e.contains("changed on the host"), "{e}");
+    assert_eq!(snapshot(&outside), outside_before);
+    std::fs::remove_file(root.join("f")).unwrap();
+    std::fs::write(root.join("f"), b"f").unwrap();
+
+    // A link the tool retargets was made a directory: not replaced.
+    std::fs::remove_file(root.join("l")).unwrap();
+    std::fs::create_dir(root.join("l")).unwrap();
+    let after = vec![dir("d"), unchanged("f"), link("l", "d")];
+    let e = write_back(&host, &before, &after).unwrap_err().to_string();
+    assert!(e.contains("changed on the host"), "{e}");
+    assert!(root.join("l").is_dir());
+    std::fs::remove_dir(root.join("l")).unwrap();
+    symlink("f", &root.join("l"));
+
+    // A link the tool removed was made a file: not removed.
+    std::fs::remove_file(root.join("l")).unwrap();
+    std::fs::write(root.join("l"), b"host").unwrap();
+    let after = vec![dir("d"), unchanged("f")];
+    let e = write_back(&host, &before, &after).unwrap_err().to_string();
+    assert!(e.contains("changed on the host"), "{e}");
+    assert_eq!(std::fs::read(root.join("l")).unwrap(), b"host");
+    std::fs::remove_file(root.join("l")).unwrap();
+    symlink("f", &root.join("l"));
+
+    // The directory a new link goes in is now a link to outside: nothing is made there.
+    std::fs::remove_dir(root.join("d")).unwrap();
+    symlink(&outside.to_string_lossy(), &root.join("d"));
+    let after = vec![
+        dir("d"),
+        link("d/x", "../f"),
+        unchanged("f"),
+        link("l", "f"),
+    ];
+    let e = write_back(&host, &before, &after).unwrap_err().to_string();
+    assert!(e.contains("no longer a directory"), "{e}");
+    assert_eq!(snapshot(&outside), outside_before);
+    std::fs::remove_dir_all(base).unwrap();
 }

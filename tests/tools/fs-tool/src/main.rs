@@ -9,6 +9,12 @@
 //! `out.txt` then exits with code N; `write-then-trap` writes then traps; `write-then-spin`
 //! writes then loops forever. `fs-tool DIR fill MIB` writes MIB MiB to `big.bin` in 64 KiB
 //! pieces and reports where it stopped.
+//!
+//! `fs-tool DIR links` expects DIR to hold `data.txt` ("data"), `sub/inner.txt` ("inner") and
+//! the symbolic links `to-data -> data.txt`, `to-sub -> sub`, `dangling -> missing`,
+//! `old -> data.txt` and `retarget -> data.txt`; it reads links and through them, makes,
+//! retargets and removes links, and writes a file through one. `fs-tool DIR symlink TARGET
+//! LINK` makes one link and writes `after.txt`.
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -25,7 +31,14 @@ fn listing(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        let kind = if entry.file_type()?.is_dir() { "/" } else { "" };
+        let file_type = entry.file_type()?;
+        let kind = if file_type.is_dir() {
+            "/"
+        } else if file_type.is_symlink() {
+            "@"
+        } else {
+            ""
+        };
         names.push(format!("{}{kind}", entry.file_name().to_string_lossy()));
     }
     names.sort();
@@ -98,15 +111,62 @@ fn work(d: &Path) {
     show("list", listing(d));
 }
 
+#[allow(deprecated)] // `std::fs::soft_link` is the stable way to make a link on WASI.
+fn symlink(target: &str, link: &Path) -> std::io::Result<()> {
+    fs::soft_link(target, link)
+}
+
+fn links(d: &Path) {
+    show("list", listing(d));
+    show("readlink to-data", fs::read_link(d.join("to-data")));
+    show("read to-data", fs::read_to_string(d.join("to-data")));
+    show("read to-sub/inner.txt", fs::read_to_string(d.join("to-sub/inner.txt")));
+    show(
+        "lstat to-sub",
+        fs::symlink_metadata(d.join("to-sub")).map(|m| (m.is_symlink(), m.is_dir())),
+    );
+    show("stat to-sub", fs::metadata(d.join("to-sub")).map(|m| m.is_dir()));
+    show("list to-sub", listing(&d.join("to-sub")));
+    show("readlink dangling", fs::read_link(d.join("dangling")));
+    show("read dangling", fs::read(d.join("dangling")));
+    show("readlink data.txt", fs::read_link(d.join("data.txt")));
+    show("symlink new-link", symlink("sub/inner.txt", &d.join("new-link")));
+    show("read new-link", fs::read_to_string(d.join("new-link")));
+    show("symlink existing", symlink("sub", &d.join("to-data")));
+    show("remove old", fs::remove_file(d.join("old")));
+    show("read data.txt after", fs::read_to_string(d.join("data.txt")));
+    show("remove retarget", fs::remove_file(d.join("retarget")));
+    show("symlink retarget", symlink("sub", &d.join("retarget")));
+    show("symlink sub/up", symlink("..", &d.join("sub/up")));
+    show("read sub/up/data.txt", fs::read_to_string(d.join("sub/up/data.txt")));
+    show("symlink abs", symlink("/etc/passwd", &d.join("abs")));
+    show("symlink loop", symlink("loop", &d.join("loop")));
+    show("read loop", fs::read(d.join("loop")));
+    show("write to-data", fs::write(d.join("to-data"), "written through a link"));
+    show("list", listing(d));
+    show("list sub", listing(&d.join("sub")));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(dir), Some(mode)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: fs-tool DIR work|write-then-exit N|write-then-trap|write-then-spin|fill MIB");
+        eprintln!(
+            "usage: fs-tool DIR work|links|symlink TARGET LINK|write-then-exit N|write-then-trap|write-then-spin|fill MIB"
+        );
         std::process::exit(2);
     };
     let d = Path::new(dir);
     match mode.as_str() {
         "work" => work(d),
+        "links" => links(d),
+        "symlink" => {
+            let (Some(target), Some(link)) = (args.get(3), args.get(4)) else {
+                eprintln!("usage: fs-tool DIR symlink TARGET LINK");
+                std::process::exit(2);
+            };
+            show("symlink", symlink(target, &d.join(link)));
+            show("write after.txt", fs::write(d.join("after.txt"), "after"));
+        }
         "write-then-exit" => {
             show("write out.txt", fs::write(d.join("out.txt"), "should not survive\n"));
             show("remove in.txt", fs::remove_file(d.join("in.txt")));
