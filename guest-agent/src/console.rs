@@ -8,7 +8,7 @@
 use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
 
-use bulwark_proto::ports;
+use bulwark_abi::ports;
 
 const CAPACITY: usize = ports::MAX_CONSOLE_RECORD as usize;
 

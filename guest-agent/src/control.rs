@@ -1,6 +1,6 @@
 //! The control port: how the guest ends itself, and how it sleeps for a time.
 
-use bulwark_proto::ports;
+use bulwark_abi::ports;
 
 /// Writes `status` to the exit port. The VMM stops the VM there and never resumes it.
 pub fn exit(status: u32) -> ! {

@@ -3,11 +3,11 @@
 //! Guest code at CPL0 is emulated instruction by instruction on kvm_pvm and fails on SSE and
 //! several other instructions, so each stub is a few plain integer instructions: push a zero
 //! error code where the CPU pushed none, push the vector, report it on the control port (the
-//! VMM reads the frame at RSP, laid out as `bulwark_proto::boot::ExceptionFrame`) and halt.
+//! VMM reads the frame at RSP, laid out as `bulwark_abi::exception::ExceptionFrame`) and halt.
 //! Stub `v` is at `EXCEPTION_STUBS + v * 16` (`layout::EXCEPTION_STUB_STRIDE`).
 
 // Vectors 8, 10-14, 17, 21, 29 and 30 come with an error code from the CPU
-// (`bulwark_proto::boot::exception_has_error_code`).
+// (`bulwark_abi::exception::has_error_code`).
 core::arch::global_asm!(
     ".section .text.exceptions, \"ax\"",
     ".global bulwark_exception_stubs",
@@ -30,7 +30,7 @@ core::arch::global_asm!(
     "2:",
     "hlt",
     "jmp 2b",
-    port = const bulwark_proto::ports::CONTROL_EXCEPTION,
+    port = const bulwark_abi::ports::CONTROL_EXCEPTION,
 );
 
 unsafe extern "C" {

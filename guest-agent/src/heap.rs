@@ -16,6 +16,6 @@ pub unsafe fn init(start: u64, size: u64) {
     let claimed = unsafe { ALLOCATOR.lock().claim(start as *mut u8, size as usize) };
     if claimed.is_none() {
         crate::console::print("bulwark-guest: the heap is too small to use\n");
-        crate::control::exit(bulwark_proto::ports::exit_status::OUT_OF_MEMORY);
+        crate::control::exit(bulwark_abi::ports::exit_status::OUT_OF_MEMORY);
     }
 }

@@ -1,10 +1,9 @@
 //! The agent server: tool calls on vsock port `AGENT_PORT`, one request and one response per
-//! connection, one call at a time. A malformed or oversized request gets an error answer and
-//! its connection is closed; the server keeps serving.
+//! connection, one call at a time. A malformed or oversized request is refused
+//! ([`Outcome::Refused`]) and its connection closed; the server keeps serving.
 
 use alloc::format;
 use alloc::vec;
-use alloc::vec::Vec;
 
 use bulwark_proto::call::{AGENT_PORT, Outcome, Request, Response};
 use bulwark_proto::frame::{self, MAX_REQUEST_FRAME, PREFIX};
@@ -12,18 +11,27 @@ use bulwark_proto::frame::{self, MAX_REQUEST_FRAME, PREFIX};
 use crate::agent::Agent;
 use crate::virtio::vsock::{Stream, StreamError, Vsock};
 
-/// Reads exactly `buf.len()` bytes, waiting as needed.
-fn read_exact(vs: &mut Vsock, s: Stream, buf: &mut [u8]) -> Result<(), StreamError> {
-    let mut at = 0;
-    while at < buf.len() {
-        match vs.recv(s, &mut buf[at..]) {
-            Ok(0) => return Err(StreamError::Reset),
-            Ok(n) => at += n,
-            Err(StreamError::WouldBlock) => vs.wait(),
-            Err(e) => return Err(e),
+/// One accepted stream as a frame source: reads wait as needed.
+struct Incoming<'a> {
+    vs: &'a mut Vsock,
+    s: Stream,
+}
+
+impl frame::Source for Incoming<'_> {
+    type Error = StreamError;
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), StreamError> {
+        let mut at = 0;
+        while at < buf.len() {
+            match self.vs.recv(self.s, &mut buf[at..]) {
+                Ok(0) => return Err(StreamError::Reset),
+                Ok(n) => at += n,
+                Err(StreamError::WouldBlock) => self.vs.wait(),
+                Err(e) => return Err(e),
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Writes all of `data`, waiting for credit as needed.
@@ -38,21 +46,15 @@ fn write_all(vs: &mut Vsock, s: Stream, mut data: &[u8]) -> Result<(), StreamErr
     Ok(())
 }
 
-fn error_response(message: alloc::string::String) -> Response {
-    Response::new(Outcome::Error(message))
-}
-
-/// Reads one request frame; an `Err` is the message for the error answer.
+/// Reads one request frame; an `Err` is the message for the refusal.
 fn read_request(vs: &mut Vsock, s: Stream) -> Result<Request, alloc::string::String> {
-    let mut prefix = [0u8; PREFIX];
-    read_exact(vs, s, &mut prefix).map_err(|e| format!("reading the request: {e:?}"))?;
-    let len = frame::body_len(prefix, MAX_REQUEST_FRAME).map_err(|e| format!("{e}"))?;
-    let mut body = Vec::new();
-    body.try_reserve_exact(len)
-        .map_err(|_| format!("no memory for a {len}-byte request"))?;
-    body.resize(len, 0);
-    read_exact(vs, s, &mut body).map_err(|e| format!("reading the request: {e:?}"))?;
-    frame::decode(&body).map_err(|e| format!("{e}"))
+    frame::read(&mut Incoming { vs, s }, MAX_REQUEST_FRAME).map_err(|e| match e {
+        frame::ReadError::Prefix(e) | frame::ReadError::Body(e) => {
+            format!("reading the request: {e:?}")
+        }
+        frame::ReadError::Frame(e) => format!("{e}"),
+        frame::ReadError::NoMemory(len) => format!("no memory for a {len}-byte request"),
+    })
 }
 
 /// Serves calls forever.
@@ -65,11 +67,11 @@ pub fn serve(vs: &mut Vsock, agent: &mut Agent) -> ! {
         };
         let response = match read_request(vs, s) {
             Ok(req) => agent.call(req),
-            Err(message) => error_response(message),
+            Err(message) => Response::new(Outcome::Refused(message)),
         };
         let bytes = frame::encode(&response).unwrap_or_else(|e| {
-            frame::encode(&error_response(format!("cannot encode the response: {e}")))
-                .unwrap_or(vec![0; PREFIX])
+            let failed = Outcome::AgentFailed(format!("cannot encode the response: {e}"));
+            frame::encode(&Response::new(failed)).unwrap_or(vec![0; PREFIX])
         });
         let _ = write_all(vs, s, &bytes);
         vs.shutdown(s);

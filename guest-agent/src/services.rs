@@ -2,7 +2,7 @@
 
 use alloc::vec;
 
-use bulwark_proto::vsock::{GUEST_GREETING, HOST_TEST_PORT};
+use bulwark_abi::vsock::{GUEST_GREETING, HOST_TEST_PORT};
 
 use crate::virtio::vsock::{Stream, StreamError, Vsock};
 

@@ -7,8 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bulwark_abi::vsock::handshake::{self, HandshakeError};
 use bulwark_proto::call::{AGENT_PORT, Request, Response};
-use bulwark_proto::frame::{self, MAX_RESPONSE_FRAME, PREFIX};
+use bulwark_proto::frame::{self, MAX_RESPONSE_FRAME, ReadError};
 
 /// A file next to the running executable, or in the source tree's `build/` when running from
 /// `target/<profile>/` (for the guest image); `env` overrides both.
@@ -138,8 +139,9 @@ impl Vm {
     /// Connects to the agent, sends `req` and returns its response, all before `deadline`.
     /// `Ok(None)` means the deadline passed.
     pub fn call(&mut self, req: &Request, deadline: Instant) -> anyhow::Result<Option<Response>> {
-        // The VMM creates the socket, then listens on it: until it listens, a connection is
-        // refused (or the path is not there yet). Keep trying until then, or until it dies.
+        // The VMM renames its socket into place once it listens, so until then the path is not
+        // there (a refusal would mean a socket nobody listens on any more: the VMM is ending).
+        // Keep trying until it is there, or until the VMM dies.
         let mut s = loop {
             match UnixStream::connect(&self.uds) {
                 Ok(s) => break s,
@@ -171,29 +173,14 @@ impl Vm {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             )
         };
-        match writeln!(s, "CONNECT {AGENT_PORT}") {
-            Ok(()) => {}
-            Err(e) if timed_out(&e) => return Ok(None),
-            Err(e) => return Err(self.lost(e, "sending the vsock handshake")),
-        }
-        let mut line = Vec::new();
-        let mut byte = [0u8];
-        while byte[0] != b'\n' {
-            match s.read(&mut byte) {
-                Ok(0) => return Err(self.closed("the guest agent refused the connection")),
-                Ok(_) => line.push(byte[0]),
-                Err(e) if timed_out(&e) => return Ok(None),
-                Err(e) => return Err(self.lost(e, "reading the vsock handshake")),
+        match handshake::connect(&mut s, AGENT_PORT) {
+            Ok(_) => {}
+            Err(HandshakeError::Io(e)) if timed_out(&e) => return Ok(None),
+            Err(HandshakeError::Io(e)) => return Err(self.lost(e, "doing the vsock handshake")),
+            Err(HandshakeError::Closed { .. }) => {
+                return Err(self.closed("the guest agent refused the connection"));
             }
-            if line.len() > 32 {
-                bail!("bad vsock handshake from the VM");
-            }
-        }
-        if !line.starts_with(b"OK ") {
-            bail!(
-                "bad vsock handshake from the VM: {}",
-                String::from_utf8_lossy(&line)
-            );
+            Err(e @ HandshakeError::BadAnswer { .. }) => return Err(e.into()),
         }
         let request =
             frame::encode(req).map_err(|e| anyhow::anyhow!("cannot encode the request: {e}"))?;
@@ -205,27 +192,18 @@ impl Vm {
                 Err(self.lost(e, "sending the request"))
             };
         }
-        let mut prefix = [0u8; PREFIX];
         s.set_read_timeout(Some(remaining()))?;
-        match s.read_exact(&mut prefix) {
-            Ok(()) => {}
-            Err(e) if timed_out(&e) => return Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+        let response: Response = match frame::read(&mut s, MAX_RESPONSE_FRAME) {
+            Ok(r) => r,
+            Err(ReadError::Prefix(e) | ReadError::Body(e)) if timed_out(&e) => return Ok(None),
+            Err(ReadError::Prefix(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return Err(self.closed("the VM closed the connection"));
             }
-            Err(e) => return Err(self.lost(e, "reading the answer")),
-        }
-        let len =
-            frame::body_len(prefix, MAX_RESPONSE_FRAME).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut body = vec![0u8; len];
-        s.set_read_timeout(Some(remaining()))?;
-        match s.read_exact(&mut body) {
-            Ok(()) => {}
-            Err(e) if timed_out(&e) => return Ok(None),
-            Err(e) => return Err(self.lost(e, "reading the response")),
-        }
-        let response: Response =
-            frame::decode(&body).map_err(|e| anyhow::anyhow!("bad response from the VM: {e}"))?;
+            Err(ReadError::Prefix(e) | ReadError::Body(e)) => {
+                return Err(self.lost(e, "reading the answer"));
+            }
+            Err(e) => bail!("bad answer from the VM: {e}"),
+        };
         Ok(Some(response))
     }
 }

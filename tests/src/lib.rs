@@ -4,6 +4,16 @@
 //! The guest image and the precompiled self-test are built by `images/build.sh` (run by
 //! `make test`) into `build/` at the repository root, or `$BULWARK_BUILD_DIR`.
 
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::cast_lossless,
+    clippy::cast_precision_loss,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -128,7 +138,7 @@ pub fn scratch_dir(test: &str) -> PathBuf {
 /// the connection the guest opened to host port `HOST_TEST_PORT`, after its greeting was read
 /// and checked.
 pub fn start_connecting_guest(test: &str) -> (std::process::Child, std::os::unix::net::UnixStream) {
-    use bulwark_proto::vsock::{GUEST_GREETING, HOST_TEST_PORT};
+    use bulwark_abi::vsock::{GUEST_GREETING, HOST_TEST_PORT};
     use std::io::Read;
     let uds = scratch_dir(test).join("vsock.sock");
     let listener =

@@ -1,6 +1,9 @@
 //! The guest agent's protocol on a real VM, spoken directly: malformed, oversized and
-//! wrong-version requests get an error answer and their connection closes, and the agent goes
-//! on serving the next call.
+//! wrong-version requests are refused (`Outcome::Refused`) and their connection closes, and the
+//! agent goes on serving the next call.
+
+// The helpers below fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -8,10 +11,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bulwark_abi::vsock::handshake;
 use bulwark_proto::call::{
     AGENT_PORT, Artifact, Limits, Outcome, PROTOCOL_VERSION, Request, Response,
 };
-use bulwark_proto::frame::{self, MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME, PREFIX};
+use bulwark_proto::frame::{self, MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
 use bulwark_tests::*;
 
 /// A VM serving tool calls; killed when dropped.
@@ -46,18 +50,7 @@ impl AgentVm {
             }
         };
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        writeln!(s, "CONNECT {AGENT_PORT}").unwrap();
-        let mut line = Vec::new();
-        let mut byte = [0u8];
-        while byte[0] != b'\n' {
-            assert_eq!(s.read(&mut byte).unwrap(), 1, "handshake cut short");
-            line.push(byte[0]);
-        }
-        assert!(
-            line.starts_with(b"OK "),
-            "{}",
-            String::from_utf8_lossy(&line)
-        );
+        handshake::connect(&mut s, AGENT_PORT).expect("the agent accepts the connection");
         s
     }
 }
@@ -71,22 +64,19 @@ impl Drop for AgentVm {
 
 /// Reads one response frame, then checks that the agent closed the connection.
 fn answer(s: &mut UnixStream) -> Response {
-    let mut prefix = [0u8; PREFIX];
-    s.read_exact(&mut prefix).expect("a response prefix");
-    let len = frame::body_len(prefix, MAX_RESPONSE_FRAME).expect("a sane response length");
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).expect("the response body");
+    let response = frame::read(s, MAX_RESPONSE_FRAME).expect("a response that decodes");
     let mut rest = Vec::new();
     s.read_to_end(&mut rest)
         .expect("the agent closes the connection");
     assert!(rest.is_empty(), "bytes after the response");
-    frame::decode(&body).expect("a response that decodes")
+    response
 }
 
-fn error_of(r: &Response) -> &str {
+/// The reason of a refused call.
+fn refusal_of(r: &Response) -> &str {
     match &r.outcome {
-        Outcome::Error(e) => e,
-        other => panic!("expected an error answer, got {other:?}"),
+        Outcome::Refused(e) => e,
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
@@ -118,7 +108,7 @@ fn hello_request() -> Request {
 }
 
 #[test]
-fn bad_requests_get_error_answers_and_the_agent_keeps_serving() {
+fn bad_requests_are_refused_and_the_agent_keeps_serving() {
     if !kvm_available() {
         return;
     }
@@ -128,14 +118,18 @@ fn bad_requests_get_error_answers_and_the_agent_keeps_serving() {
     let mut s = vm.connect();
     s.write_all(&(MAX_REQUEST_FRAME + 1).to_le_bytes()).unwrap();
     let e = answer(&mut s);
-    assert!(error_of(&e).contains("over the"), "{}", error_of(&e));
+    assert!(refusal_of(&e).contains("over the"), "{}", refusal_of(&e));
 
     // A body that is not a request.
     let mut s = vm.connect();
     s.write_all(&8u32.to_le_bytes()).unwrap();
     s.write_all(&[0xff; 8]).unwrap();
     let e = answer(&mut s);
-    assert!(error_of(&e).contains("does not decode"), "{}", error_of(&e));
+    assert!(
+        refusal_of(&e).contains("does not decode"),
+        "{}",
+        refusal_of(&e)
+    );
 
     // Another protocol version.
     let mut old = hello_request();
@@ -144,9 +138,9 @@ fn bad_requests_get_error_answers_and_the_agent_keeps_serving() {
     s.write_all(&frame::encode(&old).unwrap()).unwrap();
     let e = answer(&mut s);
     assert!(
-        error_of(&e).contains("protocol version"),
+        refusal_of(&e).contains("protocol version"),
         "{}",
-        error_of(&e)
+        refusal_of(&e)
     );
 
     // A cached artifact this VM never got.
@@ -155,7 +149,7 @@ fn bad_requests_get_error_answers_and_the_agent_keeps_serving() {
     let mut s = vm.connect();
     s.write_all(&frame::encode(&cached).unwrap()).unwrap();
     let e = answer(&mut s);
-    assert!(error_of(&e).contains("cached"), "{}", error_of(&e));
+    assert!(refusal_of(&e).contains("cached"), "{}", refusal_of(&e));
 
     // A shared tree that tries to leave its directory.
     let mut escape = hello_request();
@@ -169,7 +163,7 @@ fn bad_requests_get_error_answers_and_the_agent_keeps_serving() {
     let mut s = vm.connect();
     s.write_all(&frame::encode(&escape).unwrap()).unwrap();
     let e = answer(&mut s);
-    assert!(error_of(&e).contains("/data"), "{}", error_of(&e));
+    assert!(refusal_of(&e).contains("/data"), "{}", refusal_of(&e));
 
     // A client that sends half a request and leaves.
     let mut s = vm.connect();

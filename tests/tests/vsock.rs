@@ -1,13 +1,17 @@
 //! The host ↔ guest channel on a real VM: the guest's vsock echo service and its connect mode,
 //! reached through the VMM's Unix socket with Firecracker's `CONNECT <port>` handshake.
 
+// The helpers below fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bulwark_proto::vsock::ECHO_PORT;
+use bulwark_abi::vsock::ECHO_PORT;
+use bulwark_abi::vsock::handshake::{self, HandshakeError};
 use bulwark_tests::*;
 use sha2::{Digest, Sha256};
 
@@ -40,26 +44,11 @@ impl VsockVm {
         Self { child, uds }
     }
 
-    /// Connects to guest `port`; `Err` carries what the VMM answered instead of `OK`.
-    fn connect(&self, port: u32) -> Result<UnixStream, String> {
-        let mut s = UnixStream::connect(&self.uds).map_err(|e| e.to_string())?;
+    /// Connects to guest `port`; `Err` says why the VMM gave no `OK`.
+    fn connect(&self, port: u32) -> Result<UnixStream, HandshakeError> {
+        let mut s = UnixStream::connect(&self.uds).map_err(HandshakeError::Io)?;
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        writeln!(s, "CONNECT {port}").map_err(|e| e.to_string())?;
-        let mut line = Vec::new();
-        let mut byte = [0u8];
-        loop {
-            match s.read(&mut byte) {
-                Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&line))),
-                Ok(_) if byte[0] == b'\n' => break,
-                Ok(_) => line.push(byte[0]),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        let line = String::from_utf8_lossy(&line);
-        let host_port: u32 = line
-            .strip_prefix("OK ")
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| format!("bad answer {line:?}"))?;
+        let host_port = handshake::connect(&mut s, port)?;
         assert!(
             host_port >= 1 << 30,
             "host ports come from the VMM's ephemeral range"
@@ -87,7 +76,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x as u8
+            x.to_le_bytes()[0]
         })
         .collect()
 }
@@ -200,7 +189,10 @@ fn a_port_nobody_listens_on_is_refused_and_the_vm_keeps_serving() {
     let err = vm
         .connect(9999)
         .expect_err("nothing listens on guest port 9999");
-    assert!(err.contains("closed"), "{err}");
+    assert!(
+        matches!(err, HandshakeError::Closed { port: 9999 }),
+        "{err}"
+    );
     let mut s = vm.echo();
     s.write_all(b"still here\n").unwrap();
     let mut line = String::new();

@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use bulwark_proto::ABI_VERSION;
-use bulwark_proto::boot::{BOOT_INFO_MAGIC, BootInfo, TestMode};
-use bulwark_proto::layout;
+use bulwark_abi::ABI_VERSION;
+use bulwark_abi::boot::{BOOT_INFO_MAGIC, BootInfo, TestMode};
+use bulwark_abi::layout;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::files::{self, InputFileError};

@@ -7,7 +7,7 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use bulwark_proto::layout;
+use bulwark_abi::layout;
 use linux_loader::loader::{KernelLoader, elf::Elf};
 use vm_memory::GuestAddress;
 
@@ -306,8 +306,8 @@ pub(crate) mod tests {
         f[20..24].copy_from_slice(&1u32.to_le_bytes());
         f[24..32].copy_from_slice(&addr.to_le_bytes());
         f[32..40].copy_from_slice(&(EHDR_SIZE as u64).to_le_bytes());
-        f[52..54].copy_from_slice(&(EHDR_SIZE as u16).to_le_bytes());
-        f[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+        f[52..54].copy_from_slice(&u16::try_from(EHDR_SIZE).unwrap().to_le_bytes());
+        f[54..56].copy_from_slice(&u16::try_from(PHDR_SIZE).unwrap().to_le_bytes());
         f[56..58].copy_from_slice(&1u16.to_le_bytes());
         let ph = EHDR_SIZE;
         let off = (EHDR_SIZE + PHDR_SIZE) as u64;
@@ -323,7 +323,10 @@ pub(crate) mod tests {
     }
 
     fn stub_sized() -> Vec<u8> {
-        vec![0xf4; (layout::EXCEPTION_VECTORS * layout::EXCEPTION_STUB_STRIDE) as usize]
+        vec![
+            0xf4;
+            usize::try_from(layout::EXCEPTION_VECTORS * layout::EXCEPTION_STUB_STRIDE).unwrap()
+        ]
     }
 
     const RAM: u64 = 256 << 20;

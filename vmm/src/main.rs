@@ -1,10 +1,20 @@
 //! `bulwark-vmm`: runs one Bulwark guest in a KVM micro-VM and exits with its status.
 
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::cast_lossless,
+    clippy::cast_precision_loss,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use bulwark_proto::boot::TestMode;
+use bulwark_abi::boot::TestMode;
 use std::sync::Arc;
 
 use bulwark_vmm::confine::{Probe, confine_process};
@@ -78,7 +88,7 @@ struct Args {
     vsock_guest_connect: bool,
 
     /// The guest's vsock context ID (3 to 4294967294).
-    #[arg(long, default_value_t = bulwark_proto::vsock::DEFAULT_GUEST_CID)]
+    #[arg(long, default_value_t = bulwark_abi::vsock::DEFAULT_GUEST_CID)]
     cid: u64,
 
     /// The KVM device node.

@@ -1,6 +1,6 @@
 //! Guest RAM: one anonymous mapping at guest-physical 0, registered with KVM as slot 0.
 
-use bulwark_proto::layout;
+use bulwark_abi::layout;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -56,7 +56,14 @@ pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
 }
 
 /// Registers every region of `mem` with the VM, one KVM slot per region.
-pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
+///
+/// # Safety
+///
+/// From here on the guest reads and writes the host memory behind `mem` whenever a vCPU of
+/// `vm` runs. The caller must keep that mapping alive (some clone of `mem` holds it: vm-memory
+/// unmaps a region when its last clone drops) for as long as any vCPU of `vm` can run, and must
+/// not call this twice for the same VM (the slot numbers would be reused).
+pub unsafe fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
@@ -68,9 +75,10 @@ pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the host range [host, host + len) is a live mapping owned by `mem`, which the
-        // caller keeps alive for as long as the VM exists (the Vm struct owns both and drops the
-        // VM fd first); no two slots overlap because vm-memory's regions do not.
+        // SAFETY: [host, host + len) is the mapping of `region`, which the caller keeps alive
+        // while a vCPU of `vm` can run (this function's contract). The regions of one
+        // `GuestMemoryMmap` overlap neither in guest-physical nor in host addresses, and each
+        // gets its own slot number, so no slot replaces or overlaps another.
         unsafe { vm.set_user_memory_region(region_desc) }.map_err(MemoryError::Register)?;
     }
     Ok(())

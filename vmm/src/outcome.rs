@@ -3,8 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use bulwark_proto::boot::exception_name;
-use bulwark_proto::ports::exit_status;
+use bulwark_abi::exception;
+use bulwark_abi::ports::exit_status;
 
 /// Exit codes of `bulwark-vmm` (also listed in `--help`).
 pub mod code {
@@ -127,13 +127,13 @@ impl fmt::Display for VmExit {
                 write!(
                     f,
                     "guest crashed: CPU exception {vector} ({})",
-                    exception_name(*vector)
+                    exception::name(*vector)
                 )?;
                 match rip {
                     Some(rip) => write!(f, " at RIP {rip:#x}")?,
                     None => write!(f, " (the stub's stack frame was unreadable)")?,
                 }
-                if bulwark_proto::boot::exception_has_error_code(*vector) {
+                if exception::has_error_code(*vector) {
                     write!(f, ", error code {error_code:#x}")?;
                 }
                 if let Some(cr2) = cr2 {

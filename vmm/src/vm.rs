@@ -14,8 +14,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bulwark_proto::boot::TestMode;
-use bulwark_proto::{layout, ports};
+use bulwark_abi::boot::TestMode;
+use bulwark_abi::{layout, ports};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -55,7 +55,7 @@ pub struct VmConfig {
     pub guest: PathBuf,
     /// Guest RAM in MiB.
     pub mem_mib: u64,
-    /// A blob loaded at [`bulwark_proto::layout::PAYLOAD_START`] for the guest.
+    /// A blob loaded at [`bulwark_abi::layout::PAYLOAD_START`] for the guest.
     pub payload: Option<PathBuf>,
     /// Where the serial console goes.
     pub console: Console,
@@ -93,7 +93,7 @@ impl VmConfig {
             test_mode: TestMode::None,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             vsock_uds: None,
-            cid: bulwark_proto::vsock::DEFAULT_GUEST_CID,
+            cid: bulwark_abi::vsock::DEFAULT_GUEST_CID,
             remove_vsock_socket: true,
             cpu_probe: None,
             vsock_guest_connections: false,
@@ -297,7 +297,7 @@ impl Vm {
         let (mut info, payload) =
             boot::plan(mem_size, config.payload.as_deref(), config.test_mode, 0)?;
         let sink = SharedSink::new(console_sink(config)?);
-        if config.cid <= bulwark_proto::vsock::HOST_CID || config.cid >= u64::from(u32::MAX) {
+        if config.cid <= bulwark_abi::vsock::HOST_CID || config.cid >= u64::from(u32::MAX) {
             return Err(VmError::Config(format!(
                 "--cid {} is reserved: use 3 to 4294967294",
                 config.cid
@@ -318,9 +318,14 @@ impl Vm {
         };
 
         let kvm = open_kvm(&config.kvm_device)?;
-        let vm_fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+        // Guest memory before the VM: on an error below, locals drop in reverse order, so the
+        // VM's descriptor is closed before its memory is unmapped.
         let mem = memory::create(config.mem_mib)?;
-        memory::register(&vm_fd, &mem)?;
+        let vm_fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+        // SAFETY: registered once, for this new VM. Its only vCPU, created next, can run only
+        // through `Vcpu::run`, and the `Vcpu` it is moved into holds a clone of `mem` (its
+        // `mem` field), which keeps the mapping alive for as long as the vCPU exists.
+        unsafe { memory::register(&vm_fd, &mem) }?;
         let vcpu_fd = vm_fd.create_vcpu(0).map_err(kvm_error("KVM_CREATE_VCPU"))?;
 
         loader::load(&mem, &image)?;

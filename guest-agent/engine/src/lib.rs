@@ -74,15 +74,18 @@ pub fn compiler_config() -> wasmtime::Result<Config> {
 /// How a call that did not return from `_start` ended, decided the same way on both sides (the
 /// guest agent and `bulwark run --isolation wasm`): `exit` is the code when the error is the
 /// embedder's `proc_exit`; out of fuel is its own outcome; any other trap carries its message
-/// and Wasm backtrace; anything else (a link or instantiation error) is an error.
-pub fn outcome_of(e: &wasmtime::Error, exit: Option<i32>) -> Outcome {
+/// and Wasm backtrace. Any other error is the embedder's: before `_start` was called
+/// (`started` false: a link or instantiation error, no `_start`) the call is refused; after it,
+/// a host function failed, and that is the agent's own failure.
+pub fn outcome_of(e: &wasmtime::Error, exit: Option<i32>, started: bool) -> Outcome {
     if let Some(code) = exit {
         return Outcome::Exited(code);
     }
     match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::OutOfFuel) => Outcome::OutOfFuel,
         Some(_) => Outcome::Trap(format!("{e:?}")),
-        None => Outcome::Error(e.to_string()),
+        None if started => Outcome::AgentFailed(e.to_string()),
+        None => Outcome::Refused(e.to_string()),
     }
 }
 

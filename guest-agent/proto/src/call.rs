@@ -12,8 +12,13 @@ use crate::tree::{Entry, SharedDir};
 
 /// Guest port the agent listens on.
 pub const AGENT_PORT: u32 = 52;
-/// Version of this protocol; a request of another version is answered with an error.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of this protocol; a request of another version is refused
+/// ([`Outcome::Refused`]). Version 3: [`Outcome::Refused`] and [`Outcome::AgentFailed`] replace
+/// the one `Error` outcome.
+pub const PROTOCOL_VERSION: u32 = 3;
+/// Most shared directories one call may carry ([`Request::dirs`]): the agent refuses a request
+/// with more, and the host refuses such a call before it starts a VM.
+pub const MAX_SHARED_DIRS: usize = 64;
 
 /// The module to run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +79,7 @@ pub struct Request {
     pub env: Vec<(String, String)>,
     /// All of standard input.
     pub stdin: Vec<u8>,
-    /// Directories to preopen for the tool, with their contents.
+    /// Directories to preopen for the tool, with their contents; at most [`MAX_SHARED_DIRS`].
     pub dirs: Vec<SharedDir>,
     /// Limits.
     pub limits: Limits,
@@ -93,8 +98,14 @@ pub enum Outcome {
     Trap(String),
     /// Fuel ran out.
     OutOfFuel,
-    /// The call could not run: bad artifact, unknown import, protocol error.
-    Error(String),
+    /// The agent refused the call, and none of the tool ran: the request is malformed, of
+    /// another protocol version or over one of the agent's limits, or the module cannot be
+    /// loaded, linked or instantiated (an artifact the VM cannot load, an unknown import, no
+    /// `_start`, memories or tables over the store's caps). `bulwark run` exits 126.
+    Refused(String),
+    /// The agent itself failed while serving the call (it could not set up the store, collect
+    /// the shared directories or encode its answer). `bulwark run` exits 125.
+    AgentFailed(String),
 }
 
 /// Time the agent spent on each step, in microseconds.

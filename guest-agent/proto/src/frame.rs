@@ -1,6 +1,9 @@
 //! Framing of the tool-call protocol on a vsock stream: a little-endian u32 length, then that
 //! many bytes of postcard-encoded message. The length is checked against a cap before anything
 //! is allocated for the body.
+//!
+//! [`encode`] makes a frame; [`read`] reads one from a [`Source`] and decodes it: the one reader
+//! both the guest agent (requests) and the host side (answers) use.
 
 use alloc::vec::Vec;
 
@@ -64,10 +67,81 @@ pub fn decode<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameE
     postcard::from_bytes(body).map_err(|_| FrameError::Malformed)
 }
 
+/// Where a frame is read from: a stream that can fill a buffer completely. With feature `std`
+/// every `std::io::Read` is one.
+pub trait Source {
+    /// Why a read failed.
+    type Error;
+
+    /// Fills all of `buf`, waiting as needed; a stream that ends first is an error.
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), Self::Error>;
+}
+
+#[cfg(feature = "std")]
+impl<R: std::io::Read + ?Sized> Source for R {
+    type Error = std::io::Error;
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), std::io::Error> {
+        std::io::Read::read_exact(self, buf)
+    }
+}
+
+/// Why [`read`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadError<E> {
+    /// The stream failed or ended while the length prefix was read: nothing of this frame
+    /// arrived, or only part of its prefix.
+    Prefix(E),
+    /// The stream failed or ended inside the body.
+    Body(E),
+    /// The frame is over the cap, or does not decode.
+    Frame(FrameError),
+    /// No memory for a body of this many bytes (within the cap).
+    NoMemory(usize),
+}
+
+impl<E: core::fmt::Display> core::fmt::Display for ReadError<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Prefix(e) => write!(f, "reading a frame's length: {e}"),
+            Self::Body(e) => write!(f, "reading a frame's body: {e}"),
+            Self::Frame(e) => e.fmt(f),
+            Self::NoMemory(len) => write!(f, "no memory for a {len}-byte frame"),
+        }
+    }
+}
+
+/// Reads one frame of at most `max` body bytes from `src` and returns its body. The length is
+/// checked before the body is allocated, and an allocation that fails is an error, not an abort.
+pub fn read_body<S: Source + ?Sized>(
+    src: &mut S,
+    max: u32,
+) -> Result<Vec<u8>, ReadError<S::Error>> {
+    let mut prefix = [0u8; PREFIX];
+    src.read_exact(&mut prefix).map_err(ReadError::Prefix)?;
+    let len = body_len(prefix, max).map_err(ReadError::Frame)?;
+    let mut body = Vec::new();
+    body.try_reserve_exact(len)
+        .map_err(|_| ReadError::NoMemory(len))?;
+    body.resize(len, 0);
+    src.read_exact(&mut body).map_err(ReadError::Body)?;
+    Ok(body)
+}
+
+/// Reads one frame of at most `max` body bytes from `src` and decodes it as a `T`.
+pub fn read<T, S>(src: &mut S, max: u32) -> Result<T, ReadError<S::Error>>
+where
+    T: serde::de::DeserializeOwned,
+    S: Source + ?Sized,
+{
+    let body = read_body(src, max)?;
+    decode(&body).map_err(ReadError::Frame)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::call::{Artifact, Limits, Request};
+    use crate::call::{Artifact, Limits, Outcome, Request, Response};
 
     #[test]
     fn frames_round_trip_and_lengths_are_capped() {
@@ -101,5 +175,54 @@ mod tests {
             })
         );
         assert_eq!(decode::<Request>(&[0xff; 3]), Err(FrameError::Malformed));
+    }
+
+    /// A source over a byte slice that fails with `()` when it runs out.
+    struct Bytes<'a>(&'a [u8]);
+
+    impl Source for Bytes<'_> {
+        type Error = ();
+
+        fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ()> {
+            if buf.len() > self.0.len() {
+                self.0 = &[];
+                return Err(());
+            }
+            let (head, rest) = self.0.split_at(buf.len());
+            buf.copy_from_slice(head);
+            self.0 = rest;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn read_takes_one_frame_and_checks_it() {
+        let answer = Response::new(Outcome::Refused("over a limit".into()));
+        let mut stream = encode(&answer).unwrap();
+        stream.extend_from_slice(b"next");
+        let mut src = Bytes(&stream);
+        assert_eq!(
+            read::<Response, _>(&mut src, MAX_RESPONSE_FRAME),
+            Ok(answer)
+        );
+        assert_eq!(src.0, b"next", "only the frame is consumed");
+
+        assert_eq!(
+            read::<Response, _>(&mut Bytes(&[1, 0]), 10),
+            Err(ReadError::Prefix(()))
+        );
+        let over = 11u32.to_le_bytes();
+        assert_eq!(
+            read::<Response, _>(&mut Bytes(&over), 10),
+            Err(ReadError::Frame(FrameError::TooLarge { len: 11, max: 10 }))
+        );
+        assert_eq!(
+            read::<Response, _>(&mut Bytes(&[5, 0, 0, 0, 1]), 10),
+            Err(ReadError::Body(()))
+        );
+        assert_eq!(
+            read::<Response, _>(&mut Bytes(&[1, 0, 0, 0, 0xff]), 10),
+            Err(ReadError::Frame(FrameError::Malformed))
+        );
     }
 }

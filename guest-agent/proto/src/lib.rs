@@ -1,22 +1,29 @@
-//! The guest ABI of Bulwark: what the VMM and the freestanding guest agree on.
+//! The tool-call protocol of Bulwark: what the host CLI and the guest agent say to each other
+//! over vsock port [`call::AGENT_PORT`].
 //!
-//! Everything here is plain data (`no_std`): the guest-physical memory layout, the I/O ports, the
-//! boot-info block the VMM writes before the guest's first instruction, the vsock wire format,
-//! the directory trees shared with a call, and the tool-call protocol the host speaks with the guest agent over vsock.
+//! [`call`] holds the request and its answer, [`tree`] the directory trees that travel with them,
+//! and [`frame`] how one message is laid on the stream (and read back, with its size capped
+//! before anything is allocated). Everything here is `no_std` + `alloc`; feature `std` lets
+//! [`frame::read`] take any `std::io::Read`.
+//!
+//! The guest ABI the VMM and the guest share (memory layout, ports, boot info, the vsock wire
+//! format and the VMM socket's handshake) is `bulwark-abi`: the VMM never links this crate.
 
 #![no_std]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::cast_lossless,
+    clippy::cast_precision_loss,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
 
-pub mod boot;
 pub mod call;
 pub mod frame;
-pub mod layout;
-pub mod ports;
 pub mod tree;
-pub mod vsock;
-
-/// Version of the guest ABI described by this crate. The VMM writes it into boot info; a guest
-/// built against another version refuses to run. Version 2: the exception stubs have a page of
-/// their own (`layout::IMAGE_USER_START`).
-pub const ABI_VERSION: u32 = 2;

@@ -15,9 +15,13 @@ use core::cell::UnsafeCell;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use bulwark_proto::layout;
-use bulwark_proto::ports;
-use bulwark_proto::vsock::{
+use bulwark_abi::layout;
+use bulwark_abi::ports;
+use bulwark_abi::virtio::vsock::{
+    CONFIG_GUEST_CID, DEVICE_ID, EVENT_QUEUE, F_STREAM, QUEUE_COUNT, QUEUE_MAX_SIZE, RX_QUEUE,
+    TX_QUEUE,
+};
+use bulwark_abi::vsock::{
     HEADER_SIZE, HOST_CID, Header, MAX_PACKET_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op,
 };
 
@@ -48,12 +52,11 @@ fn area(a: &'static BufferArea) -> NonNull<u8> {
     unsafe { NonNull::new_unchecked(a.0.get().cast::<u8>()) }
 }
 
-const DEVICE_ID: u32 = 19;
-const F_STREAM: u64 = 1;
+/// Size of each of the driver's queues (the device offers up to `QUEUE_MAX_SIZE`).
 const QUEUE_SIZE: u16 = 64;
+const _: () = assert!(QUEUE_SIZE <= QUEUE_MAX_SIZE);
 const HEADER: usize = HEADER_SIZE;
 const BUF_SIZE: usize = HEADER + MAX_PACKET_DATA as usize;
-const TX: u32 = 1;
 /// Receive buffer per connection that the guest advertises (bytes it will hold unread).
 pub const BUF_ALLOC: u32 = 1 << 20;
 /// Most connections at once.
@@ -143,8 +146,11 @@ impl Vsock {
         }
         let rx_bufs = area(&RX_AREA);
         let tx_bufs = area(&TX_AREA);
-        transport.setup(DEVICE_ID, F_STREAM, &[&rx, &tx, &event])?;
-        let device_cid = transport.config_u64(0);
+        // The transport numbers the queues by their place in this list.
+        const _: () = assert!(RX_QUEUE == 0 && TX_QUEUE == 1 && EVENT_QUEUE == 2);
+        let queues: [&Queue; QUEUE_COUNT] = [&rx, &tx, &event];
+        transport.setup(DEVICE_ID, F_STREAM, &queues)?;
+        let device_cid = transport.config_u64(CONFIG_GUEST_CID);
         if device_cid != cid {
             return Err(SetupError::NotFound);
         }
@@ -345,7 +351,7 @@ impl Vsock {
         if self.tx_queued {
             self.tx.publish();
             self.tx_queued = false;
-            self.transport.notify(TX);
+            self.transport.notify(TX_QUEUE);
         }
         self.poll();
     }

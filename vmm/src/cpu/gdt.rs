@@ -6,7 +6,7 @@
 //! vector 0..=31 is a DPL0 interrupt gate to the guest's stub for that vector; an `int n` from
 //! CPL3 therefore raises #GP, which is reported like any other exception.
 
-use bulwark_proto::{layout, ports};
+use bulwark_abi::{layout, ports};
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -28,11 +28,11 @@ pub const TSS_SELECTOR: u16 = 0x30;
 /// TSS's two slots.
 const GDT_ENTRIES: usize = 8;
 /// Size of the 64-bit TSS proper; the I/O permission bitmap follows it.
-const TSS_SIZE: u64 = 0x68;
+const TSS_SIZE: u16 = 0x68;
 /// Bytes in the I/O permission bitmap: one bit per port, then a terminating all-ones byte.
-const IO_BITMAP_SIZE: u64 = 0x10000 / 8 + 1;
+const IO_BITMAP_SIZE: u16 = (1 << 13) + 1; // 65,536 ports / 8 bits, plus the 0xff byte
 /// Limit of the TSS segment: the TSS and its I/O permission bitmap.
-pub const TSS_LIMIT: u32 = (TSS_SIZE + IO_BITMAP_SIZE - 1) as u32;
+pub const TSS_LIMIT: u32 = TSS_SIZE as u32 + IO_BITMAP_SIZE as u32 - 1;
 /// Offset of RSP0 in the TSS.
 /// Offset of RSP0 (the stack for exceptions from CPL3) in the TSS.
 pub const TSS_RSP0: u64 = 4;
@@ -81,7 +81,7 @@ pub fn gdt_entries() -> [u64; GDT_ENTRIES] {
 /// clear. kvm_pvm ignores RFLAGS.IOPL for CPL3 code and always consults this bitmap, so it is
 /// what grants port access here; on hardware VMX/SVM it does the same because IOPL is 0.
 pub fn io_bitmap() -> Vec<u8> {
-    let mut bitmap = vec![0xff; IO_BITMAP_SIZE as usize];
+    let mut bitmap = vec![0xff; usize::from(IO_BITMAP_SIZE)];
     for (first, count) in ports::GUEST_PORTS {
         for port in first..first + count {
             bitmap[usize::from(port / 8)] &= !(1 << (port % 8));
@@ -124,16 +124,19 @@ pub fn write(mem: &GuestMemory) -> Result<(), CpuError> {
         layout::TSS + TSS_IST1,
         layout::DOUBLE_FAULT_STACK_TOP,
     )?;
-    mem.write_obj(TSS_SIZE as u16, GuestAddress(layout::TSS + TSS_IOMAP_BASE))
+    mem.write_obj(TSS_SIZE, GuestAddress(layout::TSS + TSS_IOMAP_BASE))
         .map_err(|source| CpuError::Write {
             what: "TSS",
             source,
         })?;
-    mem.write_slice(&io_bitmap(), GuestAddress(layout::TSS + TSS_SIZE))
-        .map_err(|source| CpuError::Write {
-            what: "TSS",
-            source,
-        })?;
+    mem.write_slice(
+        &io_bitmap(),
+        GuestAddress(layout::TSS + u64::from(TSS_SIZE)),
+    )
+    .map_err(|source| CpuError::Write {
+        what: "TSS",
+        source,
+    })?;
     for vector in 0..layout::EXCEPTION_VECTORS {
         let [low, high] = idt_gate(vector);
         put("IDT", layout::IDT + vector * 16, low)?;
@@ -142,10 +145,25 @@ pub fn write(mem: &GuestMemory) -> Result<(), CpuError> {
     Ok(())
 }
 
+/// The limit (size in bytes minus one) of a descriptor table of `bytes` bytes, as GDTR and
+/// IDTR hold it; a table outside 1 byte to 64 KiB does not compile.
+const fn table_limit(bytes: u64) -> u16 {
+    assert!(
+        bytes >= 1 && bytes <= 0x1_0000,
+        "a descriptor table is 1 byte to 64 KiB"
+    );
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "bytes - 1 is at most 0xffff, asserted above"
+    )]
+    let limit = (bytes - 1) as u16;
+    limit
+}
+
 /// GDTR limit.
-pub const GDT_LIMIT: u16 = (GDT_ENTRIES * 8 - 1) as u16;
+pub const GDT_LIMIT: u16 = table_limit(GDT_ENTRIES as u64 * 8);
 /// IDTR limit: exactly the 32 exception gates.
-pub const IDT_LIMIT: u16 = (layout::EXCEPTION_VECTORS * 16 - 1) as u16;
+pub const IDT_LIMIT: u16 = table_limit(layout::EXCEPTION_VECTORS * 16);
 
 /// The guest's code segment register: 64-bit, DPL3.
 pub fn user_code_segment() -> kvm_segment {

@@ -2,9 +2,9 @@
 //!
 //! One PML4 entry, one PDPT with [`layout::PD_COUNT`] entries, and that many page directories
 //! cover guest-physical 0..4 GiB. Each 2 MiB page gets the attributes of the region it is in (see
-//! [`bulwark_proto::layout`]).
+//! [`bulwark_abi::layout`]).
 
-use bulwark_proto::layout;
+use bulwark_abi::layout;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::CpuError;

@@ -2,7 +2,7 @@
 //! SMEP (no CPL0 instruction fetch from user pages) and SMAP (no CPL0 data access to user
 //! pages). Used with the guest's `ud2` test mode; the exception the VMM then reports tells.
 
-use bulwark_proto::{layout, ports};
+use bulwark_abi::{layout, ports};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::CpuError;

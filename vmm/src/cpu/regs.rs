@@ -1,6 +1,6 @@
 //! Special and general registers at entry: long mode with paging, SSE usable, CPL3.
 
-use bulwark_proto::layout;
+use bulwark_abi::layout;
 use kvm_bindings::kvm_segment;
 use kvm_ioctls::VcpuFd;
 
@@ -10,7 +10,7 @@ use super::{CpuError, gdt};
 /// (supervisor writes honour read-only pages), paging.
 pub const CR0: u64 = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31);
 /// CR4: PAE, OSFXSR and OSXMMEXCPT (SSE at CPL3). No OSXSAVE: AVX state is never enabled.
-/// SMEP and SMAP are added when the guest's CPUID has them ([`cr4`]).
+/// SMEP and SMAP are added when the guest's CPUID has them ([`with_smep_smap`]).
 pub const CR4: u64 = (1 << 5) | (1 << 9) | (1 << 10);
 /// CR4.SMEP: CPL0 never executes code from user pages.
 pub const CR4_SMEP: u64 = 1 << 20;

@@ -79,7 +79,7 @@ mod tests {
             self.0
         }
         fn read(&mut self, offset: u64, data: &mut [u8]) -> Result<DeviceRequest, BadAccess> {
-            data.fill(offset as u8);
+            data.fill(u8::try_from(offset).expect("test offsets fit a byte"));
             Ok(DeviceRequest::None)
         }
         fn write(&mut self, _offset: u64, _data: &[u8]) -> Result<DeviceRequest, BadAccess> {

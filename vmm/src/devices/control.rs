@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use std::io::Write;
 
-use bulwark_proto::ports;
+use bulwark_abi::ports;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::serial::SharedSink;

@@ -2,47 +2,17 @@
 //!
 //! Every register access comes from the guest and is checked: only 32-bit accesses at known
 //! offsets (byte access to the configuration space), queue setup only before the driver is
-//! ready, and a device that refuses its queues breaks the VM rather than the VMM.
+//! ready, and a device that refuses its queues breaks the VM rather than the VMM. The register
+//! map is the guest ABI's ([`bulwark_abi::virtio::mmio`]), shared with the guest's driver.
 
 use std::sync::{Arc, Mutex};
 
+use bulwark_abi::virtio::mmio::{MAGIC_VALUE, VENDOR_ID, VERSION, reg};
 use virtio_queue::{Queue, QueueT};
 
 use super::{DeviceFault, VIRTIO_F_VERSION_1, VirtioDevice, status};
 use crate::devices::{BadAccess, BusDevice, DeviceRequest};
 use crate::memory::GuestMemory;
-
-const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
-const VERSION: u32 = 2;
-const VENDOR_ID: u32 = 0x4c57_5542; // "BUWL"
-
-/// Register offsets.
-mod reg {
-    pub const MAGIC_VALUE: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    pub const CONFIG: u64 = 0x100;
-}
 
 /// A virtio device behind an MMIO register window.
 pub struct MmioTransport<D: VirtioDevice> {
@@ -154,7 +124,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             reg::DEVICE_ID => lock(&self.device).device_type(),
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => features as u32,
+                0 => (features & 0xffff_ffff) as u32,
                 1 => (features >> 32) as u32,
                 _ => 0,
             },

@@ -7,24 +7,8 @@ use virtio_queue::Queue;
 
 use crate::memory::GuestMemory;
 
-/// Device status bits (virtio 1.2, 2.1).
-pub mod status {
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u32 = 1;
-    /// The guest knows how to drive it.
-    pub const DRIVER: u32 = 2;
-    /// The driver is set up and ready to drive the device.
-    pub const DRIVER_OK: u32 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 8;
-    /// The device hit an error it cannot recover from.
-    pub const DEVICE_NEEDS_RESET: u32 = 64;
-    /// The guest gave up on the device.
-    pub const FAILED: u32 = 128;
-}
-
-/// VIRTIO_F_VERSION_1: the device is a modern (virtio 1.x) device.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+// The register map, status and feature bits are the guest ABI's, shared with the guest's driver.
+pub use bulwark_abi::virtio::{VIRTIO_F_VERSION_1, status};
 
 /// A guest error that breaks a device: the VM is stopped with this description.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -38,10 +38,17 @@ pub enum ConnError {
     #[error("the guest sent {sent} bytes with only {credit} bytes of credit")]
     CreditExceeded {
         /// Bytes in the packet.
-        sent: u32,
+        sent: usize,
         /// Credit left.
         credit: u32,
     },
+}
+
+/// `n` bytes as a step of a vsock byte counter (`fwd_cnt`, `rx_cnt`): the counters run
+/// modulo 2^32, so only the low 32 bits of `n` count.
+fn counter_step(n: usize) -> Wrapping<u32> {
+    let [b0, b1, b2, b3, ..] = n.to_le_bytes();
+    Wrapping(u32::from_le_bytes([b0, b1, b2, b3]))
 }
 
 /// One stream.
@@ -111,7 +118,8 @@ impl Connection {
 
     /// Credit the VMM has left for guest data.
     fn own_credit(&self) -> u32 {
-        BUF_ALLOC.saturating_sub(self.pending.len() as u32)
+        // More pending than a u32 holds leaves no credit at all.
+        BUF_ALLOC.saturating_sub(u32::try_from(self.pending.len()).unwrap_or(u32::MAX))
     }
 
     /// Whether host data can go to the guest now.
@@ -141,8 +149,8 @@ impl Connection {
         &mut self,
         data: &VolatileSlice<'_, B>,
     ) -> Result<(), ConnError> {
-        let len = data.len() as u32;
-        if len > self.own_credit() {
+        let len = data.len();
+        if !u32::try_from(len).is_ok_and(|len| len <= self.own_credit()) {
             return Err(ConnError::CreditExceeded {
                 sent: len,
                 credit: self.own_credit(),
@@ -157,7 +165,7 @@ impl Connection {
                 Err(_) => return Err(ConnError::HostGone),
             };
         }
-        self.fwd_cnt += Wrapping(written as u32);
+        self.fwd_cnt += counter_step(written);
         if written < data.len() {
             let rest = data.subslice(written, data.len() - written).map_err(|_| {
                 ConnError::CreditExceeded {
@@ -180,7 +188,7 @@ impl Connection {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.pending.drain(..n);
-                    self.fwd_cnt += Wrapping(n as u32);
+                    self.fwd_cnt += counter_step(n);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
@@ -201,9 +209,11 @@ impl Connection {
     /// Reads host data into `buf` (a guest RX buffer), at most the guest's credit. Returns the
     /// byte count; 0 means nothing to read now (and `host_readable` is cleared) or end of file
     /// (and `host_eof` is set).
-    pub fn read_from_host<B: BitmapSlice>(&mut self, buf: &VolatileSlice<'_, B>) -> usize {
-        let want = buf.len().min(self.peer_credit() as usize);
-        let Ok(mut window) = buf.subslice(0, want) else {
+    pub fn read_from_host<B: BitmapSlice>(&mut self, buf: &VolatileSlice<'_, B>) -> u32 {
+        let want = self
+            .peer_credit()
+            .min(u32::try_from(buf.len()).unwrap_or(u32::MAX));
+        let Ok(mut window) = buf.subslice(0, want as usize) else {
             return 0;
         };
         match self.stream.read_volatile(&mut window) {
@@ -212,7 +222,9 @@ impl Connection {
                 0
             }
             Ok(n) => {
-                self.rx_cnt += Wrapping(n as u32);
+                // A read fills at most the window: `want` bytes.
+                let n = u32::try_from(n).map_or(want, |n| n.min(want));
+                self.rx_cnt += Wrapping(n);
                 n
             }
             Err(e) if would_block(&e) => {

@@ -9,8 +9,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bulwark_proto::ports::wait_result;
-use bulwark_proto::vsock::MAX_PACKET_DATA;
+use bulwark_abi::ports::wait_result;
+use bulwark_abi::virtio::vsock::{DEVICE_ID, F_STREAM, QUEUE_COUNT, QUEUE_MAX_SIZE};
+use bulwark_abi::vsock::MAX_PACKET_DATA;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
 
@@ -19,14 +20,11 @@ use super::packet;
 use crate::devices::virtio::{DeviceFault, VirtioDevice};
 use crate::memory::GuestMemory;
 
-/// Virtio device ID of vsock.
-pub const DEVICE_ID: u32 = 19;
-/// Queue size of each of the three queues.
-pub const QUEUE_SIZE: u16 = 256;
-const RX: usize = 0;
-const TX: usize = 1;
-/// VIRTIO_VSOCK_F_STREAM.
-const F_STREAM: u64 = 1;
+const RX: usize = bulwark_abi::virtio::vsock::RX_QUEUE as usize;
+const TX: usize = bulwark_abi::virtio::vsock::TX_QUEUE as usize;
+/// [`PKT_HEADER_SIZE`] as descriptor and used-ring lengths count it.
+const HEADER_LEN: u32 = 44;
+const _: () = assert!(HEADER_LEN as usize == PKT_HEADER_SIZE);
 
 /// The vsock device.
 pub struct VsockDevice {
@@ -34,7 +32,7 @@ pub struct VsockDevice {
     muxer: Muxer,
     mem: Option<GuestMemory>,
     queues: Vec<Queue>,
-    queue_sizes: [u16; 3],
+    queue_sizes: [u16; QUEUE_COUNT],
 }
 
 impl VsockDevice {
@@ -45,7 +43,7 @@ impl VsockDevice {
             muxer: Muxer::new(uds_path, cid)?,
             mem: None,
             queues: Vec::new(),
-            queue_sizes: [QUEUE_SIZE; 3],
+            queue_sizes: [QUEUE_MAX_SIZE; QUEUE_COUNT],
         })
     }
 
@@ -125,7 +123,7 @@ impl VsockDevice {
             packet::write_header(&hdr, &mut pkt)
                 .map_err(|e| DeviceFault(format!("vsock RX header at {head}: {e}")))?;
             queue
-                .add_used(mem, head, PKT_HEADER_SIZE as u32 + hdr.len)
+                .add_used(mem, head, HEADER_LEN + hdr.len)
                 .map_err(|e| DeviceFault(format!("vsock RX used ring: {e}")))?;
             count += 1;
         }
@@ -187,6 +185,8 @@ impl VirtioDevice for VsockDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // The configuration space is the guest's CID alone (at `CONFIG_GUEST_CID`, 0).
+        const _: () = assert!(bulwark_abi::virtio::vsock::CONFIG_GUEST_CID == 0);
         let config = self.cid.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
             let at = offset
@@ -202,9 +202,9 @@ impl VirtioDevice for VsockDevice {
         queues: Vec<Queue>,
         _features: u64,
     ) -> Result<(), DeviceFault> {
-        if queues.len() != 3 {
+        if queues.len() != QUEUE_COUNT {
             return Err(DeviceFault(format!(
-                "vsock needs 3 queues, got {}",
+                "vsock needs {QUEUE_COUNT} queues, got {}",
                 queues.len()
             )));
         }
@@ -252,7 +252,7 @@ mod tests {
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
     const GUEST: u64 = 3;
-    const HOST: u64 = bulwark_proto::vsock::HOST_CID;
+    const HOST: u64 = bulwark_abi::vsock::HOST_CID;
 
     struct Rig {
         mem: GuestMemory,
@@ -325,19 +325,19 @@ mod tests {
                 .map(|(i, &(addr, len, flags))| {
                     let last = i == descs.len() - 1;
                     let flags = if last { flags } else { flags | F_NEXT };
-                    let next = (first + i as u16 + 1) % QSIZE;
+                    let next = (first + u16::try_from(i).unwrap() + 1) % QSIZE;
                     RawDescriptor::from(Descriptor::new(addr, len, flags, next))
                 })
                 .collect();
             self.publish(q, first, &raw);
-            self.next_desc[q] = (first + descs.len() as u16) % QSIZE;
+            self.next_desc[q] = (first + u16::try_from(descs.len()).unwrap()) % QSIZE;
         }
 
         /// Writes `raw` into queue `q`'s descriptor table from index `first` and puts `first`
         /// on the available ring.
         fn publish(&self, q: usize, first: u16, raw: &[RawDescriptor]) {
             for (i, d) in raw.iter().enumerate() {
-                let slot = u64::from((first + i as u16) % QSIZE);
+                let slot = u64::from((first + u16::try_from(i).unwrap()) % QSIZE);
                 self.mem
                     .write_obj(*d, GuestAddress(QBASE[q] + slot * 16))
                     .unwrap();
@@ -361,18 +361,21 @@ mod tests {
 
         /// The guest sends a packet: header and data in two descriptors.
         fn send(&mut self, hdr: Header, data: &[u8]) {
-            let h = self.alloc(PKT_HEADER_SIZE as u64);
+            let h = self.alloc(u64::from(HEADER_LEN));
             self.mem
                 .write_slice(&hdr.encode(), GuestAddress(h))
                 .unwrap();
             if data.is_empty() {
-                self.push(TX, &[(h, PKT_HEADER_SIZE as u32, 0)]);
+                self.push(TX, &[(h, HEADER_LEN, 0)]);
             } else {
                 let d = self.alloc(data.len() as u64);
                 self.mem.write_slice(data, GuestAddress(d)).unwrap();
                 self.push(
                     TX,
-                    &[(h, PKT_HEADER_SIZE as u32, 0), (d, data.len() as u32, 0)],
+                    &[
+                        (h, HEADER_LEN, 0),
+                        (d, u32::try_from(data.len()).unwrap(), 0),
+                    ],
                 );
             }
         }
@@ -554,10 +557,10 @@ mod tests {
     #[test]
     fn a_descriptor_outside_guest_ram_breaks_the_device() {
         let mut rig = Rig::new("oob");
-        rig.push(TX, &[(MEM_SIZE as u64 - 8, PKT_HEADER_SIZE as u32, 0)]);
+        rig.push(TX, &[(MEM_SIZE as u64 - 8, HEADER_LEN, 0)]);
         expect_fault(&mut rig, "header past the end of RAM");
         let mut rig = Rig::new("overflow");
-        rig.push(TX, &[(u64::MAX - 10, PKT_HEADER_SIZE as u32, 0)]);
+        rig.push(TX, &[(u64::MAX - 10, HEADER_LEN, 0)]);
         expect_fault(&mut rig, "address + length overflows");
     }
 
@@ -568,7 +571,7 @@ mod tests {
         rig.mem
             .write_slice(&guest_pkt(op::REQUEST, 1, 2, 0).encode(), GuestAddress(h))
             .unwrap();
-        rig.push(TX, &[(h, PKT_HEADER_SIZE as u32, F_WRITE)]);
+        rig.push(TX, &[(h, HEADER_LEN, F_WRITE)]);
         expect_fault(&mut rig, "write-only TX buffer");
 
         let mut rig = Rig::new("short");
@@ -577,7 +580,7 @@ mod tests {
             .write_slice(&guest_pkt(op::RW, 1, 2, 100).encode(), GuestAddress(h))
             .unwrap();
         let d = rig.alloc(16);
-        rig.push(TX, &[(h, PKT_HEADER_SIZE as u32, 0), (d, 10, 0)]);
+        rig.push(TX, &[(h, HEADER_LEN, 0), (d, 10, 0)]);
         expect_fault(&mut rig, "packet longer than its buffer");
 
         let mut rig = Rig::new("huge");
@@ -585,7 +588,7 @@ mod tests {
         rig.mem
             .write_slice(&guest_pkt(op::RW, 1, 2, u32::MAX).encode(), GuestAddress(h))
             .unwrap();
-        rig.push(TX, &[(h, PKT_HEADER_SIZE as u32, 0), (h, u32::MAX, 0)]);
+        rig.push(TX, &[(h, HEADER_LEN, 0), (h, u32::MAX, 0)]);
         expect_fault(&mut rig, "length beyond the maximum packet");
 
         let mut rig = Rig::new("tiny");
@@ -600,10 +603,7 @@ mod tests {
             .unwrap();
         // The header says data follows, but NEXT points past the descriptor table.
         let raw = [RawDescriptor::from(Descriptor::new(
-            h,
-            PKT_HEADER_SIZE as u32,
-            F_NEXT,
-            99,
+            h, HEADER_LEN, F_NEXT, 99,
         ))];
         rig.publish(TX, 0, &raw);
         expect_fault(&mut rig, "next index outside the table");
@@ -618,8 +618,8 @@ mod tests {
             .unwrap();
         // Two descriptors pointing at each other forever.
         let raw = [
-            RawDescriptor::from(Descriptor::new(h, PKT_HEADER_SIZE as u32, F_NEXT, 1)),
-            RawDescriptor::from(Descriptor::new(h, PKT_HEADER_SIZE as u32, F_NEXT, 0)),
+            RawDescriptor::from(Descriptor::new(h, HEADER_LEN, F_NEXT, 1)),
+            RawDescriptor::from(Descriptor::new(h, HEADER_LEN, F_NEXT, 0)),
         ];
         rig.publish(TX, 0, &raw);
         // The packet is parsed from its first two descriptors; the loop is never followed.

@@ -13,7 +13,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use bulwark_proto::vsock::HOST_CID;
+use bulwark_abi::vsock::HOST_CID;
+use bulwark_abi::vsock::handshake::{self, parse_connect};
 use vm_memory::VolatileSlice;
 use vm_memory::bitmap::BitmapSlice;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -25,8 +26,6 @@ use super::packet::{Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
 pub const MAX_CONNECTIONS: usize = 512;
 /// Most host clients that have connected but not yet sent their `CONNECT` line.
 pub const MAX_PENDING_CLIENTS: usize = 64;
-/// Longest `CONNECT <port>\n` line accepted.
-const MAX_CONNECT_LINE: usize = 32;
 /// First host-side port handed to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Most packets waiting for the guest's RX buffers. A guest that sends but never reads cannot
@@ -222,7 +221,7 @@ impl Muxer {
             op::RESPONSE => match self.conns.get_mut(&key) {
                 Some(conn) if conn.state == State::Connecting => {
                     conn.state = State::Established;
-                    let line = format!("OK {}\n", key.0);
+                    let line = handshake::ok_line(key.0);
                     // A fresh socket's buffer always takes these few bytes.
                     if conn.stream.write_all(line.as_bytes()).is_err() {
                         self.reset(key);
@@ -276,11 +275,11 @@ impl Muxer {
             return;
         };
         let fd = stream.as_raw_fd();
-        let event = EpollEvent::new(
-            EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-            fd as u64,
-        );
-        if self.epoll.ctl(ControlOperation::Add, fd, event).is_err() {
+        if self
+            .epoll
+            .ctl(ControlOperation::Add, fd, fd_event(fd))
+            .is_err()
+        {
             self.push_control(self.header(key, op::RST));
             return;
         }
@@ -356,7 +355,7 @@ impl Muxer {
             if n > 0 {
                 let requeue = conn.wants_rx();
                 let mut hdr = self.header(key, op::RW);
-                hdr.len = n as u32;
+                hdr.len = n;
                 if let Some(conn) = self.conns.get_mut(&key) {
                     conn.stamp(&mut hdr);
                 }
@@ -390,7 +389,12 @@ impl Muxer {
         for event in &events[..n] {
             match event.data() {
                 LISTENER => self.accept_clients(),
-                fd => self.fd_event(fd as RawFd),
+                // Every other token is a descriptor (see `fd_event`).
+                token => {
+                    if let Ok(fd) = RawFd::try_from(token) {
+                        self.fd_event(fd);
+                    }
+                }
             }
         }
         Ok(())
@@ -404,11 +408,11 @@ impl Muxer {
                 continue; // dropping the stream closes it: the client sees EOF
             }
             let fd = stream.as_raw_fd();
-            let event = EpollEvent::new(
-                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-                fd as u64,
-            );
-            if self.epoll.ctl(ControlOperation::Add, fd, event).is_ok() {
+            if self
+                .epoll
+                .ctl(ControlOperation::Add, fd, fd_event(fd))
+                .is_ok()
+            {
                 self.clients.insert(
                     fd,
                     PendingClient {
@@ -459,7 +463,7 @@ impl Muxer {
             match client.stream.read(&mut byte) {
                 Ok(0) => break Err(()),
                 Ok(_) if byte[0] == b'\n' => break Ok(Some(parse_connect(&client.line))),
-                Ok(_) if client.line.len() >= MAX_CONNECT_LINE => break Err(()),
+                Ok(_) if client.line.len() >= handshake::MAX_LINE => break Err(()),
                 Ok(_) => client.line.push(byte[0]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break Ok(None),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -497,6 +501,16 @@ impl Muxer {
     }
 }
 
+/// The epoll registration of an accepted or connected socket `fd`: edge-triggered reads and
+/// writes, with the descriptor as its token (open descriptors are never negative, so a token
+/// never meets [`LISTENER`]'s).
+fn fd_event(fd: RawFd) -> EpollEvent {
+    EpollEvent::new(
+        EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+        u64::from(fd.unsigned_abs()),
+    )
+}
+
 /// Connects a new non-blocking, close-on-exec stream socket to the Unix socket at `path`,
 /// without ever waiting.
 ///
@@ -515,9 +529,10 @@ fn connect_nonblocking(path: &OsStr) -> io::Result<UnixStream> {
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
+        .map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
     let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
     let len =
@@ -547,13 +562,6 @@ fn connect_nonblocking(path: &OsStr) -> io::Result<UnixStream> {
         return Err(io::Error::last_os_error());
     }
     Ok(UnixStream::from(fd))
-}
-
-/// Parses `CONNECT <port>` (the newline already stripped).
-fn parse_connect(line: &[u8]) -> Option<u32> {
-    let text = std::str::from_utf8(line).ok()?;
-    let port = text.trim_end_matches('\r').strip_prefix("CONNECT ")?;
-    port.trim().parse().ok()
 }
 
 /// Removes `path` if it is a Unix socket nobody listens on (one a confined VMM left behind);
@@ -712,22 +720,5 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
         let e = connect_nonblocking(OsStr::new("/nonexistent/bulwark.sock")).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound);
-    }
-
-    #[test]
-    fn connect_lines_are_parsed_strictly() {
-        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
-        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
-        assert_eq!(parse_connect(b"CONNECT 4294967295"), Some(u32::MAX));
-        for bad in [
-            &b"CONNECT"[..],
-            b"connect 52",
-            b"CONNECT -1",
-            b"CONNECT 4294967296",
-            b"CONNECT x",
-            b"\xff",
-        ] {
-            assert_eq!(parse_connect(bad), None, "{bad:?}");
-        }
     }
 }

@@ -1,8 +1,8 @@
-//! Vsock packet headers: the wire format is `bulwark_proto::vsock`, shared with the guest; this
+//! Vsock packet headers: the wire format is `bulwark_abi::vsock`, shared with the guest; this
 //! module moves it in and out of virtio-vsock's packets in guest memory.
 
-use bulwark_proto::vsock::HEADER_SIZE;
-pub use bulwark_proto::vsock::{Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
+use bulwark_abi::vsock::HEADER_SIZE;
+pub use bulwark_abi::vsock::{Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::bitmap::BitmapSlice;
 

@@ -11,7 +11,7 @@ pub const CONTROL_BASE: u16 = 0x600;
 /// `out` a 32-bit status here to end the VM; the VMM exits with it (see [`exit_status`]).
 pub const CONTROL_EXIT: u16 = CONTROL_BASE;
 /// The CPL0 exception stub `out`s the vector here (32-bit); the frame is on its stack (see
-/// [`ExceptionFrame`](crate::boot::ExceptionFrame)).
+/// [`ExceptionFrame`](crate::exception::ExceptionFrame)).
 pub const CONTROL_EXCEPTION: u16 = CONTROL_BASE + 4;
 /// `in` a 32-bit value here to wait: the VMM first serves the vsock device's queues, then blocks
 /// until it has something for the guest (a used RX buffer) or the VM is stopped. The value read

@@ -1,0 +1,40 @@
+//! The guest ABI of Bulwark: what the VMM and the freestanding guest agree on.
+//!
+//! Everything here is plain data (`no_std`, no allocation): the guest-physical memory layout
+//! ([`layout`], the one place for guest-physical addresses), the I/O ports and the values
+//! written to them ([`ports`]), the boot-info block the VMM writes before the guest's first
+//! instruction ([`boot`]), the frame the guest's exception stub reports ([`exception`]), the
+//! virtio-mmio register map and the vsock device's constants ([`virtio`]), and the vsock wire
+//! format with the VMM socket's `CONNECT <port>` handshake ([`vsock`]).
+//!
+//! The call protocol the host CLI speaks with the guest agent is not here: it is
+//! `bulwark-proto`, which the VMM never links.
+//!
+//! Feature `std` adds the client side of the handshake over `std::io`
+//! (`vsock::handshake::connect`).
+
+#![no_std]
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::cast_lossless,
+    clippy::cast_precision_loss,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod boot;
+pub mod exception;
+pub mod layout;
+pub mod ports;
+pub mod virtio;
+pub mod vsock;
+
+/// Version of the guest ABI described by this crate. The VMM writes it into boot info; a guest
+/// built against another version refuses to run. Version 2: the exception stubs have a page of
+/// their own (`layout::IMAGE_USER_START`).
+pub const ABI_VERSION: u32 = 2;
