@@ -7,9 +7,15 @@
 //! descriptor holds it, so a file unlinked while open can still be read, as on POSIX.
 //!
 //! Every path comes from an untrusted tool. Resolution starts at a directory the tool holds
-//! and never goes above it: `..` past it, or an absolute path, is [`Errno::Perm`]. There are
-//! no symbolic links. Total file bytes and the number of inodes are capped ([`Limits`]): going
-//! past either is [`Errno::NoSpc`], never an allocation failure of the guest.
+//! and never goes above it: `..` past it, or an absolute path, is [`Errno::Perm`]. Symbolic
+//! links are followed inside the same bounds (an absolute target, or one that climbs above the
+//! starting directory, is [`Errno::Perm`] too; more than [`MAX_SYMLINK_HOPS`] links in one
+//! lookup is [`Errno::Loop`]). Total file bytes and the number of inodes are capped
+//! ([`Limits`]): going past either is [`Errno::NoSpc`], never an allocation failure of the
+//! guest.
+//!
+//! A directory lists its entries in the order they were added (the order the host sent them,
+//! then creation order), as a real file system's `readdir` does, not sorted by name.
 
 #![no_std]
 
@@ -24,51 +30,60 @@ use bulwark_proto::tree::{self, Entry, Node};
 /// Inode number.
 pub type Ino = u64;
 
-/// WASI preview 1 error numbers this file system returns (`wasi_snapshot_preview1` values).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u16)]
+/// Why a file-system operation failed. The WASI layer (`bulwark-wasi`) maps each one to its
+/// WASI error number; the numbers are defined there only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Errno {
     /// Bad descriptor or inode.
-    BadF = 8,
+    #[error("bad inode")]
+    BadF,
     /// The name exists.
-    Exist = 20,
+    #[error("the name exists")]
+    Exist,
     /// The file would exceed the largest size.
-    FBig = 22,
+    #[error("file too large")]
+    FBig,
     /// Invalid argument (such as moving a directory into itself).
-    Inval = 28,
+    #[error("invalid argument")]
+    Inval,
     /// Is a directory.
-    IsDir = 31,
+    #[error("is a directory")]
+    IsDir,
+    /// Too many symbolic links in one lookup.
+    #[error("too many symbolic links")]
+    Loop,
     /// A name or path is too long.
-    NameTooLong = 37,
+    #[error("name too long")]
+    NameTooLong,
     /// No such file or directory.
-    NoEnt = 44,
+    #[error("no such file or directory")]
+    NoEnt,
     /// The byte or inode limit is reached.
-    NoSpc = 51,
+    #[error("no space left (shared-directory limits)")]
+    NoSpc,
     /// Not a directory.
-    NotDir = 54,
+    #[error("not a directory")]
+    NotDir,
     /// The directory is not empty.
-    NotEmpty = 55,
+    #[error("directory not empty")]
+    NotEmpty,
     /// Not supported.
-    NotSup = 58,
+    #[error("not supported")]
+    NotSup,
     /// Not permitted; also a path that leads outside the directory it is relative to (what
     /// wasmtime's WASI answers there too).
-    Perm = 63,
+    #[error("not permitted")]
+    Perm,
     /// The path is not UTF-8.
-    IlSeq = 25,
+    #[error("illegal byte sequence")]
+    IlSeq,
 }
 
-impl Errno {
-    /// The WASI error number.
-    pub fn code(self) -> u16 {
-        self as u16
-    }
-}
+/// Most symbolic links one lookup follows before it is [`Errno::Loop`] (Linux's limit).
+pub const MAX_SYMLINK_HOPS: usize = 40;
 
-impl From<Errno> for i32 {
-    fn from(e: Errno) -> Self {
-        i32::from(e.code())
-    }
-}
+/// The size a directory reports, as Linux file systems such as ext4 do for a small one.
+pub const DIR_SIZE: u64 = 4096;
 
 /// Result of file-system operations.
 pub type Result<T> = core::result::Result<T, Errno>;
@@ -78,7 +93,8 @@ pub type Result<T> = core::result::Result<T, Errno>;
 pub struct Limits {
     /// Most bytes of file data, all files together.
     pub max_bytes: u64,
-    /// Most inodes (files and directories, roots included).
+    /// Most inodes (files, directories and symbolic links, roots included). A link's target
+    /// is at most `tree::MAX_PATH` bytes, so this caps link targets too.
     pub max_inodes: usize,
 }
 
@@ -89,18 +105,21 @@ pub enum Kind {
     Dir,
     /// A regular file.
     File,
+    /// A symbolic link.
+    Symlink,
 }
 
-/// An inode's attributes.
+/// An inode's attributes, as Linux reports them: a directory's size is [`DIR_SIZE`] and its
+/// link count is 2 plus its subdirectories; a file's link count is its number of names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stat {
     /// Inode number.
     pub ino: Ino,
-    /// Directory or file.
+    /// Directory, file or symbolic link.
     pub kind: Kind,
-    /// Directory entries that name it.
+    /// Hard links: names of a file or link; 2 plus subdirectories for a directory.
     pub nlink: u64,
-    /// Bytes (files), or number of entries (directories).
+    /// Bytes (files), [`DIR_SIZE`] (directories), the target's length (symbolic links).
     pub size: u64,
     /// Last access, nanoseconds since the Unix epoch.
     pub atime_ns: u64,
@@ -111,7 +130,7 @@ pub struct Stat {
 /// One name in a directory listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirEntry {
-    /// The name (`.` and `..` included).
+    /// The name.
     pub name: String,
     /// Its inode.
     pub ino: Ino,
@@ -120,25 +139,78 @@ pub struct DirEntry {
 }
 
 /// Where a path leads: the directory holding its last component, and that component.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Resolved<'p> {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
     /// The directory the last component is in (or the directory named, when `name` is None).
     pub dir: Ino,
     /// The last component; None when the path ends in `.` or `..` (it names `dir` itself).
-    pub name: Option<&'p str>,
+    /// When symbolic links were followed it is the last component of the last target.
+    pub name: Option<String>,
     /// The path ended with `/`, so it must name a directory.
     pub trailing_slash: bool,
 }
 
+/// A directory's names, kept in the order they were added.
+struct Dir {
+    /// Name to (position, inode).
+    names: BTreeMap<String, (u64, Ino)>,
+    /// Position to name: the listing order.
+    order: BTreeMap<u64, String>,
+    /// Position the next name gets.
+    next: u64,
+    /// The directory holding this one (itself for a root).
+    parent: Ino,
+}
+
+impl Dir {
+    fn new(parent: Ino) -> Self {
+        Self {
+            names: BTreeMap::new(),
+            order: BTreeMap::new(),
+            next: 0,
+            parent,
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<Ino> {
+        self.names.get(name).map(|&(_, ino)| ino)
+    }
+
+    fn insert(&mut self, name: &str, ino: Ino) {
+        self.remove(name);
+        let at = self.next;
+        self.next += 1;
+        self.names.insert(name.to_string(), (at, ino));
+        self.order.insert(at, name.to_string());
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Ino> {
+        let (at, ino) = self.names.remove(name)?;
+        self.order.remove(&at);
+        Some(ino)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// Names and inodes in listing order.
+    fn iter(&self) -> impl DoubleEndedIterator<Item = (&String, Ino)> {
+        self.order
+            .values()
+            .filter_map(|name| self.names.get(name).map(|&(_, ino)| (name, ino)))
+    }
+}
+
 enum Data {
-    Dir {
-        entries: BTreeMap<String, Ino>,
-        parent: Ino,
-    },
+    Dir(Dir),
     File {
         bytes: Vec<u8>,
         /// (root, path) this file was loaded from, while its bytes are untouched.
         origin: Option<(usize, String)>,
+    },
+    Symlink {
+        target: String,
     },
 }
 
@@ -153,8 +225,9 @@ struct Inode {
 impl Inode {
     fn kind(&self) -> Kind {
         match self.data {
-            Data::Dir { .. } => Kind::Dir,
+            Data::Dir(_) => Kind::Dir,
             Data::File { .. } => Kind::File,
+            Data::Symlink { .. } => Kind::Symlink,
         }
     }
 }
@@ -165,6 +238,23 @@ fn check_name(name: &str) -> Result<()> {
         return Err(Errno::NameTooLong);
     }
     if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(Errno::Inval);
+    }
+    Ok(())
+}
+
+/// Checks a path argument: not empty, not too long, relative, no NUL.
+fn check_path_arg(path: &str) -> Result<()> {
+    if path.is_empty() {
+        return Err(Errno::NoEnt);
+    }
+    if path.len() > tree::MAX_PATH {
+        return Err(Errno::NameTooLong);
+    }
+    if path.starts_with('/') {
+        return Err(Errno::Perm);
+    }
+    if path.bytes().any(|b| b == 0) {
         return Err(Errno::Inval);
     }
     Ok(())
@@ -209,17 +299,17 @@ impl Fs {
         self.inodes.get_mut(&ino).ok_or(Errno::BadF)
     }
 
-    fn entries(&self, dir: Ino) -> Result<&BTreeMap<String, Ino>> {
+    fn dir(&self, dir: Ino) -> Result<&Dir> {
         match &self.node(dir)?.data {
-            Data::Dir { entries, .. } => Ok(entries),
-            Data::File { .. } => Err(Errno::NotDir),
+            Data::Dir(d) => Ok(d),
+            _ => Err(Errno::NotDir),
         }
     }
 
-    fn entries_mut(&mut self, dir: Ino) -> Result<&mut BTreeMap<String, Ino>> {
+    fn dir_mut(&mut self, dir: Ino) -> Result<&mut Dir> {
         match &mut self.node_mut(dir)?.data {
-            Data::Dir { entries, .. } => Ok(entries),
-            Data::File { .. } => Err(Errno::NotDir),
+            Data::Dir(d) => Ok(d),
+            _ => Err(Errno::NotDir),
         }
     }
 
@@ -263,13 +353,7 @@ impl Fs {
     /// index among the roots (0, 1, ...) identifies it in [`Fs::load`] and [`Fs::export`].
     pub fn add_root(&mut self, now_ns: u64) -> Result<Ino> {
         let ino = self.next_ino;
-        self.alloc(
-            Data::Dir {
-                entries: BTreeMap::new(),
-                parent: ino,
-            },
-            now_ns,
-        )?;
+        self.alloc(Data::Dir(Dir::new(ino)), now_ns)?;
         self.node_mut(ino)?.nlink = 1;
         self.roots.push(ino);
         Ok(ino)
@@ -289,30 +373,34 @@ impl Fs {
         self.collect(ino);
     }
 
+    /// [`Fs::resolve_with`] without following a symbolic link in the last component.
+    pub fn resolve(&self, base: Ino, path: &str) -> Result<Resolved> {
+        self.resolve_with(base, path, false)
+    }
+
     /// Splits `path` relative to the directory `base` into the directory holding its last
-    /// component and that component. Every directory on the way must exist. `..` may not go
-    /// above `base`; absolute paths are refused.
-    pub fn resolve<'p>(&self, base: Ino, path: &'p str) -> Result<Resolved<'p>> {
-        if path.is_empty() {
-            return Err(Errno::NoEnt);
-        }
-        if path.len() > tree::MAX_PATH {
-            return Err(Errno::NameTooLong);
-        }
-        if path.starts_with('/') {
-            return Err(Errno::Perm);
-        }
-        if path.bytes().any(|b| b == 0) {
-            return Err(Errno::Inval);
-        }
-        self.entries(base)?;
-        let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    /// component and that component. Every directory on the way must exist; symbolic links on
+    /// the way are followed, and the last component too when `follow` is set. `..` may not go
+    /// above `base`, and absolute paths or link targets are refused ([`Errno::Perm`]).
+    pub fn resolve_with(&self, base: Ino, path: &str, follow: bool) -> Result<Resolved> {
+        check_path_arg(path)?;
+        self.dir(base)?;
+        let trailing_slash = path.ends_with('/');
+        // Components still to walk, the next one last.
+        let mut pending: Vec<String> = path
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .rev()
+            .map(String::from)
+            .collect();
         let mut stack = alloc::vec![base];
         let mut name = None;
-        for (i, component) in components.iter().enumerate() {
-            let last = i + 1 == components.len();
+        let mut hops = 0usize;
+        while let Some(component) = pending.pop() {
+            let last = pending.is_empty();
             let top = *stack.last().ok_or(Errno::Perm)?;
-            match *component {
+            name = None;
+            match component.as_str() {
                 "." => {}
                 ".." => {
                     if stack.len() == 1 {
@@ -321,12 +409,37 @@ impl Fs {
                     stack.pop();
                 }
                 c if c.len() > tree::MAX_NAME => return Err(Errno::NameTooLong),
-                c if last => name = Some(c),
                 c => {
-                    let child = *self.entries(top)?.get(c).ok_or(Errno::NoEnt)?;
-                    match self.node(child)?.kind() {
-                        Kind::Dir => stack.push(child),
-                        Kind::File => return Err(Errno::NotDir),
+                    let Some(child) = self.dir(top)?.get(c) else {
+                        if last {
+                            name = Some(component);
+                            continue;
+                        }
+                        return Err(Errno::NoEnt);
+                    };
+                    match &self.node(child)?.data {
+                        Data::Symlink { target } if !last || follow => {
+                            hops += 1;
+                            if hops > MAX_SYMLINK_HOPS {
+                                return Err(Errno::Loop);
+                            }
+                            if target.starts_with('/') {
+                                return Err(Errno::Perm);
+                            }
+                            if target.is_empty() {
+                                return Err(Errno::NoEnt);
+                            }
+                            pending.extend(
+                                target
+                                    .split('/')
+                                    .filter(|c| !c.is_empty())
+                                    .rev()
+                                    .map(String::from),
+                            );
+                        }
+                        _ if last => name = Some(component),
+                        Data::Dir(_) => stack.push(child),
+                        _ => return Err(Errno::NotDir),
                     }
                 }
             }
@@ -334,19 +447,25 @@ impl Fs {
         Ok(Resolved {
             dir: *stack.last().ok_or(Errno::Perm)?,
             name,
-            trailing_slash: path.ends_with('/'),
+            trailing_slash,
         })
     }
 
     /// The inode named `name` in `dir`.
     pub fn child(&self, dir: Ino, name: &str) -> Result<Ino> {
-        self.entries(dir)?.get(name).copied().ok_or(Errno::NoEnt)
+        self.dir(dir)?.get(name).ok_or(Errno::NoEnt)
     }
 
-    /// The inode `path` (relative to `base`) names.
+    /// The inode `path` (relative to `base`) names, following symbolic links all the way.
     pub fn lookup(&self, base: Ino, path: &str) -> Result<Ino> {
-        let r = self.resolve(base, path)?;
-        let ino = match r.name {
+        self.lookup_with(base, path, true)
+    }
+
+    /// The inode `path` (relative to `base`) names; a symbolic link in the last component is
+    /// followed when `follow` is set or the path ends with `/` (as on Linux).
+    pub fn lookup_with(&self, base: Ino, path: &str, follow: bool) -> Result<Ino> {
+        let r = self.resolve_with(base, path, follow || path.ends_with('/'))?;
+        let ino = match &r.name {
             None => r.dir,
             Some(name) => self.child(r.dir, name)?,
         };
@@ -357,7 +476,7 @@ impl Fs {
     }
 
     fn link_into(&mut self, dir: Ino, name: &str, ino: Ino) -> Result<()> {
-        self.entries_mut(dir)?.insert(name.to_string(), ino);
+        self.dir_mut(dir)?.insert(name, ino);
         self.node_mut(ino)?.nlink += 1;
         self.node_mut(dir)?.mtime_ns = self.node(ino)?.mtime_ns;
         Ok(())
@@ -365,7 +484,7 @@ impl Fs {
 
     fn check_new_name(&self, dir: Ino, name: &str) -> Result<()> {
         check_name(name)?;
-        if self.entries(dir)?.contains_key(name) {
+        if self.dir(dir)?.get(name).is_some() {
             return Err(Errno::Exist);
         }
         Ok(())
@@ -388,10 +507,24 @@ impl Fs {
     /// Creates an empty directory `name` in `dir`.
     pub fn mkdir(&mut self, dir: Ino, name: &str, now_ns: u64) -> Result<Ino> {
         self.check_new_name(dir, name)?;
+        let ino = self.alloc(Data::Dir(Dir::new(dir)), now_ns)?;
+        self.link_into(dir, name, ino)?;
+        Ok(ino)
+    }
+
+    /// Creates a symbolic link `name` in `dir` that points at `target` (stored as given: it
+    /// is only checked when a lookup follows it).
+    pub fn symlink(&mut self, dir: Ino, name: &str, target: &str, now_ns: u64) -> Result<Ino> {
+        if target.len() > tree::MAX_PATH {
+            return Err(Errno::NameTooLong);
+        }
+        if target.bytes().any(|b| b == 0) {
+            return Err(Errno::Inval);
+        }
+        self.check_new_name(dir, name)?;
         let ino = self.alloc(
-            Data::Dir {
-                entries: BTreeMap::new(),
-                parent: dir,
+            Data::Symlink {
+                target: target.to_string(),
             },
             now_ns,
         )?;
@@ -399,7 +532,16 @@ impl Fs {
         Ok(ino)
     }
 
-    /// Adds another name for the file `ino` (a hard link). Directories cannot be linked.
+    /// The target of the symbolic link `ino`; [`Errno::Inval`] for anything else.
+    pub fn readlink(&self, ino: Ino) -> Result<&str> {
+        match &self.node(ino)?.data {
+            Data::Symlink { target } => Ok(target),
+            _ => Err(Errno::Inval),
+        }
+    }
+
+    /// Adds another name for the file or symbolic link `ino` (a hard link). Directories
+    /// cannot be linked.
     pub fn link(&mut self, ino: Ino, dir: Ino, name: &str) -> Result<()> {
         if self.node(ino)?.kind() == Kind::Dir {
             return Err(Errno::Perm);
@@ -409,7 +551,7 @@ impl Fs {
     }
 
     fn drop_entry(&mut self, dir: Ino, name: &str, now_ns: u64) -> Result<()> {
-        let ino = self.entries_mut(dir)?.remove(name).ok_or(Errno::NoEnt)?;
+        let ino = self.dir_mut(dir)?.remove(name).ok_or(Errno::NoEnt)?;
         self.node_mut(dir)?.mtime_ns = now_ns;
         let node = self.node_mut(ino)?;
         node.nlink = node.nlink.saturating_sub(1);
@@ -417,7 +559,7 @@ impl Fs {
         Ok(())
     }
 
-    /// Removes the file name `name` from `dir`.
+    /// Removes the file or symbolic link name `name` from `dir`.
     pub fn unlink(&mut self, dir: Ino, name: &str, now_ns: u64) -> Result<()> {
         let ino = self.child(dir, name)?;
         if self.node(ino)?.kind() == Kind::Dir {
@@ -429,7 +571,7 @@ impl Fs {
     /// Removes the empty directory `name` from `dir`.
     pub fn rmdir(&mut self, dir: Ino, name: &str, now_ns: u64) -> Result<()> {
         let ino = self.child(dir, name)?;
-        if !self.entries(ino)?.is_empty() {
+        if !self.dir(ino)?.is_empty() {
             return Err(Errno::NotEmpty);
         }
         self.drop_entry(dir, name, now_ns)
@@ -442,10 +584,7 @@ impl Fs {
             if dir == ancestor {
                 return Ok(true);
             }
-            let parent = match self.node(dir)?.data {
-                Data::Dir { parent, .. } => parent,
-                Data::File { .. } => return Err(Errno::NotDir),
-            };
+            let parent = self.dir(dir)?.parent;
             if parent == dir {
                 return Ok(false);
             }
@@ -455,7 +594,8 @@ impl Fs {
     }
 
     /// Moves `from_dir/from` to `to_dir/to`, replacing a file there, or an empty directory
-    /// when a directory moves, as POSIX `rename` does.
+    /// when a directory moves, as POSIX `rename` does. The moved name goes to the end of its
+    /// new directory's listing.
     pub fn rename(
         &mut self,
         from_dir: Ino,
@@ -467,7 +607,7 @@ impl Fs {
         check_name(to)?;
         let ino = self.child(from_dir, from)?;
         let kind = self.node(ino)?.kind();
-        self.entries(to_dir)?;
+        self.dir(to_dir)?;
         if kind == Kind::Dir && self.is_within(to_dir, ino)? {
             return Err(Errno::Inval);
         }
@@ -476,21 +616,21 @@ impl Fs {
                 return Ok(());
             }
             match (kind, self.node(existing)?.kind()) {
-                (Kind::File, Kind::Dir) => return Err(Errno::IsDir),
-                (Kind::Dir, Kind::File) => return Err(Errno::NotDir),
-                (Kind::Dir, Kind::Dir) if !self.entries(existing)?.is_empty() => {
+                (Kind::File | Kind::Symlink, Kind::Dir) => return Err(Errno::IsDir),
+                (Kind::Dir, Kind::File | Kind::Symlink) => return Err(Errno::NotDir),
+                (Kind::Dir, Kind::Dir) if !self.dir(existing)?.is_empty() => {
                     return Err(Errno::NotEmpty);
                 }
                 _ => {}
             }
             self.drop_entry(to_dir, to, now_ns)?;
         }
-        self.entries_mut(from_dir)?.remove(from);
-        self.entries_mut(to_dir)?.insert(to.to_string(), ino);
+        self.dir_mut(from_dir)?.remove(from);
+        self.dir_mut(to_dir)?.insert(to, ino);
         self.node_mut(from_dir)?.mtime_ns = now_ns;
         self.node_mut(to_dir)?.mtime_ns = now_ns;
-        if let Data::Dir { parent, .. } = &mut self.node_mut(ino)?.data {
-            *parent = to_dir;
+        if let Data::Dir(d) = &mut self.node_mut(ino)?.data {
+            d.parent = to_dir;
         }
         Ok(())
     }
@@ -498,7 +638,8 @@ impl Fs {
     fn file(&self, ino: Ino) -> Result<&Vec<u8>> {
         match &self.node(ino)?.data {
             Data::File { bytes, .. } => Ok(bytes),
-            Data::Dir { .. } => Err(Errno::IsDir),
+            Data::Dir(_) => Err(Errno::IsDir),
+            Data::Symlink { .. } => Err(Errno::Inval),
         }
     }
 
@@ -549,7 +690,7 @@ impl Fs {
         self.bytes = total;
         match &mut self.node_mut(ino)?.data {
             Data::File { bytes, .. } => Ok(bytes),
-            Data::Dir { .. } => Err(Errno::IsDir),
+            _ => Err(Errno::IsDir),
         }
     }
 
@@ -588,37 +729,40 @@ impl Fs {
     /// The attributes of `ino`.
     pub fn stat(&self, ino: Ino) -> Result<Stat> {
         let node = self.node(ino)?;
-        let size = match &node.data {
-            Data::File { bytes, .. } => bytes.len() as u64,
-            Data::Dir { entries, .. } => entries.len() as u64,
+        let (size, nlink) = match &node.data {
+            Data::File { bytes, .. } => (bytes.len() as u64, node.nlink),
+            Data::Symlink { target } => (target.len() as u64, node.nlink),
+            Data::Dir(d) => {
+                let mut subdirs = 0u64;
+                for (_, child) in d.iter() {
+                    if self.node(child)?.kind() == Kind::Dir {
+                        subdirs += 1;
+                    }
+                }
+                (DIR_SIZE, 2 + subdirs)
+            }
         };
         Ok(Stat {
             ino,
             kind: node.kind(),
-            nlink: node.nlink,
+            nlink,
             size,
             atime_ns: node.atime_ns,
             mtime_ns: node.mtime_ns,
         })
     }
 
-    /// The directory `dir`'s entries: `.`, `..`, then the names in byte order.
+    /// The directory `dir`'s parent (itself for a root).
+    pub fn parent(&self, dir: Ino) -> Result<Ino> {
+        Ok(self.dir(dir)?.parent)
+    }
+
+    /// The directory `dir`'s entries in the order they were added (`.` and `..` are not
+    /// listed).
     pub fn list(&self, dir: Ino) -> Result<Vec<DirEntry>> {
-        let Data::Dir { entries, parent } = &self.node(dir)?.data else {
-            return Err(Errno::NotDir);
-        };
-        let mut out = Vec::with_capacity(entries.len() + 2);
-        out.push(DirEntry {
-            name: ".".into(),
-            ino: dir,
-            kind: Kind::Dir,
-        });
-        out.push(DirEntry {
-            name: "..".into(),
-            ino: *parent,
-            kind: Kind::Dir,
-        });
-        for (name, &ino) in entries {
+        let d = self.dir(dir)?;
+        let mut out = Vec::new();
+        for (name, ino) in d.iter() {
             out.push(DirEntry {
                 name: name.clone(),
                 ino,
@@ -629,16 +773,20 @@ impl Fs {
     }
 
     /// Fills the root with index `root` (from [`Fs::add_root`]) with a tree sent by the host.
-    /// Paths must be plain relative paths with parents listed first; files remember where they
-    /// came from so [`Fs::export`] sends unchanged ones back as [`Node::Unchanged`].
+    /// Paths must be plain relative paths with parents listed first; directories list their
+    /// entries in the order sent. Files remember where they came from so [`Fs::export`] sends
+    /// unchanged ones back as [`Node::Unchanged`].
     pub fn load(&mut self, root: usize, entries: Vec<Entry>, now_ns: u64) -> Result<()> {
         let root_ino = *self.roots.get(root).ok_or(Errno::BadF)?;
         for entry in entries {
             tree::check_path(&entry.path).map_err(|_| Errno::Inval)?;
             let (dir, name) = match entry.path.rsplit_once('/') {
-                Some((parent, name)) => (self.lookup(root_ino, parent)?, name),
+                Some((parent, name)) => (self.lookup_with(root_ino, parent, false)?, name),
                 None => (root_ino, entry.path.as_str()),
             };
+            if self.node(dir)?.kind() != Kind::Dir {
+                return Err(Errno::NotDir);
+            }
             match entry.node {
                 Node::Dir => {
                     self.mkdir(dir, name, now_ns)?;
@@ -655,7 +803,10 @@ impl Fs {
                         *origin = Some((root, entry.path));
                     }
                 }
-                Node::Symlink(_) | Node::Unchanged => return Err(Errno::Inval),
+                Node::Symlink(target) => {
+                    self.symlink(dir, name, &target, now_ns)?;
+                }
+                Node::Unchanged => return Err(Errno::Inval),
             }
         }
         Ok(())
@@ -663,26 +814,31 @@ impl Fs {
 
     /// Takes the tree under the root with index `root`, parents first, leaving its files
     /// empty (the call is over). A file whose bytes are still those loaded for the same path is
-    /// [`Node::Unchanged`]; other files carry their bytes.
+    /// [`Node::Unchanged`]; other files carry their bytes; symbolic links are
+    /// [`Node::Symlink`] with their target.
     pub fn export(&mut self, root: usize) -> Result<Vec<Entry>> {
         let root_ino = *self.roots.get(root).ok_or(Errno::BadF)?;
         let mut out = Vec::new();
         let mut pending: Vec<(String, Ino)> = Vec::new();
-        for (name, &ino) in self.entries(root_ino)?.iter().rev() {
+        for (name, ino) in self.dir(root_ino)?.iter().rev() {
             pending.push((name.clone(), ino));
         }
         while let Some((path, ino)) = pending.pop() {
             let node = self.node_mut(ino)?;
             let shared = node.nlink > 1;
             match &mut node.data {
-                Data::Dir { entries, .. } => {
-                    for (name, &child) in entries.iter().rev() {
+                Data::Dir(d) => {
+                    for (name, child) in d.iter().rev() {
                         pending.push((alloc::format!("{path}/{name}"), child));
                     }
                     out.push(Entry {
                         path,
                         node: Node::Dir,
                     });
+                }
+                Data::Symlink { target } => {
+                    let node = Node::Symlink(target.clone());
+                    out.push(Entry { path, node });
                 }
                 Data::File { bytes, origin } => {
                     let unchanged = matches!(origin, Some((r, p)) if *r == root && *p == path);

@@ -1,48 +1,20 @@
-//! WASI preview 1 for tools, implemented by the agent: arguments, environment, standard
-//! streams, clocks, random numbers, `proc_exit`, `poll_oneoff` on clocks, and files in the
-//! directories shared with the call (an in-memory file system, `bulwark_memfs`).
-//!
-//! Every pointer and length from the tool is checked against its linear memory ([`mem`]); a
-//! bad one is EFAULT for the tool, never a fault for the guest. Sockets are not supported.
-
-mod fd;
-mod mem;
-mod path;
+//! The wasmtime linker glue of WASI preview 1: each `wasi_snapshot_preview1` import gets the
+//! tool's memory and the call's context from the caller and runs the matching function of
+//! `bulwark_wasi` (which holds all the logic and is tested on the host). The guest adds what
+//! only it has: the TSC clock, the seeded random generator, the VMM's bounded wait, and
+//! `proc_exit` as a trap carrying the exit code.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
 use bulwark_engine::CallLimits;
-use bulwark_memfs::Fs;
 use bulwark_proto::tree::{Entry, SharedDir};
+use bulwark_wasi::{Errno, Host, Params, WasiCtx, to_code};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
-use wasmtime::{Caller, Extern, Linker, Memory};
+use wasmtime::{Caller, Extern, Linker};
 
 use crate::clock::{self, Clock};
-use fd::{Desc, Fd, Fds, rights};
-use mem::{slice, write_bytes, write_strings, write_u32, write_u64};
-
-/// WASI errno values used here.
-mod errno {
-    pub const SUCCESS: i32 = 0;
-    pub const BADF: i32 = 8;
-    pub const BUSY: i32 = 10;
-    pub const EXIST: i32 = 20;
-    pub const FAULT: i32 = 21;
-    pub const FBIG: i32 = 22;
-    pub const ILSEQ: i32 = 25;
-    pub const INVAL: i32 = 28;
-    pub const ISDIR: i32 = 31;
-    pub const MFILE: i32 = 33;
-    pub const NAMETOOLONG: i32 = 37;
-    pub const NOENT: i32 = 44;
-    pub const NOTDIR: i32 = 54;
-    pub const NOTSUP: i32 = 58;
-    pub const OVERFLOW: i32 = 61;
-    pub const SPIPE: i32 = 70;
-    pub const NOTCAPABLE: i32 = 76;
-}
 
 const MODULE: &str = "wasi_snapshot_preview1";
 
@@ -58,51 +30,40 @@ impl core::fmt::Display for Exit {
 
 impl core::error::Error for Exit {}
 
-/// Captured output with a cap.
-#[derive(Default)]
-pub struct Output {
-    /// Bytes kept.
-    pub bytes: Vec<u8>,
-    cap: usize,
-    /// Bytes were dropped at the cap.
-    pub truncated: bool,
-}
-
-impl Output {
-    fn new(cap: usize) -> Self {
-        Self {
-            bytes: Vec::new(),
-            cap,
-            truncated: false,
-        }
-    }
-
-    fn push(&mut self, data: &[u8]) {
-        let room = self.cap.saturating_sub(self.bytes.len());
-        if data.len() > room {
-            self.truncated = true;
-        }
-        self.bytes.extend_from_slice(&data[..data.len().min(room)]);
-    }
-}
-
-/// Everything one call's tool can see.
-pub struct Ctx {
-    args: Vec<String>,
-    env: Vec<String>,
-    stdin: Vec<u8>,
-    stdin_pos: usize,
-    fds: Fds,
-    fs: Fs,
-    shared_dirs: usize,
-    /// Standard output.
-    pub stdout: Output,
-    /// Standard error.
-    pub stderr: Output,
+/// Time, randomness and waiting inside the guest.
+pub struct GuestHost {
     rng: ChaCha20Rng,
     realtime_ns: u64,
     started_tsc: u64,
     clock: Clock,
+}
+
+impl Host for GuestHost {
+    fn monotonic_ns(&self) -> u64 {
+        self.clock
+            .micros(clock::now().wrapping_sub(self.started_tsc))
+            .saturating_mul(1000)
+    }
+
+    fn realtime_ns(&self) -> u64 {
+        self.realtime_ns.saturating_add(self.monotonic_ns())
+    }
+
+    fn random(&mut self, buf: &mut [u8]) {
+        self.rng.fill_bytes(buf);
+    }
+
+    fn wait_ns(&mut self, ns: u64) {
+        // Sleep in the VMM (a bounded wait), not in a spin: the vCPU thread blocks.
+        let us = ns.div_ceil(1000);
+        crate::control::wait_at_most(u32::try_from(us).unwrap_or(u32::MAX));
+    }
+}
+
+/// Everything one call's tool can see, and its store limits.
+pub struct Ctx {
+    /// The WASI state.
+    pub wasi: WasiCtx<GuestHost>,
     /// Memory and table limits for the store: one budget for all its memories.
     pub limits: CallLimits,
 }
@@ -135,204 +96,337 @@ impl Ctx {
     /// A fresh context. Fails when the shared directories do not fit the limits or their tree
     /// is malformed.
     pub fn new(p: CtxParams) -> Result<Self, String> {
-        let mut ctx = Self {
-            args: p.args,
-            env: p
-                .env
-                .into_iter()
-                .map(|(k, v)| alloc::format!("{k}={v}"))
-                .collect(),
-            stdin: p.stdin,
-            stdin_pos: 0,
-            fds: Fds::new(),
-            fs: Fs::new(p.fs_limits),
-            shared_dirs: p.dirs.len(),
-            stdout: Output::new(p.max_output),
-            stderr: Output::new(p.max_output),
+        let host = GuestHost {
             rng: ChaCha20Rng::from_seed(p.seed),
             realtime_ns: p.realtime_ns,
             started_tsc: clock::now(),
             clock: p.clock,
-            limits: p.limits,
         };
-        let now = ctx.now_ns();
-        for (i, dir) in p.dirs.into_iter().enumerate() {
-            let ino = ctx
-                .fs
-                .add_root(now)
-                .map_err(|e| alloc::format!("cannot make a root for {}: {e:?}", dir.guest_path))?;
-            ctx.fs.load(i, dir.entries, now).map_err(|e| {
-                alloc::format!(
-                    "cannot load the directory shared as {}: {e:?}",
-                    dir.guest_path
-                )
-            })?;
-            ctx.fs.open(ino).map_err(|e| alloc::format!("{e:?}"))?;
-            ctx.fds
-                .insert(Fd {
-                    desc: Desc::Dir {
-                        ino,
-                        preopen: Some(dir.guest_path),
-                    },
-                    base: rights::ALL,
-                    inheriting: rights::ALL,
-                })
-                .map_err(|e| alloc::format!("too many shared directories (errno {e})"))?;
-        }
-        Ok(ctx)
+        let params = Params {
+            args: p.args,
+            env: p.env,
+            stdin: p.stdin,
+            dirs: p.dirs,
+            fs_limits: p.fs_limits,
+            max_output: p.max_output,
+        };
+        let wasi = WasiCtx::new(params, host).map_err(|e| alloc::format!("{e}"))?;
+        Ok(Self {
+            wasi,
+            limits: p.limits,
+        })
     }
 
     /// What each shared directory holds now, in the order they were shared.
     pub fn take_dirs(&mut self) -> Result<Vec<Vec<Entry>>, String> {
-        (0..self.shared_dirs)
-            .map(|i| {
-                self.fs
-                    .export(i)
-                    .map_err(|e| alloc::format!("cannot export shared directory {i}: {e:?}"))
-            })
-            .collect()
-    }
-
-    fn elapsed_ns(&self) -> u64 {
-        self.clock
-            .micros(clock::now().wrapping_sub(self.started_tsc))
-            .saturating_mul(1000)
-    }
-
-    /// Wall-clock time now, nanoseconds since the Unix epoch.
-    fn now_ns(&self) -> u64 {
-        self.realtime_ns.saturating_add(self.elapsed_ns())
+        self.wasi
+            .take_dirs()
+            .map_err(|e| alloc::format!("cannot export the shared directories: {e}"))
     }
 }
 
-/// The tool's exported memory.
-fn memory(caller: &mut Caller<'_, Ctx>) -> Option<Memory> {
-    match caller.get_export("memory") {
-        Some(Extern::Memory(m)) => Some(m),
-        _ => None,
-    }
-}
-
-fn result(r: Result<(), i32>) -> i32 {
-    r.err().unwrap_or(errno::SUCCESS)
-}
-
-/// Runs `f` on the tool's memory and its context; EFAULT if the tool exports no memory.
-pub(crate) fn with_mem(
+/// Runs `f` on the tool's memory and the WASI context; EFAULT if the tool exports no memory.
+fn with_mem(
     caller: &mut Caller<'_, Ctx>,
-    f: impl FnOnce(&mut [u8], &mut Ctx) -> Result<(), i32>,
+    f: impl FnOnce(&mut [u8], &mut WasiCtx<GuestHost>) -> Result<(), Errno>,
 ) -> i32 {
-    let Some(mem) = memory(caller) else {
-        return errno::FAULT;
+    let Some(Extern::Memory(mem)) = caller.get_export("memory") else {
+        return Errno::Fault.into();
     };
     let (data, ctx) = mem.data_and_store_mut(caller);
-    result(f(data, ctx))
+    to_code(f(data, &mut ctx.wasi))
+}
+
+/// Runs `f` on the WASI context alone (functions that touch no memory).
+fn with_ctx(
+    caller: &mut Caller<'_, Ctx>,
+    f: impl FnOnce(&mut WasiCtx<GuestHost>) -> Result<(), Errno>,
+) -> i32 {
+    to_code(f(&mut caller.data_mut().wasi))
 }
 
 /// Adds the WASI preview 1 functions to `linker`.
 pub fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
-    linker.func_wrap(
-        MODULE,
-        "args_sizes_get",
-        |mut c: Caller<'_, Ctx>, argc: u32, size: u32| {
-            with_mem(&mut c, |d, ctx| {
-                let (n, bytes) = mem::sizes(&ctx.args);
-                write_u32(d, argc, n)?;
-                write_u32(d, size, bytes)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "args_get",
-        |mut c: Caller<'_, Ctx>, ptrs: u32, buf: u32| {
-            with_mem(&mut c, |d, ctx| write_strings(d, &ctx.args, ptrs, buf))
-        },
-    )?;
+    type C<'a> = Caller<'a, Ctx>;
+    linker.func_wrap(MODULE, "args_sizes_get", |mut c: C<'_>, a: u32, b: u32| {
+        with_mem(&mut c, |m, w| w.args_sizes_get(m, a, b))
+    })?;
+    linker.func_wrap(MODULE, "args_get", |mut c: C<'_>, a: u32, b: u32| {
+        with_mem(&mut c, |m, w| w.args_get(m, a, b))
+    })?;
     linker.func_wrap(
         MODULE,
         "environ_sizes_get",
-        |mut c: Caller<'_, Ctx>, count: u32, size: u32| {
-            with_mem(&mut c, |d, ctx| {
-                let (n, bytes) = mem::sizes(&ctx.env);
-                write_u32(d, count, n)?;
-                write_u32(d, size, bytes)
-            })
-        },
+        |mut c: C<'_>, a: u32, b: u32| with_mem(&mut c, |m, w| w.environ_sizes_get(m, a, b)),
     )?;
-    linker.func_wrap(
-        MODULE,
-        "environ_get",
-        |mut c: Caller<'_, Ctx>, ptrs: u32, buf: u32| {
-            with_mem(&mut c, |d, ctx| write_strings(d, &ctx.env, ptrs, buf))
-        },
-    )?;
-    fd::add_to_linker(linker)?;
-    path::add_to_linker(linker)?;
+    linker.func_wrap(MODULE, "environ_get", |mut c: C<'_>, a: u32, b: u32| {
+        with_mem(&mut c, |m, w| w.environ_get(m, a, b))
+    })?;
     linker.func_wrap(
         MODULE,
         "clock_res_get",
-        |mut c: Caller<'_, Ctx>, id: u32, res: u32| {
-            with_mem(&mut c, |d, _| {
-                if id > 3 {
-                    return Err(errno::INVAL);
-                }
-                write_u64(d, res, 1000)
-            })
-        },
+        |mut c: C<'_>, id: u32, out: u32| with_mem(&mut c, |m, w| w.clock_res_get(m, id, out)),
     )?;
     linker.func_wrap(
         MODULE,
         "clock_time_get",
-        |mut c: Caller<'_, Ctx>, id: u32, _precision: u64, time: u32| {
-            with_mem(&mut c, |d, ctx| {
-                let now = match id {
-                    0 => ctx.realtime_ns.saturating_add(ctx.elapsed_ns()),
-                    1..=3 => ctx.elapsed_ns(),
-                    _ => return Err(errno::INVAL),
-                };
-                write_u64(d, time, now)
-            })
+        |mut c: C<'_>, id: u32, precision: u64, out: u32| {
+            with_mem(&mut c, |m, w| w.clock_time_get(m, id, precision, out))
         },
     )?;
-    linker.func_wrap(
-        MODULE,
-        "random_get",
-        |mut c: Caller<'_, Ctx>, buf: u32, len: u32| {
-            with_mem(&mut c, |d, ctx| {
-                let start = buf as usize;
-                let end = start.checked_add(len as usize).ok_or(errno::FAULT)?;
-                ctx.rng
-                    .fill_bytes(d.get_mut(start..end).ok_or(errno::FAULT)?);
-                Ok(())
-            })
-        },
-    )?;
-    linker.func_wrap(MODULE, "sched_yield", || errno::SUCCESS)?;
+    linker.func_wrap(MODULE, "random_get", |mut c: C<'_>, buf: u32, len: u32| {
+        with_mem(&mut c, |m, w| w.random_get(m, buf, len))
+    })?;
+    linker.func_wrap(MODULE, "sched_yield", || 0i32)?;
     linker.func_wrap(
         MODULE,
         "poll_oneoff",
-        |mut c: Caller<'_, Ctx>, subs: u32, events: u32, count: u32, nevents: u32| {
-            with_mem(&mut c, |d, ctx| {
-                poll_oneoff(d, ctx, subs, events, count, nevents)
+        |mut c: C<'_>, subs: u32, events: u32, count: u32, nevents: u32| {
+            with_mem(&mut c, |m, w| {
+                w.poll_oneoff(m, subs, events, count, nevents)
             })
         },
     )?;
     linker.func_wrap(MODULE, "proc_exit", |code: i32| -> wasmtime::Result<()> {
         Err(wasmtime::Error::new(Exit(code)))
     })?;
-    linker.func_wrap(MODULE, "proc_raise", |_sig: u32| errno::NOTSUP)?;
+    linker.func_wrap(MODULE, "proc_raise", |_sig: u32| i32::from(Errno::NotSup))?;
+    add_fd(linker)?;
+    add_path(linker)?;
     for name in ["sock_accept", "sock_recv", "sock_send", "sock_shutdown"] {
         linker.func_new(
             MODULE,
             name,
             sock_type(name, linker.engine()),
-            |_c, _params, results| {
-                results[0] = wasmtime::Val::I32(errno::NOTSUP);
+            |mut c, params, results| {
+                let fd = match params.first() {
+                    Some(wasmtime::Val::I32(fd)) => u32::from_ne_bytes(fd.to_ne_bytes()),
+                    _ => u32::MAX,
+                };
+                results[0] = wasmtime::Val::I32(with_ctx(&mut c, |w| w.sock(fd)));
                 Ok(())
             },
         )?;
     }
+    Ok(())
+}
+
+/// The `fd_*` functions.
+fn add_fd(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
+    type C<'a> = Caller<'a, Ctx>;
+    linker.func_wrap(
+        MODULE,
+        "fd_read",
+        |mut c: C<'_>, fd: u32, iovs: u32, n: u32, out: u32| {
+            with_mem(&mut c, |m, w| w.fd_read(m, fd, iovs, n, None, out))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_pread",
+        |mut c: C<'_>, fd: u32, iovs: u32, n: u32, at: u64, out: u32| {
+            with_mem(&mut c, |m, w| w.fd_read(m, fd, iovs, n, Some(at), out))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_write",
+        |mut c: C<'_>, fd: u32, iovs: u32, n: u32, out: u32| {
+            with_mem(&mut c, |m, w| w.fd_write(m, fd, iovs, n, None, out))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_pwrite",
+        |mut c: C<'_>, fd: u32, iovs: u32, n: u32, at: u64, out: u32| {
+            with_mem(&mut c, |m, w| w.fd_write(m, fd, iovs, n, Some(at), out))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_seek",
+        |mut c: C<'_>, fd: u32, offset: i64, whence: u32, out: u32| {
+            with_mem(&mut c, |m, w| w.fd_seek(m, fd, offset, whence, out))
+        },
+    )?;
+    linker.func_wrap(MODULE, "fd_tell", |mut c: C<'_>, fd: u32, out: u32| {
+        with_mem(&mut c, |m, w| w.fd_tell(m, fd, out))
+    })?;
+    linker.func_wrap(MODULE, "fd_close", |mut c: C<'_>, fd: u32| {
+        with_ctx(&mut c, |w| w.fd_close(fd))
+    })?;
+    linker.func_wrap(MODULE, "fd_renumber", |mut c: C<'_>, from: u32, to: u32| {
+        with_ctx(&mut c, |w| w.fd_renumber(from, to))
+    })?;
+    for name in ["fd_sync", "fd_datasync"] {
+        linker.func_wrap(MODULE, name, |mut c: C<'_>, fd: u32| {
+            with_ctx(&mut c, |w| w.fd_sync(fd))
+        })?;
+    }
+    linker.func_wrap(
+        MODULE,
+        "fd_advise",
+        |mut c: C<'_>, fd: u32, offset: u64, len: u64, advice: u32| {
+            with_ctx(&mut c, |w| w.fd_advise(fd, offset, len, advice))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_allocate",
+        |mut c: C<'_>, fd: u32, offset: u64, len: u64| {
+            with_ctx(&mut c, |w| w.fd_allocate(fd, offset, len))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_fdstat_get",
+        |mut c: C<'_>, fd: u32, out: u32| with_mem(&mut c, |m, w| w.fd_fdstat_get(m, fd, out)),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_fdstat_set_flags",
+        |mut c: C<'_>, fd: u32, flags: u32| with_ctx(&mut c, |w| w.fd_fdstat_set_flags(fd, flags)),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_fdstat_set_rights",
+        |mut c: C<'_>, fd: u32, base: u64, inheriting: u64| {
+            with_ctx(&mut c, |w| w.fd_fdstat_set_rights(fd, base, inheriting))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_filestat_get",
+        |mut c: C<'_>, fd: u32, out: u32| with_mem(&mut c, |m, w| w.fd_filestat_get(m, fd, out)),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_filestat_set_size",
+        |mut c: C<'_>, fd: u32, size: u64| with_ctx(&mut c, |w| w.fd_filestat_set_size(fd, size)),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_filestat_set_times",
+        |mut c: C<'_>, fd: u32, atim: u64, mtim: u64, flags: u32| {
+            with_ctx(&mut c, |w| w.fd_filestat_set_times(fd, atim, mtim, flags))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_readdir",
+        |mut c: C<'_>, fd: u32, buf: u32, len: u32, cookie: u64, out: u32| {
+            with_mem(&mut c, |m, w| w.fd_readdir(m, fd, buf, len, cookie, out))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_prestat_get",
+        |mut c: C<'_>, fd: u32, out: u32| with_mem(&mut c, |m, w| w.fd_prestat_get(m, fd, out)),
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "fd_prestat_dir_name",
+        |mut c: C<'_>, fd: u32, buf: u32, len: u32| {
+            with_mem(&mut c, |m, w| w.fd_prestat_dir_name(m, fd, buf, len))
+        },
+    )?;
+    Ok(())
+}
+
+/// The `path_*` functions.
+fn add_path(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
+    type C<'a> = Caller<'a, Ctx>;
+    linker.func_wrap(
+        MODULE,
+        "path_open",
+        |mut c: C<'_>,
+         dirfd: u32,
+         lookup: u32,
+         p: u32,
+         len: u32,
+         oflags: u32,
+         base: u64,
+         inheriting: u64,
+         fdflags: u32,
+         out: u32| {
+            with_mem(&mut c, |m, w| {
+                w.path_open(
+                    m, dirfd, lookup, p, len, oflags, base, inheriting, fdflags, out,
+                )
+            })
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_create_directory",
+        |mut c: C<'_>, dirfd: u32, p: u32, len: u32| {
+            with_mem(&mut c, |m, w| w.path_create_directory(m, dirfd, p, len))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_remove_directory",
+        |mut c: C<'_>, dirfd: u32, p: u32, len: u32| {
+            with_mem(&mut c, |m, w| w.path_remove_directory(m, dirfd, p, len))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_unlink_file",
+        |mut c: C<'_>, dirfd: u32, p: u32, len: u32| {
+            with_mem(&mut c, |m, w| w.path_unlink_file(m, dirfd, p, len))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_rename",
+        |mut c: C<'_>, fd1: u32, p1: u32, l1: u32, fd2: u32, p2: u32, l2: u32| {
+            with_mem(&mut c, |m, w| w.path_rename(m, fd1, p1, l1, fd2, p2, l2))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_link",
+        |mut c: C<'_>, fd1: u32, flags: u32, p1: u32, l1: u32, fd2: u32, p2: u32, l2: u32| {
+            with_mem(&mut c, |m, w| {
+                w.path_link(m, fd1, flags, p1, l1, fd2, p2, l2)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_filestat_get",
+        |mut c: C<'_>, dirfd: u32, flags: u32, p: u32, len: u32, out: u32| {
+            with_mem(&mut c, |m, w| {
+                w.path_filestat_get(m, dirfd, flags, p, len, out)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_filestat_set_times",
+        |mut c: C<'_>, dirfd: u32, flags: u32, p: u32, len: u32, atim: u64, mtim: u64, fst: u32| {
+            with_mem(&mut c, |m, w| {
+                w.path_filestat_set_times(m, dirfd, flags, p, len, atim, mtim, fst)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_symlink",
+        |mut c: C<'_>, p1: u32, l1: u32, dirfd: u32, p2: u32, l2: u32| {
+            with_mem(&mut c, |m, w| w.path_symlink(m, p1, l1, dirfd, p2, l2))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "path_readlink",
+        |mut c: C<'_>, dirfd: u32, p: u32, len: u32, buf: u32, buf_len: u32, used: u32| {
+            with_mem(&mut c, |m, w| {
+                w.path_readlink(m, dirfd, p, len, buf, buf_len, used)
+            })
+        },
+    )?;
     Ok(())
 }
 
@@ -346,68 +440,4 @@ fn sock_type(name: &str, engine: &wasmtime::Engine) -> wasmtime::FuncType {
         _ => &[I32, I32],
     };
     wasmtime::FuncType::new(engine, params.iter().cloned(), [I32])
-}
-
-/// `poll_oneoff`: clock subscriptions are waited for in the VMM's bounded wait, so a sleeping
-/// tool blocks its vCPU thread instead of spinning (the host's deadline bounds the call); fd
-/// subscriptions are ready at once (stdin is all there, files and stdout/stderr never block).
-fn poll_oneoff(
-    d: &mut [u8],
-    ctx: &mut Ctx,
-    subs: u32,
-    events: u32,
-    count: u32,
-    nevents: u32,
-) -> Result<(), i32> {
-    if count == 0 {
-        return Err(errno::INVAL);
-    }
-    let raw = slice(d, subs, count.checked_mul(48).ok_or(errno::FAULT)?)?.to_vec();
-    let word = |s: &[u8], i: usize| u64::from_le_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
-    let mut deadline: Option<u64> = None;
-    let mut ready = Vec::new();
-    for sub in raw.chunks_exact(48) {
-        let userdata = word(sub, 0);
-        match sub[8] {
-            0 => {
-                let timeout = word(sub, 24);
-                let absolute = u16::from_le_bytes([sub[40], sub[41]]) & 1 != 0;
-                let now = ctx.elapsed_ns();
-                let at = if absolute {
-                    timeout
-                } else {
-                    now.saturating_add(timeout)
-                };
-                deadline = Some(deadline.map_or(at, |d| d.min(at)));
-                ready.push((userdata, 0u8, at));
-            }
-            tag @ (1 | 2) => ready.push((userdata, tag, 0)),
-            _ => return Err(errno::INVAL),
-        }
-    }
-    let fd_ready = ready.iter().any(|r| r.1 != 0);
-    if let (Some(at), false) = (deadline, fd_ready) {
-        // Sleep in the VMM (a bounded wait), not in a spin: the vCPU thread blocks.
-        loop {
-            let now = ctx.elapsed_ns();
-            if now >= at {
-                break;
-            }
-            let us = (at - now).div_ceil(1000);
-            crate::control::wait_at_most(u32::try_from(us).unwrap_or(u32::MAX));
-        }
-    }
-    let now = ctx.elapsed_ns();
-    let mut n = 0u32;
-    for (userdata, tag, at) in ready {
-        if tag == 0 && at > now {
-            continue;
-        }
-        let mut ev = [0u8; 32];
-        ev[0..8].copy_from_slice(&userdata.to_le_bytes());
-        ev[10] = tag;
-        write_bytes(d, events.checked_add(n * 32).ok_or(errno::FAULT)?, &ev)?;
-        n += 1;
-    }
-    write_u32(d, nevents, n)
 }
