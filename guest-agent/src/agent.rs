@@ -48,7 +48,9 @@ impl Agent {
                 .get(&digest)
                 .cloned()
                 .map(|m| (m, 0))
-                .ok_or_else(|| Outcome::Error("the VM does not have that artifact cached".into())),
+                .ok_or_else(|| {
+                    Outcome::Refused("the VM does not have that artifact cached".into())
+                }),
             Artifact::Inline { digest, bytes } => {
                 let t = clock::now();
                 // SAFETY: the host compiled this artifact with bulwark_engine::compiler_config;
@@ -56,7 +58,7 @@ impl Agent {
                 // and refuses anything else. The host is trusted to hand over its own compiler's
                 // output (the tool's code itself is untrusted, but it runs as Wasm).
                 let module = unsafe { Module::deserialize(&self.engine, &bytes) }
-                    .map_err(|e| Outcome::Error(format!("cannot load the artifact: {e}")))?;
+                    .map_err(|e| Outcome::Refused(format!("cannot load the artifact: {e}")))?;
                 let load_us = self.clock.micros(clock::now().wrapping_sub(t));
                 if self.order.len() >= MAX_CACHED_MODULES {
                     let oldest = self.order.remove(0);
@@ -73,14 +75,14 @@ impl Agent {
     pub fn call(&mut self, req: Request) -> Response {
         let mut response = Response::new(Outcome::Exited(0));
         if req.dirs.len() > MAX_SHARED_DIRS {
-            response.outcome = Outcome::Error(format!(
+            response.outcome = Outcome::Refused(format!(
                 "{} shared directories, over the limit of {MAX_SHARED_DIRS}",
                 req.dirs.len()
             ));
             return response;
         }
         if req.version != PROTOCOL_VERSION {
-            response.outcome = Outcome::Error(format!(
+            response.outcome = Outcome::Refused(format!(
                 "protocol version {} is not {PROTOCOL_VERSION}",
                 req.version
             ));
@@ -95,6 +97,7 @@ impl Agent {
         };
         response.timings.load_us = load_us;
         let limits = bulwark_engine::store_limits(req.limits.max_memory);
+        crate::linear_memory::set_call_budget(req.limits.max_memory);
         let ctx = Ctx::new(CtxParams {
             args: req.args,
             env: req.env,
@@ -115,7 +118,7 @@ impl Agent {
         let ctx = match ctx {
             Ok(ctx) => ctx,
             Err(message) => {
-                response.outcome = Outcome::Error(message);
+                response.outcome = Outcome::Refused(message);
                 return response;
             }
         };
@@ -124,20 +127,22 @@ impl Agent {
         store.limiter(|ctx| &mut ctx.limits);
         let fuel = req.limits.fuel.unwrap_or(u64::MAX);
         if let Err(e) = store.set_fuel(fuel) {
-            response.outcome = Outcome::Error(format!("cannot set fuel: {e}"));
+            response.outcome = Outcome::AgentFailed(format!("cannot set fuel: {e}"));
             return response;
         }
         let instance = self.linker.instantiate(&mut store, &module);
         let t1 = clock::now();
         response.timings.instantiate_us = self.clock.micros(t1.wrapping_sub(t0));
+        let mut started = false;
         let result = instance.and_then(|instance| {
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            started = true;
             start.call(&mut store, ())
         });
         response.timings.run_us = self.clock.micros(clock::now().wrapping_sub(t1));
         response.outcome = match result {
             Ok(()) => Outcome::Exited(0),
-            Err(e) => outcome_of(&e),
+            Err(e) => outcome_of(&e, started),
         };
         if req.limits.fuel.is_some() {
             response.fuel_consumed = store.get_fuel().ok().map(|left| fuel - left);
@@ -145,16 +150,17 @@ impl Agent {
         let mut ctx = store.into_data();
         match ctx.take_dirs() {
             Ok(dirs) => response.dirs = dirs,
-            Err(message) => response.outcome = Outcome::Error(message),
+            Err(message) => response.outcome = Outcome::AgentFailed(message),
         }
-        response.output_truncated = ctx.stdout.truncated || ctx.stderr.truncated;
-        response.stdout = ctx.stdout.bytes;
-        response.stderr = ctx.stderr.bytes;
+        response.output_truncated = ctx.wasi.stdout.truncated || ctx.wasi.stderr.truncated;
+        response.stdout = core::mem::take(&mut ctx.wasi.stdout.bytes);
+        response.stderr = core::mem::take(&mut ctx.wasi.stderr.bytes);
         response
     }
 }
 
-/// Classifies a failed instantiation or run.
-fn outcome_of(e: &wasmtime::Error) -> Outcome {
-    bulwark_engine::outcome_of(e, e.downcast_ref::<Exit>().map(|Exit(code)| *code))
+/// Classifies a failed instantiation or run (`started`: `_start` was called).
+fn outcome_of(e: &wasmtime::Error, started: bool) -> Outcome {
+    let exit = e.downcast_ref::<Exit>().map(|Exit(code)| *code);
+    bulwark_engine::outcome_of(e, exit, started)
 }

@@ -16,15 +16,16 @@ mod console;
 mod control;
 mod exceptions;
 mod heap;
+mod linear_memory;
 mod runtime;
 mod server;
 mod services;
 mod virtio;
 mod wasi;
 
-use bulwark_proto::boot::{BootInfo, TestMode};
-use bulwark_proto::layout;
-use bulwark_proto::ports::exit_status;
+use bulwark_abi::boot::{BootInfo, TestMode};
+use bulwark_abi::layout;
+use bulwark_abi::ports::exit_status;
 
 core::arch::global_asm!(
     ".section .text._start, \"ax\"",
@@ -163,7 +164,7 @@ fn vsock_test(mode: TestMode, cid: u64) -> ! {
     };
     println!("vsock ready (cid {cid})");
     if mode == TestMode::VsockEcho {
-        services::echo_server(&mut vsock, bulwark_proto::vsock::ECHO_PORT);
+        services::echo_server(&mut vsock, bulwark_abi::vsock::ECHO_PORT);
     }
     match services::connect_test(&mut vsock) {
         Ok(()) => control::exit(exit_status::OK),

@@ -80,6 +80,8 @@ fn detect_feature(name: &str) -> Option<bool> {
 pub fn config() -> Config {
     let mut config = bulwark_engine::shared_config();
     config.with_custom_code_memory(Some(Arc::new(AlwaysExecutable)));
+    // Linear memories that grow in place (see linear_memory): wasmtime's own would copy.
+    config.with_host_memory(Arc::new(crate::linear_memory::GuestMemoryCreator));
     // SAFETY: x86_64-unknown-none is a soft-float target; float arguments only cross between
     // Rust and compiled Wasm through libcalls, and the host compiles with
     // `bulwark_engine::CPU_FLAGS` (SSE4.1 and up), under which Cranelift emits no float libcall.
