@@ -132,9 +132,12 @@ Exit codes:
   124    the --timeout ran out (it bounds the whole call, compilation included); the
          compiler or the VM was killed
   125    Bulwark failed or refused the call (bad --dir or limits, the VM could not start
-         or crashed, protocol error, a --dir write-back failed)
-  126    the module cannot run (not WebAssembly, compile error, unknown import, no _start,
-         memories or tables over --max-memory or the store's caps)
+         or crashed, a bad answer from the VM, the guest agent itself failed, a --dir
+         write-back failed)
+  126    the module cannot run, and none of it ran (not WebAssembly, compile error,
+         unknown import, no _start, memories or tables over --max-memory or the store's
+         caps, an artifact the VM cannot load); also a request the guest agent refuses
+         (over one of its limits, or a guest image of another protocol version)
   130    interrupted by Ctrl-C, SIGTERM or SIGHUP; the VM was killed
   134    the tool trapped or ran out of fuel (message on stderr)
 A tool may itself exit with 123-126, 130, 134 or 255; --json tells the cases apart.";
@@ -145,15 +148,17 @@ pub struct RunArgs {
     /// The module: binary WebAssembly or the text format.
     pub module: PathBuf,
 
-    /// Arguments for the tool (argv[1..]; argv[0] is the module's file name).
+    /// Arguments for the tool (`argv[1..]`; `argv[0]` is the module's file name).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 
     /// Share a host directory with the tool, seen by it as GUEST (repeatable; GUEST defaults to
     /// HOST). The tool works on a copy in the VM's memory; when it exits with code 0, its
-    /// changes (new, changed and removed files and directories) are written back, each file
-    /// atomically. On any other outcome the host directory is left untouched. Symbolic links,
-    /// sockets, FIFOs and devices in HOST are refused.
+    /// changes (new, changed and removed files, directories and symbolic links) are written
+    /// back, each file and link atomically. On any other outcome the host directory is left
+    /// untouched. A symbolic link is carried as a link, never followed, when its relative target
+    /// stays inside HOST; one that points outside HOST or at an absolute path is refused, going in
+    /// and coming back. Sockets, FIFOs and devices in HOST are refused.
     #[arg(long = "dir", value_name = "HOST::GUEST", value_parser = crate::dirs::parse_dir)]
     pub dirs: Vec<crate::dirs::DirSpec>,
 
@@ -185,9 +190,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_output: u64,
 
-    /// Guest RAM of the VM, in MiB (must hold the artifact and the tool's memory).
-    #[arg(long, value_name = "MIB", default_value_t = 512)]
-    pub mem_mib: u64,
+    /// Guest RAM of the VM, in MiB. By default it is sized from the call: --max-memory, the
+    /// compiled module, standard input and the --dir copies, plus what the guest itself needs,
+    /// so a tool can grow its memory to --max-memory as it can under --isolation wasm. RAM the
+    /// tool does not touch costs the host nothing. Give a size to cap the VM; a size too small
+    /// for the call is refused with the size it needs.
+    #[arg(long, value_name = "MIB")]
+    pub mem_mib: Option<u64>,
 
     /// Print one JSON object (outcome, stdout, stderr, timings in microseconds) instead of the
     /// tool's output.

@@ -214,6 +214,15 @@ pub fn read_tree(root: &HostDir, budget: &mut Budget) -> anyhow::Result<Vec<Entr
     Ok(out)
 }
 
+/// Reads a scratch copy that a tool worked on (`--isolation wasm`) into a tree, charging
+/// `budget`, without judging its links: the write-back checks them exactly as it checks the
+/// guest's answer, so the error names the path the tool knows, not the scratch copy's.
+pub fn read_scratch(root: &HostDir, budget: &mut Budget) -> anyhow::Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    walk(root, None, "", budget, &mut out)?;
+    Ok(out)
+}
+
 /// What the walk found at a name, before it is added to the tree.
 enum Child {
     /// A directory, read after the others.

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use bulwark_proto::call::{Artifact, Limits, Outcome, PROTOCOL_VERSION, Request, Response};
+use bulwark_proto::call::{
+    Artifact, Limits, MAX_SHARED_DIRS, Outcome, PROTOCOL_VERSION, Request, Response,
+};
 
 use crate::cli::{Isolation, RunArgs, Target};
 use crate::compile::{hex, read_module, sha256};
@@ -29,17 +31,25 @@ pub mod code {
     pub const REFUSED: u8 = 123;
 }
 
-/// Memory the guest needs besides the tool's linear memory (image, stack, heap bookkeeping,
-/// artifact), in MiB.
+/// Memory the guest needs besides the tool's linear memory and the artifact (image, stack,
+/// engine, heap bookkeeping), in MiB.
 const GUEST_OVERHEAD_MIB: u64 = 96;
+/// Copies of the compiled module the guest holds at once while it loads one: the request's
+/// frame, the decoded request and the loaded module.
+const ARTIFACT_COPIES: u64 = 3;
 
 /// Where the time went, in microseconds.
 #[derive(Default)]
 struct Timings {
-    compile_us: u128,
-    vm_start_us: u128,
-    call_us: u128,
-    total_us: u128,
+    compile_us: u64,
+    vm_start_us: u64,
+    call_us: u64,
+    total_us: u64,
+}
+
+/// `d` in whole microseconds; over 584,000 years reads as `u64::MAX`.
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// What happened, for printing.
@@ -95,12 +105,22 @@ pub fn run(args: &RunArgs) -> ExitCode {
     interrupt::install();
     let mut timings = Timings::default();
     let result = call(args, started, &mut timings);
-    timings.total_us = started.elapsed().as_micros();
+    timings.total_us = micros(started.elapsed());
     report(args, result, &timings)
 }
 
 fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     let failed = |code, e: anyhow::Error| Result::Failed(code, format!("{e:#}"));
+    // The agent refuses a call with more; so does the in-process run, so the two agree.
+    if args.dirs.len() > MAX_SHARED_DIRS {
+        return Result::Failed(
+            code::BULWARK,
+            format!(
+                "{} --dir directories, over the limit of {MAX_SHARED_DIRS} a call may share",
+                args.dirs.len()
+            ),
+        );
+    }
     // The shared directories' copy lives in guest RAM next to its copy in the request.
     let dirs_mib = if args.dirs.is_empty() {
         0
@@ -108,8 +128,9 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         2 * args.max_dir_size.div_ceil(1 << 20)
     };
     let need_mib = args.max_memory.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB + dirs_mib;
+    // What can be checked before compiling is checked first, so a bad size fails at once.
     if args.isolation == Isolation::Vm
-        && let Err(e) = check_mem_mib(args.mem_mib, need_mib, args.max_memory, dirs_mib > 0)
+        && let Err(e) = vm_mem_mib(args.mem_mib, need_mib, args.max_memory, dirs_mib > 0)
     {
         return Result::Failed(code::BULWARK, e);
     }
@@ -148,7 +169,7 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     // The call's deadline started with `bulwark run`: compiling counts against it.
     let deadline = started + args.timeout;
     let compiled = cache::artifact(&module, &args.module, &hex(&digest), target, deadline);
-    timings.compile_us = started.elapsed().as_micros();
+    timings.compile_us = micros(started.elapsed());
     let (artifact, _compiled) = match compiled {
         Ok(a) => a,
         // Ctrl-C reaches the compiler process too.
@@ -167,17 +188,20 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     if args.isolation == Isolation::Wasm {
         return call_in_process(args, &artifact, shared, &hosts, stdin, deadline, timings);
     }
-    // The guest holds standard input twice while it reads the request.
-    let need_mib = need_mib + 2 * (stdin.len() as u64).div_ceil(1 << 20);
-    if args.mem_mib < need_mib {
-        return Result::Failed(
-            code::BULWARK,
-            format!(
-                "--mem-mib {} cannot hold this call's standard input as well: use --mem-mib {need_mib} or more",
-                args.mem_mib
-            ),
-        );
-    }
+    // The guest holds standard input twice while it reads the request, and the artifact
+    // ARTIFACT_COPIES times while it loads it.
+    let need_mib = need_mib
+        + 2 * bytes_to_mib(stdin.len())
+        + ARTIFACT_COPIES * bytes_to_mib(artifact.len());
+    let mem_mib = match vm_mem_mib(args.mem_mib, need_mib, args.max_memory, dirs_mib > 0) {
+        Ok(mib) => mib,
+        Err(e) => {
+            return Result::Failed(
+                code::BULWARK,
+                format!("{e} (the compiled module and standard input count too)"),
+            );
+        }
+    };
     let request = Request {
         version: PROTOCOL_VERSION,
         artifact: Artifact::Inline {
@@ -192,20 +216,20 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         random_seed: seed(),
         realtime_ns: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
     };
     let vm_started = Instant::now();
-    let mut vm = match vm::Vm::start(args.mem_mib, deadline) {
+    let mut vm = match vm::Vm::start(mem_mib, deadline) {
         Ok(vm) => vm,
         Err(e) => return failed(code::BULWARK, e),
     };
-    timings.vm_start_us = vm_started.elapsed().as_micros();
+    timings.vm_start_us = micros(vm_started.elapsed());
     if interrupt::requested() {
         return Result::Interrupted;
     }
     let call_started = Instant::now();
     let outcome = vm.call(&request, deadline);
-    timings.call_us = call_started.elapsed().as_micros();
+    timings.call_us = micros(call_started.elapsed());
     drop(vm);
     if interrupt::requested() {
         return Result::Interrupted;
@@ -221,8 +245,26 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     }
 }
 
+/// Whole MiB that hold `bytes`.
+fn bytes_to_mib(bytes: usize) -> u64 {
+    u64::try_from(bytes).unwrap_or(u64::MAX).div_ceil(1 << 20)
+}
+
+/// The VM's RAM in MiB: `--mem-mib` when given (checked by [`check_mem_mib`]), else `need_mib`
+/// rounded up to whole 2 MiB pages (guest RAM the tool never touches costs the host nothing).
+fn vm_mem_mib(
+    mem_mib: Option<u64>,
+    need_mib: u64,
+    max_memory: u64,
+    dirs: bool,
+) -> std::result::Result<u64, String> {
+    let step_mib = bulwark_abi::layout::PAGE_SIZE >> 20;
+    let mib = mem_mib.unwrap_or_else(|| need_mib.next_multiple_of(step_mib));
+    check_mem_mib(mib, need_mib, max_memory, dirs).map(|()| mib)
+}
+
 /// Checks `--mem-mib` against the VMM's rules (whole 2 MiB pages, at most
-/// [`bulwark_proto::layout::MAX_RAM_SIZE`]) and against what the call needs (`need_mib`: its
+/// [`bulwark_abi::layout::MAX_RAM_SIZE`]) and against what the call needs (`need_mib`: its
 /// `--max-memory`, the --dir copies when `dirs`, and the guest), so a VM that would refuse to
 /// start, or could not hold the tool, is refused here with the allowed values.
 fn check_mem_mib(
@@ -231,9 +273,11 @@ fn check_mem_mib(
     max_memory: u64,
     dirs: bool,
 ) -> std::result::Result<(), String> {
-    use bulwark_proto::layout::{MAX_RAM_SIZE, PAGE_SIZE};
+    use bulwark_abi::layout::{MAX_RAM_SIZE, PAGE_SIZE};
     let max_mib = MAX_RAM_SIZE >> 20;
     let step_mib = PAGE_SIZE >> 20;
+    // The smallest size that holds the call and is a VM size.
+    let least_mib = need_mib.next_multiple_of(step_mib);
     let what = format!(
         "--max-memory {} MiB{} plus the guest",
         max_memory.div_ceil(1 << 20),
@@ -247,12 +291,12 @@ fn check_mem_mib(
     }
     if !mem_mib.is_multiple_of(step_mib) || mem_mib > max_mib {
         return Err(format!(
-            "--mem-mib {mem_mib} is not a VM size: use a multiple of {step_mib} from {need_mib} (what {what} need) to {max_mib}"
+            "--mem-mib {mem_mib} is not a VM size: use a multiple of {step_mib} from {least_mib} (what {what} need) to {max_mib}"
         ));
     }
     if mem_mib < need_mib {
         return Err(format!(
-            "--mem-mib {mem_mib} cannot hold {what}: use --mem-mib {need_mib} or more (a multiple of {step_mib}, at most {max_mib})"
+            "--mem-mib {mem_mib} cannot hold {what}: use --mem-mib {least_mib} or more (a multiple of {step_mib}, at most {max_mib})"
         ));
     }
     Ok(())
@@ -394,7 +438,7 @@ fn call_in_process(
         preopens,
         deadline,
     });
-    timings.call_us = call_started.elapsed().as_micros();
+    timings.call_us = micros(call_started.elapsed());
     if interrupt::requested() {
         return Result::Interrupted;
     }
@@ -407,7 +451,7 @@ fn call_in_process(
             let after: anyhow::Result<Vec<_>> = scratch
                 .dirs
                 .iter()
-                .map(|d| dirs::read_tree(&dirs::HostDir::open(d)?, &mut budget))
+                .map(|d| dirs::read_scratch(&dirs::HostDir::open(d)?, &mut budget))
                 .collect();
             match after {
                 Ok(after) => finish(response, hosts, &shared, after),
@@ -472,7 +516,8 @@ fn exit_code(result: &Result) -> u8 {
         Result::Done(r, _) => match &r.outcome {
             Outcome::Exited(code) => u8::try_from(*code).unwrap_or(OUT_OF_RANGE_EXIT),
             Outcome::Trap(_) | Outcome::OutOfFuel => code::TRAP,
-            Outcome::Error(_) => code::MODULE,
+            Outcome::Refused(_) => code::MODULE,
+            Outcome::AgentFailed(_) => code::BULWARK,
         },
         Result::TimedOut => code::TIMEOUT,
         Result::Interrupted => code::INTERRUPTED,
@@ -487,10 +532,10 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
             "exit_code": exit,
             "isolation": args.isolation.name(),
             "timings_us": {
-                "compile": t.compile_us as u64,
-                "vm_start": t.vm_start_us as u64,
-                "call": t.call_us as u64,
-                "total": t.total_us as u64,
+                "compile": t.compile_us,
+                "vm_start": t.vm_start_us,
+                "call": t.call_us,
+                "total": t.total_us,
             },
         });
         match &result {
@@ -516,7 +561,9 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
                     Outcome::Exited(code) => obj["exit"] = (*code).into(),
                     Outcome::Trap(msg) => obj["trap"] = msg.as_str().into(),
                     Outcome::OutOfFuel => obj["trap"] = "all fuel consumed".into(),
-                    Outcome::Error(msg) => obj["error"] = msg.as_str().into(),
+                    Outcome::Refused(msg) | Outcome::AgentFailed(msg) => {
+                        obj["error"] = msg.as_str().into()
+                    }
                 }
                 obj["stdout"] = String::from_utf8_lossy(&r.stdout).into();
                 obj["stderr"] = String::from_utf8_lossy(&r.stderr).into();
@@ -558,9 +605,13 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
                     "bulwark: the tool ran out of fuel (--fuel {})",
                     args.fuel.unwrap_or(0)
                 ),
-                Outcome::Error(msg) => {
+                Outcome::Refused(msg) => {
                     eprintln!("bulwark: cannot run {}: {msg}", args.module.display())
                 }
+                Outcome::AgentFailed(msg) => eprintln!(
+                    "bulwark: the guest agent failed while running {}: {msg}",
+                    args.module.display()
+                ),
             }
         }
         Result::TimedOut => eprintln!(
@@ -607,6 +658,23 @@ mod tests {
         }
         for code in [256, 512, 65536, i32::MAX, -1, -256, i32::MIN] {
             assert_eq!(exited(code), OUT_OF_RANGE_EXIT, "{code}");
+        }
+    }
+
+    #[test]
+    fn each_outcome_has_its_documented_exit_code() {
+        let of = |outcome| exit_code(&Result::Done(Response::new(outcome), Vec::new()));
+        assert_eq!(of(Outcome::Trap("unreachable".into())), 134);
+        assert_eq!(of(Outcome::OutOfFuel), 134);
+        assert_eq!(of(Outcome::Refused("unknown import".into())), 126);
+        assert_eq!(of(Outcome::AgentFailed("cannot set fuel".into())), 125);
+        assert_eq!(exit_code(&Result::TimedOut), 124);
+        assert_eq!(exit_code(&Result::Interrupted), 130);
+        for code in [124, 125, 126, 130, 134] {
+            assert!(
+                crate::cli::RUN_EXIT_CODES.contains(&format!("\n  {code}  ")),
+                "{code} is not documented"
+            );
         }
     }
 
