@@ -31,7 +31,10 @@ static RESERVED: AtomicUsize = AtomicUsize::new(0);
 /// Sets the linear-memory budget of the call about to run (its `--max-memory`). The store's
 /// limiter still decides every growth; this only sizes the reservations.
 pub fn set_call_budget(bytes: u64) {
-    BUDGET.store(usize::try_from(bytes).unwrap_or(usize::MAX), Ordering::Relaxed);
+    BUDGET.store(
+        usize::try_from(bytes).unwrap_or(usize::MAX),
+        Ordering::Relaxed,
+    );
 }
 
 /// Makes the guest's linear memories (see the module docs).
@@ -139,7 +142,11 @@ unsafe impl LinearMemory for GuestMemory {
         }
         if new_size > self.size {
             // SAFETY: `size < new_size <= capacity`: the range is inside the block.
-            unsafe { self.base.add(self.size).write_bytes(0, new_size - self.size) };
+            unsafe {
+                self.base
+                    .add(self.size)
+                    .write_bytes(0, new_size - self.size)
+            };
         }
         self.size = new_size;
         Ok(())

@@ -492,7 +492,10 @@ fn special_error(root: &HostDir, host_path: &Path) -> anyhow::Error {
     )
 }
 
-/// The names in the directory `dir` (without `.` and `..`), sorted by their bytes.
+/// The names in the directory `dir` (without `.` and `..`), in the order the kernel lists them:
+/// the guest lists a directory in the order its entries came, so a tool that walks a tree
+/// sees it in the same order in the VM as with `--isolation wasm` (where wasmtime-wasi reads a
+/// copy of it made in this order).
 fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "a malformed directory entry");
     sys::rewind(dir)?;
@@ -519,7 +522,6 @@ fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
             records = rest;
         }
     }
-    names.sort();
     Ok(names)
 }
 

@@ -190,9 +190,8 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     }
     // The guest holds standard input twice while it reads the request, and the artifact
     // ARTIFACT_COPIES times while it loads it.
-    let need_mib = need_mib
-        + 2 * bytes_to_mib(stdin.len())
-        + ARTIFACT_COPIES * bytes_to_mib(artifact.len());
+    let need_mib =
+        need_mib + 2 * bytes_to_mib(stdin.len()) + ARTIFACT_COPIES * bytes_to_mib(artifact.len());
     let mem_mib = match vm_mem_mib(args.mem_mib, need_mib, args.max_memory, dirs_mib > 0) {
         Ok(mib) => mib,
         Err(e) => {

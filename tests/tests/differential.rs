@@ -471,10 +471,16 @@ fn links_a_tool_makes_stay_in_its_copy() {
         // The symbolic link came back as a link, with its target as the tool wrote it.
         let c = dir.join("c.txt");
         assert!(
-            std::fs::symlink_metadata(&c).unwrap().file_type().is_symlink(),
+            std::fs::symlink_metadata(&c)
+                .unwrap()
+                .file_type()
+                .is_symlink(),
             "{isolation}"
         );
-        assert_eq!(std::fs::read_link(&c).unwrap(), std::path::Path::new("a.txt"));
+        assert_eq!(
+            std::fs::read_link(&c).unwrap(),
+            std::path::Path::new("a.txt")
+        );
         let (ma, mb) = (
             std::fs::symlink_metadata(&a).unwrap(),
             std::fs::symlink_metadata(&b).unwrap(),
@@ -494,7 +500,11 @@ fn links_a_tool_makes_stay_in_its_copy() {
         ]);
     }
     assert_eq!(answers[0], answers[1]);
-    assert_eq!(answers[0][0], 2, "only b.txt and c.txt were written: {:?}", answers[0]);
+    assert_eq!(
+        answers[0][0], 2,
+        "only b.txt and c.txt were written: {:?}",
+        answers[0]
+    );
 }
 
 /// A tool that grows its memory 1 MiB at a time until `memory.grow` fails and exits with the
@@ -530,12 +540,21 @@ fn a_tool_grows_its_memory_to_max_memory_in_the_vm_as_with_isolation_wasm() {
     // starts at its data's size, or one page, then grows until the next MiB would not fit).
     for (data_mib, max_memory, want) in [(0, "1GiB", 1023 / 16), (8, "768MiB", 768 / 16)] {
         let hog = memory_hog(data_mib);
-        let args = ["--max-memory", max_memory, "--timeout", "60s", hog.to_str().unwrap()];
+        let args = [
+            "--max-memory",
+            max_memory,
+            "--timeout",
+            "60s",
+            hog.to_str().unwrap(),
+        ];
         let Some(results) = both_ways(&args, b"") else {
             return;
         };
         for r in &results {
-            assert_eq!(r["exit"], want, "{max_memory} with {data_mib} MiB of data: {r}");
+            assert_eq!(
+                r["exit"], want,
+                "{max_memory} with {data_mib} MiB of data: {r}"
+            );
         }
         let _ = std::fs::remove_dir_all(hog.parent().unwrap());
     }

@@ -2,6 +2,9 @@
 //! tool's changes written back after success and only then, refused directories, the size cap,
 //! and the same results under `--isolation wasm`.
 
+// The helpers below fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -578,4 +581,103 @@ fn symbolic_links_that_lead_out_are_refused_going_in_and_coming_back() {
         expected.insert("after.txt".into(), "file: after".into());
         assert_eq!(tree_of(&d), expected, "{isolation}");
     }
+}
+
+#[test]
+fn more_dirs_than_a_call_may_share_are_refused_before_anything_starts() {
+    let base = scratch_dir("dir-count");
+    let mut specs = Vec::new();
+    for i in 0..=bulwark_proto::call::MAX_SHARED_DIRS {
+        let d = base.join(format!("d{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        specs.push(format!("{}::/d{i}", d.display()));
+    }
+    // The module does not exist: only a refusal that comes before reading it (and so before
+    // any compile or VM) names the directories instead.
+    let module = base.join("never-read.wasm").display().to_string();
+    let with_dirs = |specs: &[String], isolation: &str| {
+        let mut args = vec!["--isolation", isolation];
+        for spec in specs {
+            args.extend(["--dir", spec.as_str()]);
+        }
+        args.push(&module);
+        run(&args)
+    };
+    for isolation in ["vm", "wasm"] {
+        let out = with_dirs(&specs, isolation);
+        assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("65 --dir directories, over the limit of 64"),
+            "{}",
+            stderr(&out)
+        );
+        // One fewer passes that check and meets the missing module.
+        let out = with_dirs(&specs[1..], isolation);
+        assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+        assert!(stderr(&out).contains("never-read.wasm"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn a_tree_is_listed_in_the_hosts_order_both_ways() {
+    if !kvm_available() {
+        return;
+    }
+    // Enough names that the host's directory order is not their sorted order.
+    let root = scratch_dir("walk-order");
+    let names = [
+        "zeta",
+        "alpha",
+        "mid",
+        "10",
+        "9",
+        "Beta",
+        "_x",
+        "readme.md",
+        "Z",
+        "é",
+        "a b",
+    ];
+    std::fs::create_dir(root.join("sub")).unwrap();
+    for name in names {
+        std::fs::write(root.join(name), name).unwrap();
+        std::fs::write(root.join("sub").join(name), name).unwrap();
+    }
+    // What `readdir` on the host gives, depth first: the order the tool must see.
+    fn host_walk(dir: &Path, prefix: &str, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = format!("{prefix}{}", entry.file_name().to_str().unwrap());
+            if entry.file_type().unwrap().is_dir() {
+                out.push(format!("{name}/"));
+                host_walk(&entry.path(), &format!("{name}/"), out);
+            } else {
+                out.push(name);
+            }
+        }
+    }
+    let mut want = Vec::new();
+    host_walk(&root, "", &mut want);
+    let spec = format!("{}::/data", root.display());
+    for isolation in ["vm", "wasm"] {
+        let out = run(&[
+            "--isolation",
+            isolation,
+            "--dir",
+            &spec,
+            &fs_tool(),
+            "/data",
+            "walk",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{isolation}: {}", stderr(&out));
+        let got: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+        assert_eq!(got, want, "{isolation}: not the host's readdir order");
+    }
+    let mut sorted = want.clone();
+    sorted.sort();
+    assert_ne!(
+        want, sorted,
+        "the host listed the names sorted: the test shows nothing"
+    );
+    std::fs::remove_dir_all(root).unwrap();
 }

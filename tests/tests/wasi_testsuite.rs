@@ -47,13 +47,19 @@ fn suite() -> Option<PathBuf> {
 fn pinned_tests(suite: &Path) -> Vec<PathBuf> {
     let mut listed = BTreeSet::new();
     let mut tests = Vec::new();
-    for line in PINNED.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in PINNED
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let (digest, path) = line
             .split_once("  ")
             .unwrap_or_else(|| panic!("tests/wasi-testsuite.sha256: bad line `{line}`"));
         let file = suite.join(path);
         let bytes = std::fs::read(&file).unwrap_or_else(|e| {
-            panic!("the suite lacks {} ({e}): it must be the pinned one", file.display())
+            panic!(
+                "the suite lacks {} ({e}): it must be the pinned one",
+                file.display()
+            )
         });
         let actual = hex(&Sha256::digest(&bytes));
         assert_eq!(
@@ -69,7 +75,10 @@ fn pinned_tests(suite: &Path) -> Vec<PathBuf> {
     }
     // Every test the suite has must be listed: a new or renamed test changes the pin.
     for lang in std::fs::read_dir(suite.join("tests")).expect("the suite's tests/ folder") {
-        let dir = lang.expect("a folder of the suite").path().join("testsuite/wasm32-wasip1");
+        let dir = lang
+            .expect("a folder of the suite")
+            .path()
+            .join("testsuite/wasm32-wasip1");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };

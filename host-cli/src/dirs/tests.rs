@@ -48,8 +48,40 @@ fn open(root: &Path) -> HostDir {
 }
 
 /// Opens and reads `root`, as `bulwark run` does.
+/// Reads `root` as a `--dir` and returns its tree sorted by path, having checked that parents
+/// come before their children and each directory's entries in the kernel's order.
 fn read(root: &Path, budget: &mut Budget) -> anyhow::Result<Vec<Entry>> {
-    read_tree(&HostDir::open(root)?, budget)
+    let mut tree = read_tree(&HostDir::open(root)?, budget)?;
+    assert_host_order(root, &tree);
+    tree.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(tree)
+}
+
+/// Asserts that `tree` (read from `root`) lists parents before children, and the entries of each
+/// directory in the order `readdir` gives them, which is the order the tool will list them in.
+fn assert_host_order(root: &Path, tree: &[Entry]) {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut children: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for entry in tree {
+        let (parent, name) = entry.path.rsplit_once('/').unwrap_or(("", &entry.path));
+        assert!(
+            parent.is_empty() || seen.contains(parent),
+            "{} comes before its parent",
+            entry.path
+        );
+        seen.insert(entry.path.as_str());
+        children.entry(parent).or_default().push(name.to_owned());
+    }
+    for (dir, names) in children {
+        let listed: Vec<String> = std::fs::read_dir(root.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(
+            names, listed,
+            "the entries of `{dir}` are not in readdir order"
+        );
+    }
 }
 
 fn mkfifo(path: &Path) {
@@ -118,7 +150,7 @@ fn dir_arguments_parse() {
 }
 
 #[test]
-fn trees_are_read_sorted_with_parents_first() {
+fn trees_are_read_in_the_hosts_order_with_parents_first() {
     let root = scratch("read");
     std::fs::create_dir_all(root.join("b/c")).unwrap();
     std::fs::write(root.join("b/c/deep.txt"), b"deep").unwrap();
@@ -127,8 +159,11 @@ fn trees_are_read_sorted_with_parents_first() {
     let mut budget = big_budget();
     let host = open(&root);
     let tree = read_tree(&host, &mut budget).unwrap();
+    assert_host_order(&root, &tree);
+    let mut sorted = tree.clone();
+    sorted.sort_by(|a, b| a.path.cmp(&b.path));
     assert_eq!(
-        tree,
+        sorted,
         vec![
             file("a.txt", b"a"),
             dir("b"),
@@ -709,7 +744,11 @@ fn materialized_trees_read_back_identically() {
     let root = scratch("materialize");
     let tree = vec![dir("a"), file("a/b", b"bytes"), file("c", b"")];
     materialize(&root, &tree).unwrap();
-    assert_eq!(read(&root, &mut big_budget()).unwrap(), tree);
+    assert_eq!(
+        read(&root, &mut big_budget()).unwrap(),
+        tree,
+        "tree is sorted by path"
+    );
     assert!(materialize(&root, &[file("../x", b"")]).is_err());
     std::fs::remove_dir_all(root).unwrap();
 }

@@ -147,11 +147,26 @@ fn links(d: &Path) {
     show("list sub", listing(&d.join("sub")));
 }
 
+fn walk(d: &Path, prefix: &str) {
+    let entries = match fs::read_dir(d) {
+        Ok(entries) => entries,
+        Err(e) => return println!("{prefix}: error {:?}", e.kind()),
+    };
+    for entry in entries.flatten() {
+        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        println!("{name}{}", if is_dir { "/" } else { "" });
+        if is_dir {
+            walk(&entry.path(), &format!("{name}/"));
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(dir), Some(mode)) = (args.get(1), args.get(2)) else {
         eprintln!(
-            "usage: fs-tool DIR work|links|symlink TARGET LINK|write-then-exit N|write-then-trap|write-then-spin|fill MIB"
+            "usage: fs-tool DIR work|links|walk|symlink TARGET LINK|write-then-exit N|write-then-trap|write-then-spin|fill MIB"
         );
         std::process::exit(2);
     };
@@ -159,6 +174,8 @@ fn main() {
     match mode.as_str() {
         "work" => work(d),
         "links" => links(d),
+        // Each directory's entries in the order fd_readdir gives them, depth first, unsorted.
+        "walk" => walk(d, ""),
         "symlink" => {
             let (Some(target), Some(link)) = (args.get(3), args.get(4)) else {
                 eprintln!("usage: fs-tool DIR symlink TARGET LINK");
