@@ -7,6 +7,7 @@
 #   compute.wasm        the compute-bound tool of the `bulwark run` benchmark (wasm32-wasip1)
 #   compute-native      the same tool built for the host, the benchmark's native baseline
 #   json-rank.wasm      the example tool in examples/json-rank (wasm32-wasip1)
+#   real/*.wasm         real programs from crates.io (ripgrep, jaq, comrak: images/real-programs.sh)
 # and the host binaries in target/release (bulwark-vmm, bulwark). Prints each output's SHA-256.
 # Builds use the committed Cargo.lock (--locked); the same sources give the same guest image.
 set -euo pipefail
@@ -47,6 +48,9 @@ mv "$build_dir/compute-native.tmp" "$build_dir/compute-native"
 say "building the example tool (examples/json-rank, wasm32-wasip1)"
 (cd examples/json-rank && cargo build --locked --release --target wasm32-wasip1)
 cp examples/json-rank/target/wasm32-wasip1/release/json-rank.wasm "$build_dir/json-rank.wasm"
+
+say "building the real programs of images/real-programs.txt (wasm32-wasip1, cached in $build_dir/real)"
+BUILD_DIR="$build_dir" images/real-programs.sh
 
 say "outputs"
 outputs=(bulwark-guest.elf selftest.cwasm echo-args.wasm fs-tool.wasm compute.wasm compute-native json-rank.wasm)
