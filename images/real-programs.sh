@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the real command-line programs listed in images/real-programs.txt (pinned crates.io
-# versions) for wasm32-wasip1, into $BUILD_DIR/real (default: build/real):
+# versions) for wasm32-wasip1. Builds are kept in $BULWARK_BUILD_CACHE (default
+# ~/.cache/bulwark/real-programs), outside the checkout, so a fresh clone (CI) reuses them:
 #   <crate>-<version>.wasm        the build, with <crate>-<version>.wasm.stamp beside it
-#   <binary>.wasm                 a copy under the program's own name (rg.wasm, ...): what
+# and copied into $BUILD_DIR/real (default: build/real):
+#   <binary>.wasm                 the program under its own name (rg.wasm, ...): what
 #                                 tests/tests/real_programs.rs runs
 # Each crate is built with `cargo install --locked`, so its own published Cargo.lock pins every
 # dependency; cargo verifies each download against the registry checksum, and this script checks
@@ -19,7 +21,8 @@ cd "$root"
 build_dir="${BUILD_DIR:-build}"
 manifest="images/real-programs.txt"
 out="$build_dir/real"
-mkdir -p "$out"
+cache="${BULWARK_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bulwark/real-programs}"
+mkdir -p "$out" "$cache"
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'real-programs: %s\n' "$*" >&2; exit 1; }
@@ -40,15 +43,15 @@ while read -r crate version binary features sha256 extra; do
         -) flags+=(--no-default-features) ;;
         *) flags+=(--no-default-features --features "$features") ;;
     esac
-    wasm="$out/$crate-$version.wasm"
+    wasm="$cache/$crate-$version.wasm"
     stamp="$wasm.stamp"
     key="$(printf '%s %s %s %s\n%s\n' "$crate" "$version" "$features" "$sha256" "$rustc_id")"
     if [ -f "$wasm" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
-        say "$crate $version for wasm32-wasip1: up to date ($out/$binary.wasm)"
+        say "$crate $version for wasm32-wasip1: up to date ($wasm)"
     else
         say "building $crate $version for wasm32-wasip1 (first time: a minute or two)"
         started=$SECONDS
-        tmp="$(mktemp -d "$out/.install.XXXXXX")"
+        tmp="$(mktemp -d "$cache/.install.XXXXXX")"
         trap 'rm -rf "$tmp"' EXIT
         CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=debuginfo \
             cargo install --quiet --locked --no-track --force --target wasm32-wasip1 \
@@ -60,7 +63,8 @@ while read -r crate version binary features sha256 extra; do
         [ "$got" = "$sha256" ] || die "$crate $version: the .crate's sha256 is $got, the manifest pins $sha256"
         [ -f "$tmp/bin/$binary.wasm" ] || die "$crate $version installed no $binary.wasm"
         mv "$tmp/bin/$binary.wasm" "$wasm"
-        printf '%s\n' "$key" >"$stamp"
+        printf '%s\n' "$key" >"$stamp.tmp"
+        mv "$stamp.tmp" "$stamp"
         rm -rf "$tmp"
         trap - EXIT
         say "built $crate $version in $((SECONDS - started)) s"
