@@ -2,7 +2,7 @@
 #   make demo    build what is missing, boot a VM that runs the Wasm self-test, run tool calls
 #   make test    unit tests and end-to-end tests on real VMs (needs /dev/kvm)
 #   make bench   benchmarks: VM start-up, vsock, and `bulwark run` (hello, compute-bound tool)
-#   make lint    rustfmt and clippy, for the host crates and the guest
+#   make lint    rustfmt, clippy and the docs build (no warnings), for the host crates and the guest
 #   make fuzz    fuzz the vsock device's queue and packet parsing (nightly + cargo-fuzz; FUZZ_SECONDS)
 #   make guest   build the guest image, the binaries and the precompiled self-test into build/
 
@@ -42,6 +42,8 @@ lint: setup
 	cargo fmt --all --check
 	cargo clippy --release --locked --all-targets -- -D warnings
 	cargo clippy --release --locked -p bulwark-guest --target x86_64-unknown-none -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --release --locked --no-deps
+	RUSTDOCFLAGS="-D warnings" cargo doc --release --locked --no-deps -p bulwark-guest --target x86_64-unknown-none
 
 fuzz: setup
 	@command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz

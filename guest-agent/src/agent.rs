@@ -5,15 +5,13 @@ use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::vec::Vec;
 
-use bulwark_proto::call::{Artifact, Outcome, PROTOCOL_VERSION, Request, Response};
+use bulwark_proto::call::{
+    Artifact, MAX_SHARED_DIRS, Outcome, PROTOCOL_VERSION, Request, Response,
+};
 use wasmtime::{Engine, Linker, Module, Store};
 
 use crate::clock::{self, Clock};
 use crate::wasi::{self, Ctx, CtxParams, Exit};
-
-/// Most directories one call may share; each one's root counts as an inode on top of the
-/// request's entry limit.
-const MAX_SHARED_DIRS: usize = 64;
 
 /// Most artifacts kept at once; the oldest is dropped past this.
 const MAX_CACHED_MODULES: usize = 16;
@@ -105,6 +103,7 @@ impl Agent {
             dirs: req.dirs,
             fs_limits: bulwark_memfs::Limits {
                 max_bytes: req.limits.max_dir_bytes,
+                // Each shared directory's root is an inode on top of the entry limit.
                 max_inodes: usize::try_from(req.limits.max_dir_entries)
                     .unwrap_or(usize::MAX)
                     .saturating_add(MAX_SHARED_DIRS),

@@ -34,16 +34,21 @@ static RECORD: RecordCell = RecordCell(UnsafeCell::new(Record {
 /// Writes raw bytes to the console, one VM exit per 4 KiB.
 pub fn write_bytes(bytes: &[u8]) {
     for chunk in bytes.chunks(CAPACITY) {
+        // A chunk is at most CAPACITY bytes.
+        let chunk_len = u32::try_from(chunk.len()).unwrap_or(ports::MAX_CONSOLE_RECORD);
         let record = RECORD.0.get();
         // SAFETY: single thread, no re-entry (see `RecordCell`): nothing else accesses the
         // record now; `chunk` fits the text array.
         unsafe {
             let record = &mut *record;
             record.text[..chunk.len()].copy_from_slice(chunk);
-            record.len = chunk.len() as u32;
+            record.len = chunk_len;
         }
-        // The image lives below 4 GiB, so the address fits the 32-bit port value.
-        let addr = record as usize as u32;
+        // The image lives below 4 GiB (the VMM loads it inside the layout's image region), so
+        // the address fits the 32-bit port value.
+        let Ok(addr) = u32::try_from(record as usize) else {
+            crate::control::exit(bulwark_abi::ports::exit_status::PANIC);
+        };
         // SAFETY: `out` to the console port, granted by the TSS I/O bitmap; the VMM only reads
         // the record, which the compiler sees as read by the asm (no `nomem`).
         unsafe {

@@ -12,8 +12,12 @@ static ALLOCATOR: TalcLock<spinning_top::RawSpinlock, Manual> = TalcLock::new(Ma
 /// `[start, start + size)` must be mapped, writable guest RAM that nothing else uses, and this
 /// must be called once, before the first allocation.
 pub unsafe fn init(start: u64, size: u64) {
+    let Ok(size) = usize::try_from(size) else {
+        crate::console::print("bulwark-guest: the heap size does not fit the address space\n");
+        crate::control::exit(bulwark_abi::ports::exit_status::BAD_BOOT_INFO);
+    };
     // SAFETY: the caller guarantees the region is ours alone and valid for writes.
-    let claimed = unsafe { ALLOCATOR.lock().claim(start as *mut u8, size as usize) };
+    let claimed = unsafe { ALLOCATOR.lock().claim(start as *mut u8, size) };
     if claimed.is_none() {
         crate::console::print("bulwark-guest: the heap is too small to use\n");
         crate::control::exit(bulwark_abi::ports::exit_status::OUT_OF_MEMORY);

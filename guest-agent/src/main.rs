@@ -7,7 +7,6 @@
 
 #![no_std]
 #![no_main]
-
 extern crate alloc;
 
 mod agent;
@@ -87,11 +86,14 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
         Some(TestMode::None) | None => {}
     }
 
+    let Ok(payload_size) = usize::try_from(info.payload_size) else {
+        console::print("bulwark-guest: bad boot info: the payload size does not fit usize\n");
+        control::exit(exit_status::BAD_BOOT_INFO);
+    };
     // SAFETY: boot info was validated: the payload lies in guest RAM below the heap, and no one
     // writes it while this slice lives.
-    let payload = unsafe {
-        core::slice::from_raw_parts(info.payload_start as *const u8, info.payload_size as usize)
-    };
+    let payload =
+        unsafe { core::slice::from_raw_parts(info.payload_start as *const u8, payload_size) };
     if payload.is_empty() {
         println!("wasm self-test: skipped (no payload)");
     } else {

@@ -152,8 +152,8 @@ pub struct RunArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 
-    /// Share a host directory with the tool, seen by it as GUEST (repeatable; GUEST defaults to
-    /// HOST). The tool works on a copy in the VM's memory; when it exits with code 0, its
+    /// Share a host directory with the tool, seen by it as GUEST (repeatable, at most 64 times;
+    /// GUEST defaults to HOST). The tool works on a copy in the VM's memory; when it exits with code 0, its
     /// changes (new, changed and removed files, directories and symbolic links) are written
     /// back, each file and link atomically. On any other outcome the host directory is left
     /// untouched. A symbolic link is carried as a link, never followed, when its relative target
@@ -316,6 +316,17 @@ mod tests {
         assert!(parse_size("12 parsecs").is_err() && parse_size("99999999999G").is_err());
         assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
         assert!(parse_env("=x").is_err() && parse_env("novalue").is_err());
+    }
+
+    #[test]
+    fn the_dir_help_states_the_shared_directory_limit() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").unwrap();
+        let dir = run.get_arguments().find(|a| a.get_id() == "dirs").unwrap();
+        let help = dir.get_help().unwrap().to_string();
+        let limit = bulwark_proto::call::MAX_SHARED_DIRS;
+        assert!(help.contains(&format!("at most {limit} times")), "{help}");
     }
 }
 

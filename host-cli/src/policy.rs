@@ -182,7 +182,7 @@ pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
         .map(|pair| {
             let hi = (pair[0] as char).to_digit(16)?;
             let lo = (pair[1] as char).to_digit(16)?;
-            Some((hi * 16 + lo) as u8)
+            u8::try_from(hi * 16 + lo).ok()
         })
         .collect()
 }

@@ -1004,10 +1004,10 @@ mod tests {
         let mut m = b"\0asm\x01\0\0\0\x00".to_vec();
         let mut n = section.len();
         while n >= 0x80 {
-            m.push((n as u8 & 0x7f) | 0x80);
+            m.push(u8::try_from(n & 0x7f).unwrap() | 0x80);
             n >>= 7;
         }
-        m.push(n as u8);
+        m.push(u8::try_from(n).unwrap());
         m.extend_from_slice(&section);
         m.extend_from_slice(&module()[8..]);
         let e = check(&m, &trust(&[&key(1)], &[])).unwrap_err();

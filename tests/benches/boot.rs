@@ -4,6 +4,9 @@
 //! difference. Run with `make bench` (or `cargo bench -p bulwark-tests` after `make guest`).
 //! `BULWARK_BENCH_RUNS` sets the run count of each.
 
+// A benchmark step that fails panics with its message, as a test would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

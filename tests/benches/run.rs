@@ -17,15 +17,15 @@
 //!    panics: that is a correctness check, not a timing one. A `bulwark` without `--isolation`
 //!    runs the VM case with its default isolation and skips the wasm case, saying so.
 //!
-//! A `bulwark run` that fails with "Connection refused" on the VM's vsock socket (a race in
-//! bulwark: the socket file exists between the VMM's bind and listen) is run again and counted
-//! in a note at the end; any other failure panics.
+//! A `bulwark run` that fails panics with its output.
 //!
 //! `BULWARK_CLI` overrides the `bulwark` binary (default: the one next to this bench).
 
+// A benchmark step that fails panics with its message, as a test would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bulwark_tests::*;
@@ -88,13 +88,8 @@ fn timed(cmd: &mut Command, what: &str) -> (Duration, Output) {
     (wall, out)
 }
 
-/// `bulwark run` calls that failed with "Connection refused" on the VM's vsock socket and were
-/// run again (the socket file exists between the VMM's bind and listen: a known race).
-static CONNECT_RETRIES: AtomicUsize = AtomicUsize::new(0);
-
-/// Runs `bulwark run` with `args` (compile cache in `cache`) and returns its wall time and output.
-/// A call that hit the vsock connect race is run again (up to five times) and counted in
-/// [`CONNECT_RETRIES`]; any other failure panics.
+/// Runs `bulwark run` with `args` (compile cache in `cache`) and returns its wall time and output;
+/// panics with its output when it fails.
 fn bulwark_run(cache: &std::path::Path, args: &[String]) -> (Duration, Output) {
     bulwark_run_with(cache, args, None)
 }
@@ -106,28 +101,15 @@ fn bulwark_run_with(
     vmm: Option<&std::path::Path>,
 ) -> (Duration, Output) {
     let what = format!("bulwark run {}", args.join(" "));
-    let mut attempt = 0;
-    loop {
-        let mut cmd = Command::new(bulwark());
-        cmd.arg("run")
-            .args(args)
-            .env("BULWARK_CACHE_DIR", cache)
-            .env("BULWARK_GUEST", guest_image());
-        if let Some(vmm) = vmm {
-            cmd.env("BULWARK_VMM", vmm);
-        }
-        let (wall, out) = timed_raw(&mut cmd, &what);
-        let raced = !out.status.success()
-            && format!("{}{}", stderr(&out), stdout(&out))
-                .contains("cannot connect to the VM's vsock socket: Connection refused");
-        if raced && attempt < 5 {
-            attempt += 1;
-            CONNECT_RETRIES.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        check_success(&out, &what);
-        return (wall, out);
+    let mut cmd = Command::new(bulwark());
+    cmd.arg("run")
+        .args(args)
+        .env("BULWARK_CACHE_DIR", cache)
+        .env("BULWARK_GUEST", guest_image());
+    if let Some(vmm) = vmm {
+        cmd.env("BULWARK_VMM", vmm);
     }
+    timed(&mut cmd, &what)
 }
 
 /// The number after `"key":` inside the `"timings_us"` object of `bulwark run --json` output.
@@ -180,7 +162,7 @@ fn bench_hello(cache: &std::path::Path, runs: usize) {
         for (key, samples) in keys.iter().zip(&mut breakdown) {
             let us = json_timing_us(&json, key)
                 .unwrap_or_else(|| panic!("no timings_us.{key} in `bulwark run --json`: {json}"));
-            samples.push(us as f64 / 1000.0);
+            samples.push(ms(Duration::from_micros(us)));
         }
     }
 
@@ -448,12 +430,6 @@ fn main() {
     bench_hello(&cache, runs);
     bench_confinement(&cache, runs);
     bench_compute(&cache, compute_runs);
-    let retries = CONNECT_RETRIES.load(Ordering::Relaxed);
-    if retries > 0 {
-        println!(
-            "note: {retries} bulwark run call(s) failed with `cannot connect to the VM's vsock socket: Connection refused` and were run again (not in the numbers)"
-        );
-    }
     println!("load average after: {}", loadavg());
     let _ = std::fs::remove_dir_all(cache.parent().unwrap_or(&cache));
 }

@@ -2,6 +2,9 @@
 //! round trips), throughput of 1 MiB messages echoed by the guest, and VM exits per round trip.
 //! Run with `make bench` (or `cargo bench -p bulwark-tests --bench vsock` after `make guest`).
 
+// A benchmark step that fails panics with its message, as a test would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Child;
@@ -37,11 +40,17 @@ fn round_trip(conn: &mut UnixStream, out: &[u8], back: &mut [u8]) {
     conn.read_exact(back).expect("read the echo");
 }
 
+/// `a / b` for printing; both are counts far below 2^52, so `f64` holds them exactly.
+#[allow(clippy::cast_precision_loss, reason = "event counts, far below 2^52")]
+fn ratio(a: u64, b: u64) -> f64 {
+    a as f64 / b as f64
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") || !kvm_available() {
         return;
     }
-    const ROUND_TRIPS: usize = 10_000;
+    const ROUND_TRIPS: u32 = 10_000;
     let mut s = start("bench-vsock-latency");
     let msg = [0x5au8; 64];
     let mut back = [0u8; 64];
@@ -58,12 +67,15 @@ fn main() {
     let exits = finish(s);
     samples.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let pct = |p: f64| us(samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)]);
+    // The sample at `per_mille` thousandths of the sorted list.
+    let pct =
+        |per_mille: usize| us(samples[(samples.len() * per_mille / 1000).min(samples.len() - 1)]);
 
-    const MESSAGES: usize = 256;
+    const MESSAGES: u32 = 256;
+    const MESSAGE_BYTES: u32 = 1 << 20;
     let mut s = start("bench-vsock-throughput");
-    let big = vec![0xa5u8; 1 << 20];
-    let mut big_back = vec![0u8; 1 << 20];
+    let big = vec![0xa5u8; MESSAGE_BYTES as usize];
+    let mut big_back = vec![0u8; MESSAGE_BYTES as usize];
     round_trip(&mut s.conn, &big, &mut big_back);
     let t = Instant::now();
     for _ in 0..MESSAGES {
@@ -71,19 +83,19 @@ fn main() {
     }
     let secs = t.elapsed().as_secs_f64();
     let big_exits = finish(s);
-    let mb_per_s = (MESSAGES << 20) as f64 / secs / 1e6;
+    let mb_per_s = f64::from(MESSAGES) * f64::from(MESSAGE_BYTES) / secs / 1e6;
 
     println!("vsock, host Unix socket <-> guest echo");
     println!(
         "  64-byte round trip over {ROUND_TRIPS}: p50 {:.1} us  p99 {:.1} us  min {:.1} us",
-        pct(0.50),
-        pct(0.99),
+        pct(500),
+        pct(990),
         us(samples[0])
     );
     println!(
         "  VM exits: {exits} for {} round trips plus connection set-up ({:.2} per round trip)",
         ROUND_TRIPS + 100,
-        exits as f64 / (ROUND_TRIPS + 100) as f64
+        ratio(exits, u64::from(ROUND_TRIPS + 100))
     );
     println!(
         "  1 MiB messages echoed: {MESSAGES} in {secs:.2} s = {mb_per_s:.0} MB/s each way ({big_exits} VM exits)"

@@ -4,16 +4,6 @@
 //! The guest image and the precompiled self-test are built by `images/build.sh` (run by
 //! `make test`) into `build/` at the repository root, or `$BULWARK_BUILD_DIR`.
 
-#![warn(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss,
-    clippy::cast_lossless,
-    clippy::cast_precision_loss,
-    clippy::unwrap_used,
-    clippy::expect_used
-)]
-
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

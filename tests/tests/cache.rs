@@ -1,6 +1,9 @@
 //! The compile cache end to end: an entry runs in a VM only if it is exactly what the compiler
 //! produced for that module, engine and target.
 
+// The helpers below fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

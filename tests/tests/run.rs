@@ -1,5 +1,8 @@
 //! `bulwark run` end to end: tool calls in real micro-VMs.
 
+// The helpers below fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -344,8 +347,9 @@ fn ctrl_c_stops_the_call_and_cleans_up() {
         }
         std::thread::sleep(Duration::from_millis(500));
         let interrupted = Instant::now();
+        let pid = libc::pid_t::try_from(pid).unwrap();
         // SAFETY: kill(2) on our own child, which has not been reaped yet.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
         let out = child.wait_with_output().expect("bulwark ends");
         let took = interrupted.elapsed();
         assert_eq!(
@@ -425,7 +429,7 @@ fn a_sleeping_tool_does_not_spin() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    let pid = child.id() as i32;
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
     let mut status = 0;
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: `pid` is our own child, not yet reaped; `status` and `usage` are writable memory
@@ -441,7 +445,12 @@ fn a_sleeping_tool_does_not_spin() {
     );
     assert_eq!(out, "slept\n");
     assert!(took >= Duration::from_secs(1), "woke early: {took:?}");
-    let cpu = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    let cpu = |t: libc::timeval| {
+        Duration::new(
+            u64::try_from(t.tv_sec).unwrap(),
+            u32::try_from(t.tv_usec).unwrap() * 1000,
+        )
+    };
     let busy = cpu(usage.ru_utime) + cpu(usage.ru_stime);
     // A spinning guest would burn the whole second on its vCPU thread.
     assert!(
@@ -562,13 +571,14 @@ fn sigterm_and_sighup_stop_the_call_and_clean_up() {
     }
     for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
         let (child, vmm, dir) = start_sleeping_call("sigterm");
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
         // SAFETY: kill(2) on our own child, which has not been reaped yet.
-        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
         let out = child.wait_with_output().expect("bulwark ends");
         let gone = wait_gone(vmm, Duration::from_secs(2));
         if !gone {
             // SAFETY: the VMM our bulwark started outlived it; do not leave it running.
-            unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
+            unsafe { libc::kill(libc::pid_t::try_from(vmm).unwrap(), libc::SIGKILL) };
         }
         assert_eq!(out.status.code(), Some(130), "{name}: {}", stderr(&out));
         assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
@@ -588,7 +598,7 @@ fn a_killed_bulwark_takes_its_vmm_along() {
     let gone = wait_gone(vmm, Duration::from_secs(1));
     if !gone {
         // SAFETY: the VMM our bulwark started outlived it; do not leave it running.
-        unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
+        unsafe { libc::kill(libc::pid_t::try_from(vmm).unwrap(), libc::SIGKILL) };
     }
     // Nothing can remove the directory after SIGKILL; the test does.
     let _ = std::fs::remove_dir_all(&dir);

@@ -5,6 +5,9 @@
 //! empty compile cache. Passing modules run with `--isolation wasm` (no KVM needed) or, in
 //! `a_correctly_signed_module_runs_in_a_vm`, in a real micro-VM.
 
+// The helpers below fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -23,7 +26,7 @@ const HELLO: &str = "hello from a Bulwark micro-VM\n";
 fn hello_wasm() -> Vec<u8> {
     fn leb(mut n: usize, out: &mut Vec<u8>) {
         loop {
-            let byte = (n & 0x7f) as u8;
+            let byte = u8::try_from(n & 0x7f).unwrap();
             n >>= 7;
             if n == 0 {
                 out.push(byte);

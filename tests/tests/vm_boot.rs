@@ -66,8 +66,12 @@ fn a_payload_that_is_not_a_module_fails_the_self_test() {
     std::fs::write(&payload, b"this is not a precompiled module").unwrap();
     let out = boot(Some(&payload));
     let console = stdout(&out);
-    let status = bulwark_proto::ports::exit_status::SELF_TEST_FAILED;
-    assert_eq!(out.status.code(), Some(status as i32), "{console}");
+    let status = bulwark_abi::ports::exit_status::SELF_TEST_FAILED;
+    assert_eq!(
+        out.status.code(),
+        Some(i32::try_from(status).unwrap()),
+        "{console}"
+    );
     assert!(console.contains("wasm self-test failed"), "{console}");
     assert!(stderr(&out).contains(&format!("guest exited with status {status}")));
 }

@@ -1,7 +1,7 @@
 //! Guest faults on a real VM: each is reported in one line with its cause, and the VMM exits
 //! non-zero without panicking.
 
-use bulwark_proto::layout;
+use bulwark_abi::layout;
 use bulwark_tests::*;
 use bulwark_vmm::outcome::code;
 

@@ -5,16 +5,6 @@
 //! control registers, CPUID), loads its ELF image and serves its devices. It knows nothing of
 //! WebAssembly or of the agent protocol.
 
-#![warn(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss,
-    clippy::cast_lossless,
-    clippy::cast_precision_loss,
-    clippy::unwrap_used,
-    clippy::expect_used
-)]
-
 pub mod boot;
 pub mod confine;
 pub mod cpu;

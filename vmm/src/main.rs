@@ -1,15 +1,5 @@
 //! `bulwark-vmm`: runs one Bulwark guest in a KVM micro-VM and exits with its status.
 
-#![warn(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss,
-    clippy::cast_lossless,
-    clippy::cast_precision_loss,
-    clippy::unwrap_used,
-    clippy::expect_used
-)]
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

@@ -14,16 +14,6 @@
 //! (`vsock::handshake::connect`).
 
 #![no_std]
-#![warn(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss,
-    clippy::cast_lossless,
-    clippy::cast_precision_loss,
-    clippy::unwrap_used,
-    clippy::expect_used
-)]
-
 #[cfg(feature = "std")]
 extern crate std;
 

@@ -6,7 +6,6 @@
 //! [`compiler_config`] (feature `compiler`); the guest adds its platform hooks.
 
 #![no_std]
-
 use alloc::format;
 use alloc::string::ToString;
 

@@ -10,16 +10,6 @@
 //! format and the VMM socket's handshake) is `bulwark-abi`: the VMM never links this crate.
 
 #![no_std]
-#![warn(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss,
-    clippy::cast_lossless,
-    clippy::cast_precision_loss,
-    clippy::unwrap_used,
-    clippy::expect_used
-)]
-
 extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;

@@ -77,32 +77,45 @@ impl Transport {
         if features & VIRTIO_F_VERSION_1 == 0 {
             return Err(SetupError::FeaturesRefused);
         }
+        let (features_low, features_high) = halves(features);
         self.write(reg::DRIVER_FEATURES_SEL, 0);
-        self.write(reg::DRIVER_FEATURES, features as u32);
+        self.write(reg::DRIVER_FEATURES, features_low);
         self.write(reg::DRIVER_FEATURES_SEL, 1);
-        self.write(reg::DRIVER_FEATURES, (features >> 32) as u32);
+        self.write(reg::DRIVER_FEATURES, features_high);
         let accepted = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         self.write(reg::STATUS, accepted);
         if self.read(reg::STATUS) & status::FEATURES_OK == 0 {
             return Err(SetupError::FeaturesRefused);
         }
-        for (index, queue) in queues.iter().enumerate() {
-            self.write(reg::QUEUE_SEL, index as u32);
+        for (index, queue) in (0u32..).zip(queues) {
+            self.write(reg::QUEUE_SEL, index);
             let max = self.read(reg::QUEUE_NUM_MAX);
             if max < u32::from(queue.size()) {
                 return Err(SetupError::QueueTooSmall(max));
             }
             self.write(reg::QUEUE_NUM, u32::from(queue.size()));
             let (desc, avail, used) = queue.addresses();
-            self.write(reg::QUEUE_DESC_LOW, desc as u32);
-            self.write(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
-            self.write(reg::QUEUE_DRIVER_LOW, avail as u32);
-            self.write(reg::QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
-            self.write(reg::QUEUE_DEVICE_LOW, used as u32);
-            self.write(reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
+            for (low_reg, high_reg, address) in [
+                (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, desc),
+                (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, avail),
+                (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, used),
+            ] {
+                let (low, high) = halves(address);
+                self.write(low_reg, low);
+                self.write(high_reg, high);
+            }
             self.write(reg::QUEUE_READY, 1);
         }
         self.write(reg::STATUS, accepted | status::DRIVER_OK);
         Ok(())
     }
+}
+
+/// The low and high 32 bits of `value`, as a pair of 32-bit virtio-mmio registers takes it.
+fn halves(value: u64) -> (u32, u32) {
+    let [b0, b1, b2, b3, b4, b5, b6, b7] = value.to_le_bytes();
+    (
+        u32::from_le_bytes([b0, b1, b2, b3]),
+        u32::from_le_bytes([b4, b5, b6, b7]),
+    )
 }

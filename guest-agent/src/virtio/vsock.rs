@@ -56,7 +56,12 @@ fn area(a: &'static BufferArea) -> NonNull<u8> {
 const QUEUE_SIZE: u16 = 64;
 const _: () = assert!(QUEUE_SIZE <= QUEUE_MAX_SIZE);
 const HEADER: usize = HEADER_SIZE;
-const BUF_SIZE: usize = HEADER + MAX_PACKET_DATA as usize;
+/// A buffer: one packet, header and the most data a packet carries.
+const BUF_LEN: u32 = HEADER_LEN + MAX_PACKET_DATA;
+/// [`HEADER`] as descriptor lengths count it.
+const HEADER_LEN: u32 = 44;
+const _: () = assert!(HEADER_LEN as usize == HEADER);
+const BUF_SIZE: usize = BUF_LEN as usize;
 /// Receive buffer per connection that the guest advertises (bytes it will hold unread).
 pub const BUF_ALLOC: u32 = 1 << 20;
 /// Most connections at once.
@@ -186,8 +191,7 @@ impl Vsock {
 
     fn post_rx(&mut self, id: u16) {
         let addr = self.buf(self.rx_bufs, id).as_ptr() as u64;
-        self.rx
-            .set_descriptor(id, addr, BUF_SIZE as u32, DESC_F_WRITE);
+        self.rx.set_descriptor(id, addr, BUF_LEN, DESC_F_WRITE);
         self.rx.push_avail(id);
     }
 
@@ -247,7 +251,7 @@ impl Vsock {
         for (dst, src) in buf.iter_mut().zip(conn.rx.drain(..n)) {
             *dst = src;
         }
-        conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
+        conn.fwd_cnt = conn.fwd_cnt.wrapping_add(low_32_bits(n));
         if conn.fwd_cnt.wrapping_sub(conn.last_fwd_cnt_sent) >= BUF_ALLOC / 2 {
             self.send_control(stream, op::CREDIT_UPDATE, 0);
         }
@@ -268,7 +272,7 @@ impl Vsock {
                 break;
             }
             if let Some(conn) = self.conns.get_mut(&stream) {
-                conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
+                conn.tx_cnt = conn.tx_cnt.wrapping_add(low_32_bits(n));
             }
             sent += n;
         }
@@ -300,13 +304,13 @@ impl Vsock {
         }
     }
 
-    fn header(&mut self, stream: Stream, op: u16, flags: u32, len: usize) -> Header {
+    fn header(&mut self, stream: Stream, op: u16, flags: u32, len: u32) -> Header {
         let mut hdr = Header {
             src_cid: self.cid,
             dst_cid: HOST_CID,
             src_port: stream.local,
             dst_port: stream.peer,
-            len: len as u32,
+            len,
             type_: TYPE_STREAM,
             op,
             flags,
@@ -325,8 +329,15 @@ impl Vsock {
     }
 
     /// Puts one packet on the TX queue (published at the next wait or flush). Returns false if
-    /// no TX buffer came free even after the device was kicked.
+    /// no TX buffer came free even after the device was kicked, or if `data` is over
+    /// [`MAX_PACKET_DATA`] (callers never pass more).
     fn send_packet(&mut self, stream: Stream, op: u16, flags: u32, data: &[u8]) -> bool {
+        let Some(data_len) = u32::try_from(data.len())
+            .ok()
+            .filter(|&len| len <= MAX_PACKET_DATA)
+        else {
+            return false;
+        };
         if self.tx_free.is_empty() {
             self.flush();
             self.reclaim_tx();
@@ -334,13 +345,12 @@ impl Vsock {
         let Some(id) = self.tx_free.pop() else {
             return false;
         };
-        let hdr = self.header(stream, op, flags, data.len());
+        let hdr = self.header(stream, op, flags, data_len);
         let buf = self.buf(self.tx_bufs, id);
         buf[..HEADER].copy_from_slice(&hdr.encode());
         buf[HEADER..HEADER + data.len()].copy_from_slice(data);
         let addr = buf.as_ptr() as u64;
-        self.tx
-            .set_descriptor(id, addr, (HEADER + data.len()) as u32, 0);
+        self.tx.set_descriptor(id, addr, HEADER_LEN + data_len, 0);
         self.tx.push_avail(id);
         self.tx_queued = true;
         true
@@ -468,4 +478,11 @@ impl Vsock {
             _ => self.send_control(stream, op::RST, 0),
         }
     }
+}
+
+/// The low 32 bits of `n`: a step of a vsock byte counter (`fwd_cnt`, `tx_cnt`), which runs
+/// modulo 2^32.
+fn low_32_bits(n: usize) -> u32 {
+    let [b0, b1, b2, b3, ..] = n.to_le_bytes();
+    u32::from_le_bytes([b0, b1, b2, b3])
 }

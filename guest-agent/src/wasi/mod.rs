@@ -125,24 +125,33 @@ impl Ctx {
     }
 }
 
-/// Runs `f` on the tool's memory and the WASI context; EFAULT if the tool exports no memory.
+/// The tool's memory: its export named `memory`. Without one, every WASI call traps, as
+/// wasmtime-wasi's (wiggle's) glue does, even those that touch no memory.
+fn memory(caller: &mut Caller<'_, Ctx>) -> wasmtime::Result<wasmtime::Memory> {
+    match caller.get_export("memory") {
+        Some(Extern::Memory(mem)) => Ok(mem),
+        _ => Err(wasmtime::Error::msg("missing required memory export")),
+    }
+}
+
+/// Runs `f` on the tool's memory and the WASI context.
 fn with_mem(
     caller: &mut Caller<'_, Ctx>,
     f: impl FnOnce(&mut [u8], &mut WasiCtx<GuestHost>) -> Result<(), Errno>,
-) -> i32 {
-    let Some(Extern::Memory(mem)) = caller.get_export("memory") else {
-        return Errno::Fault.into();
-    };
+) -> wasmtime::Result<i32> {
+    let mem = memory(caller)?;
     let (data, ctx) = mem.data_and_store_mut(caller);
-    to_code(f(data, &mut ctx.wasi))
+    Ok(to_code(f(data, &mut ctx.wasi)))
 }
 
-/// Runs `f` on the WASI context alone (functions that touch no memory).
+/// Runs `f` on the WASI context alone (functions that touch no memory; the tool must still
+/// export one).
 fn with_ctx(
     caller: &mut Caller<'_, Ctx>,
     f: impl FnOnce(&mut WasiCtx<GuestHost>) -> Result<(), Errno>,
-) -> i32 {
-    to_code(f(&mut caller.data_mut().wasi))
+) -> wasmtime::Result<i32> {
+    memory(caller)?;
+    Ok(to_code(f(&mut caller.data_mut().wasi)))
 }
 
 /// Adds the WASI preview 1 functions to `linker`.
@@ -177,7 +186,9 @@ pub fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
     linker.func_wrap(MODULE, "random_get", |mut c: C<'_>, buf: u32, len: u32| {
         with_mem(&mut c, |m, w| w.random_get(m, buf, len))
     })?;
-    linker.func_wrap(MODULE, "sched_yield", || 0i32)?;
+    linker.func_wrap(MODULE, "sched_yield", |mut c: C<'_>| {
+        with_ctx(&mut c, |_| Ok(()))
+    })?;
     linker.func_wrap(
         MODULE,
         "poll_oneoff",
@@ -190,7 +201,9 @@ pub fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
     linker.func_wrap(MODULE, "proc_exit", |code: i32| -> wasmtime::Result<()> {
         Err(wasmtime::Error::new(Exit(code)))
     })?;
-    linker.func_wrap(MODULE, "proc_raise", |_sig: u32| i32::from(Errno::NotSup))?;
+    linker.func_wrap(MODULE, "proc_raise", |mut c: C<'_>, _sig: u32| {
+        with_ctx(&mut c, |_| Err(Errno::NotSup))
+    })?;
     add_fd(linker)?;
     add_path(linker)?;
     for name in ["sock_accept", "sock_recv", "sock_send", "sock_shutdown"] {
@@ -203,7 +216,7 @@ pub fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
                     Some(wasmtime::Val::I32(fd)) => u32::from_ne_bytes(fd.to_ne_bytes()),
                     _ => u32::MAX,
                 };
-                results[0] = wasmtime::Val::I32(with_ctx(&mut c, |w| w.sock(fd)));
+                results[0] = wasmtime::Val::I32(with_ctx(&mut c, |w| w.sock(fd))?);
                 Ok(())
             },
         )?;
