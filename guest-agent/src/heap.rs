@@ -10,7 +10,7 @@ static ALLOCATOR: TalcLock<spinning_top::RawSpinlock, Manual> = TalcLock::new(Ma
 ///
 /// # Safety
 /// `[start, start + size)` must be mapped, writable guest RAM that nothing else uses, and this
-/// must be called once, before the first allocation.
+/// must be called once, before the first allocation (then [`add`] for more regions).
 pub unsafe fn init(start: u64, size: u64) {
     let Ok(size) = usize::try_from(size) else {
         crate::console::print("bulwark-guest: the heap size does not fit the address space\n");
@@ -22,4 +22,13 @@ pub unsafe fn init(start: u64, size: u64) {
         crate::console::print("bulwark-guest: the heap is too small to use\n");
         crate::control::exit(bulwark_abi::ports::exit_status::OUT_OF_MEMORY);
     }
+}
+
+/// Hands a second region of RAM to the allocator (high RAM, above 4 GiB).
+///
+/// # Safety
+/// As for [`init`], which must have been called first; the region must not overlap the heap.
+pub unsafe fn add(start: u64, size: u64) {
+    // SAFETY: the caller's guarantees are those of `init`.
+    unsafe { init(start, size) }
 }

@@ -60,6 +60,11 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
     // SAFETY: boot info was validated: the heap lies in guest RAM after the payload, is used by
     // nothing else, and this is the only call.
     unsafe { heap::init(info.heap_start, info.heap_size) };
+    if info.high_ram_size > 0 {
+        // SAFETY: boot info was validated: high RAM is guest RAM at HIGH_RAM_START, mapped by
+        // the VMM's page tables, apart from the low heap, and used by nothing else.
+        unsafe { heap::add(layout::HIGH_RAM_START, info.high_ram_size) };
+    }
     let clock = clock::Clock::new(info.tsc_khz);
     println!("bulwark-guest ready in {}", clock.since(entered));
 

@@ -34,6 +34,8 @@ pub mod code {
 /// Memory the guest needs besides the tool's linear memory and the artifact (image, stack,
 /// engine, heap bookkeeping), in MiB.
 const GUEST_OVERHEAD_MIB: u64 = 96;
+/// High RAM beyond the tool's linear memory, for the guest's allocations that land there.
+const HIGH_HEAP_SLACK_MIB: u64 = 64;
 /// Copies of the compiled module the guest holds at once while it loads one: the request's
 /// frame, the decoded request and the loaded module.
 const ARTIFACT_COPIES: u64 = 3;
@@ -127,7 +129,9 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     } else {
         2 * args.max_dir_size.div_ceil(1 << 20)
     };
-    let need_mib = args.max_memory.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB + dirs_mib;
+    // RAM for everything but the tool's linear memory; ram_need_mib adds that.
+    let rest_mib = GUEST_OVERHEAD_MIB + dirs_mib;
+    let need_mib = ram_need_mib(args.max_memory.div_ceil(1 << 20), rest_mib);
     // What can be checked before compiling is checked first, so a bad size fails at once.
     if args.isolation == Isolation::Vm
         && let Err(e) = vm_mem_mib(args.mem_mib, need_mib, args.max_memory, dirs_mib > 0)
@@ -190,8 +194,9 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     }
     // The guest holds standard input twice while it reads the request, and the artifact
     // ARTIFACT_COPIES times while it loads it.
-    let need_mib =
-        need_mib + 2 * bytes_to_mib(stdin.len()) + ARTIFACT_COPIES * bytes_to_mib(artifact.len());
+    let rest_mib =
+        rest_mib + 2 * bytes_to_mib(stdin.len()) + ARTIFACT_COPIES * bytes_to_mib(artifact.len());
+    let need_mib = ram_need_mib(args.max_memory.div_ceil(1 << 20), rest_mib);
     let mem_mib = match vm_mem_mib(args.mem_mib, need_mib, args.max_memory, dirs_mib > 0) {
         Ok(mib) => mib,
         Err(e) => {
@@ -247,6 +252,23 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
 /// Whole MiB that hold `bytes`.
 fn bytes_to_mib(bytes: usize) -> u64 {
     u64::try_from(bytes).unwrap_or(u64::MAX).div_ceil(1 << 20)
+}
+
+/// The VM RAM, in MiB, that a call needs: `rest_mib` for the guest, the artifact's copies,
+/// standard input and the --dir copies, and `max_memory_mib` for the tool's linear memory.
+///
+/// A linear memory is one block of the guest's heap. Past 3 GiB (`LOW_RAM_END`), RAM goes on
+/// above 4 GiB and the guest has two heaps that do not touch, so then the high one alone is
+/// made big enough for the whole linear memory (with some slack for the guest's other
+/// allocations that land there); the low 3 GiB cost nothing while untouched.
+fn ram_need_mib(max_memory_mib: u64, rest_mib: u64) -> u64 {
+    let low_mib = bulwark_abi::layout::LOW_RAM_END >> 20;
+    let flat = max_memory_mib + rest_mib;
+    if flat <= low_mib {
+        flat
+    } else {
+        low_mib.max(rest_mib) + max_memory_mib + HIGH_HEAP_SLACK_MIB
+    }
 }
 
 /// The VM's RAM in MiB: `--mem-mib` when given (checked by [`check_mem_mib`]), else `need_mib`
@@ -678,20 +700,30 @@ mod tests {
     }
 
     #[test]
+    fn ram_past_3_gib_holds_the_whole_linear_memory_above_4_gib() {
+        assert_eq!(ram_need_mib(256, 96), 352);
+        assert_eq!(ram_need_mib(2976, 96), 3072);
+        // Past LOW_RAM_END: 3 GiB low (mostly untouched), then the memory and slack above 4 GiB.
+        assert_eq!(ram_need_mib(2977, 96), 3072 + 2977 + HIGH_HEAP_SLACK_MIB);
+        assert_eq!(ram_need_mib(4096, 96), 3072 + 4096 + HIGH_HEAP_SLACK_MIB);
+    }
+
+    #[test]
     fn mem_mib_follows_the_vmms_rules() {
         assert!(check_mem_mib(512, 352, 256 << 20, false).is_ok());
         assert!(check_mem_mib(3072, 352, 256 << 20, false).is_ok());
-        for bad in [3, 513, 3074, 4096, u64::MAX] {
+        assert!(check_mem_mib(16384, 352, 256 << 20, false).is_ok());
+        for bad in [3, 513, 3075, 16386, u64::MAX] {
             let e = check_mem_mib(bad, 352, 256 << 20, false).unwrap_err();
             assert!(
-                e.contains("multiple of 2 from 352") && e.contains("to 3072"),
+                e.contains("multiple of 2 from 352") && e.contains("to 16384"),
                 "{e}"
             );
         }
         let e = check_mem_mib(300, 352, 256 << 20, false).unwrap_err();
         assert!(e.contains("use --mem-mib 352 or more"), "{e}");
-        let e = check_mem_mib(3072, 4192, 4 << 30, false).unwrap_err();
-        assert!(e.contains("over the 3072 MiB a VM can have"), "{e}");
+        let e = check_mem_mib(16384, 16500, 16 << 30, false).unwrap_err();
+        assert!(e.contains("over the 16384 MiB a VM can have"), "{e}");
     }
 
     #[test]

@@ -636,21 +636,21 @@ fn an_unusable_mem_mib_is_refused_with_the_allowed_values() {
     if !kvm_available() {
         return;
     }
-    for bad in ["3", "513", "4096"] {
+    for bad in ["3", "513", "16386"] {
         let out = run(&["--mem-mib", bad, &hello()]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(125), "{bad}: {err}");
         assert!(
             err.contains(&format!("--mem-mib {bad}"))
                 && err.contains("a multiple of 2 from 352")
-                && err.contains("to 3072"),
+                && err.contains("to 16384"),
             "{bad}: {err}"
         );
     }
-    let out = run(&["--max-memory", "3GiB", &hello()]);
+    let out = run(&["--max-memory", "16GiB", &hello()]);
     assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("over the 3072 MiB a VM can have"),
+        stderr(&out).contains("over the 16384 MiB a VM can have"),
         "{}",
         stderr(&out)
     );

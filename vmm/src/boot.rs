@@ -91,13 +91,15 @@ pub fn plan(
     if !fits(payload_size) {
         return Err(too_small(payload_size));
     }
+    let [(_, low), (_, high)] = layout::ram_ranges(mem_size);
     let info = BootInfo {
         magic: BOOT_INFO_MAGIC,
         abi_version: ABI_VERSION,
         test_mode: test_mode as u32,
         mem_size,
         heap_start,
-        heap_size: mem_size - heap_start,
+        heap_size: low - heap_start,
+        high_ram_size: high,
         payload_start: layout::PAYLOAD_START,
         payload_size,
         tsc_khz,

@@ -1,4 +1,5 @@
-//! Guest RAM: one anonymous mapping at guest-physical 0, registered with KVM as slot 0.
+//! Guest RAM: anonymous mappings at the guest-physical ranges of [`layout::ram_ranges`] (low
+//! RAM from 0 and, past 3 GiB, high RAM from 4 GiB), one KVM slot each.
 
 use bulwark_abi::layout;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -48,11 +49,19 @@ pub fn check_size(mib: u64) -> Result<usize, MemoryError> {
     usize::try_from(size).map_err(|_| MemoryError::BadSize { mib, max })
 }
 
-/// Allocates `mib` MiB of zeroed guest RAM starting at guest-physical 0.
+/// Allocates `mib` MiB of zeroed guest RAM at the ranges [`layout::ram_ranges`] gives. The host
+/// commits a page only when the guest first touches it.
 pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
-    let len = check_size(mib)?;
-    GuestMemory::from_ranges(&[(GuestAddress(0), len)])
-        .map_err(|source| MemoryError::Allocate { mib, source })
+    let max = layout::MAX_RAM_SIZE >> 20;
+    let size = u64::try_from(check_size(mib)?).map_err(|_| MemoryError::BadSize { mib, max })?;
+    let mut ranges = Vec::with_capacity(2);
+    for (start, len) in layout::ram_ranges(size) {
+        if len > 0 {
+            let len = usize::try_from(len).map_err(|_| MemoryError::BadSize { mib, max })?;
+            ranges.push((GuestAddress(start), len));
+        }
+    }
+    GuestMemory::from_ranges(&ranges).map_err(|source| MemoryError::Allocate { mib, source })
 }
 
 /// Registers every region of `mem` with the VM, one KVM slot per region.
@@ -98,7 +107,18 @@ mod tests {
         assert_eq!(size(&create(64).unwrap()), 64 << 20);
         assert!(matches!(create(0), Err(MemoryError::BadSize { .. })));
         assert!(matches!(create(3), Err(MemoryError::BadSize { .. })));
-        assert!(matches!(create(4096), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(
+            create(16 * 1024 + 2),
+            Err(MemoryError::BadSize { .. })
+        ));
+        // Past 3 GiB, RAM goes on above 4 GiB, in a second region.
+        let big = create(4096).unwrap();
+        assert_eq!(size(&big), 4 << 30);
+        let regions: Vec<_> = big.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        assert_eq!(
+            regions,
+            [(0, layout::LOW_RAM_END), (layout::HIGH_RAM_START, 1 << 30)]
+        );
         assert!(matches!(create(u64::MAX), Err(MemoryError::BadSize { .. })));
     }
 }

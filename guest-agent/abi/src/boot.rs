@@ -52,12 +52,16 @@ pub struct BootInfo {
     pub abi_version: u32,
     /// A raw [`TestMode`].
     pub test_mode: u32,
-    /// Size of guest RAM in bytes (RAM is guest-physical `0..mem_size`).
+    /// Size of guest RAM in bytes, low and high together
+    /// ([`ram_ranges`](crate::layout::ram_ranges)).
     pub mem_size: u64,
     /// First byte of the heap the guest may allocate from (2 MiB aligned).
     pub heap_start: u64,
-    /// Size of the heap in bytes; it ends at `mem_size`.
+    /// Size of the heap in bytes; it ends at the end of low RAM.
     pub heap_size: u64,
+    /// Bytes of high RAM, from [`HIGH_RAM_START`](crate::layout::HIGH_RAM_START): all of it is a
+    /// second heap (0 when RAM fits below [`LOW_RAM_END`](crate::layout::LOW_RAM_END)).
+    pub high_ram_size: u64,
     /// Address of the payload blob (0 bytes long when the VMM got none).
     pub payload_start: u64,
     /// Length of the payload blob in bytes.
@@ -76,13 +80,14 @@ impl BootInfo {
     /// Serializes the block as it lies in guest memory (little-endian, `repr(C)` order).
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
         let mut out = [0u8; Self::SIZE];
-        let fields: [&[u8]; 10] = [
+        let fields: [&[u8]; 11] = [
             &self.magic.to_le_bytes(),
             &self.abi_version.to_le_bytes(),
             &self.test_mode.to_le_bytes(),
             &self.mem_size.to_le_bytes(),
             &self.heap_start.to_le_bytes(),
             &self.heap_size.to_le_bytes(),
+            &self.high_ram_size.to_le_bytes(),
             &self.payload_start.to_le_bytes(),
             &self.payload_size.to_le_bytes(),
             &self.tsc_khz.to_le_bytes(),
@@ -112,9 +117,13 @@ impl BootInfo {
         if self.payload_start != PAYLOAD_START || payload_end.is_none_or(|e| e > self.heap_start) {
             return Err("payload outside its region");
         }
+        let [(_, low), (_, high)] = ram_ranges(self.mem_size);
         let heap_end = self.heap_start.checked_add(self.heap_size);
-        if !self.heap_start.is_multiple_of(PAGE_SIZE) || heap_end != Some(self.mem_size) {
+        if !self.heap_start.is_multiple_of(PAGE_SIZE) || heap_end != Some(low) {
             return Err("heap does not end at the end of RAM");
+        }
+        if self.high_ram_size != high {
+            return Err("high RAM is not the RAM past low RAM");
         }
         if self.mem_size > MAX_RAM_SIZE || self.heap_size < MIN_HEAP_SIZE {
             return Err("RAM size out of range");
@@ -140,6 +149,7 @@ mod tests {
             mem_size: 256 << 20,
             heap_start,
             heap_size: (256 << 20) - heap_start,
+            high_ram_size: 0,
             payload_start: PAYLOAD_START,
             payload_size: 4096,
             tsc_khz: 2_000_000,
@@ -151,7 +161,7 @@ mod tests {
     fn bytes_match_the_repr_c_layout() {
         let info = sample();
         let bytes = info.to_bytes();
-        assert_eq!(bytes.len(), 72);
+        assert_eq!(bytes.len(), 80);
         // SAFETY: BootInfo is repr(C), plain integers, and `bytes` is exactly its size.
         let back: BootInfo = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
         assert_eq!(back, info);
@@ -175,6 +185,16 @@ mod tests {
         let mut b = sample();
         b.heap_size += 1;
         assert_eq!(b.validate(), Err("heap does not end at the end of RAM"));
+        let mut b = sample();
+        b.high_ram_size = 1 << 30;
+        assert_eq!(b.validate(), Err("high RAM is not the RAM past low RAM"));
+        // 5 GiB: the heap ends at LOW_RAM_END, and 2 GiB more are above 4 GiB.
+        let mut b = sample();
+        b.mem_size = 5 << 30;
+        b.heap_size = LOW_RAM_END - b.heap_start;
+        assert_eq!(b.validate(), Err("high RAM is not the RAM past low RAM"));
+        b.high_ram_size = 2 << 30;
+        assert_eq!(b.validate(), Ok(()));
         let mut b = sample();
         b.vsock_cid = 2;
         assert_eq!(b.validate(), Err("reserved vsock CID"));

@@ -11,9 +11,15 @@
 //! 0x0060_0000  IMAGE       26 MiB  the rest of the guest ELF (code, data, bss)
 //! 0x0200_0000  STACK_GUARD  2 MiB  not mapped: a stack overflow faults instead of corrupting
 //! 0x0220_0000  STACK        4 MiB  the guest stack, growing down from STACK_TOP
-//! 0x0260_0000  PAYLOAD      ...    an optional blob the VMM loads, then the heap up to RAM's end
+//! 0x0260_0000  PAYLOAD      ...    an optional blob the VMM loads, then the heap up to the end of
+//!                                  low RAM (at most LOW_RAM_END, 3 GiB)
 //! 0xd000_0000  MMIO        256 MiB device registers; an access no device claims is fatal
+//! 0x1_0000_0000 HIGH RAM    ...    RAM past the first 3 GiB, if any: the high heap
 //! ```
+//!
+//! RAM of `mem_size` bytes is `0..min(mem_size, LOW_RAM_END)` and, for the rest,
+//! `HIGH_RAM_START..` ([`ram_ranges`]): the 32-bit hole with the MMIO window stays free, and a
+//! VM can have more RAM than fits below it.
 
 /// Size of one page in the guest's page tables (2 MiB).
 pub const PAGE_SIZE: u64 = 2 << 20;
@@ -25,9 +31,9 @@ pub const PML4: u64 = 0x1000;
 /// Guest-physical address of the single PDPT.
 pub const PDPT: u64 = 0x2000;
 /// Guest-physical address of the first of `PD_COUNT` page directories, one per GiB, back to back.
-pub const PD_START: u64 = 0x3000;
-/// Number of page directories: they map guest-physical 0..4 GiB.
-pub const PD_COUNT: u64 = 4;
+pub const PD_START: u64 = 0x10000;
+/// Number of page directories: they map guest-physical 0 up to the end of the largest high RAM.
+pub const PD_COUNT: u64 = (HIGH_RAM_START + MAX_RAM_SIZE - LOW_RAM_END) >> 30;
 /// Guest-physical address of the GDT.
 pub const GDT: u64 = 0x8000;
 /// Guest-physical address of the 64-bit TSS, followed by its I/O permission bitmap.
@@ -78,8 +84,13 @@ pub const PAYLOAD_START: u64 = STACK_TOP;
 /// Smallest heap the guest is given; a smaller RAM size is refused by the VMM.
 pub const MIN_HEAP_SIZE: u64 = 16 << 20;
 
-/// Largest guest RAM: RAM must end below the MMIO window and leave the 32-bit hole free.
-pub const MAX_RAM_SIZE: u64 = 3 << 30;
+/// End of low RAM: RAM below 4 GiB must end below the MMIO window and leave the 32-bit hole
+/// free; the rest of a larger RAM starts at [`HIGH_RAM_START`].
+pub const LOW_RAM_END: u64 = 3 << 30;
+/// Where RAM past [`LOW_RAM_END`] bytes goes: just above 4 GiB.
+pub const HIGH_RAM_START: u64 = 4 << 30;
+/// Largest guest RAM, low and high together (a 4 GiB linear memory, and then some, fits).
+pub const MAX_RAM_SIZE: u64 = 16 << 30;
 
 /// Start of the MMIO window (mapped uncached, user-accessible, with no RAM behind it).
 pub const MMIO_START: u64 = 0xd000_0000;
@@ -102,6 +113,23 @@ pub const fn page_align_up(addr: u64) -> Option<u64> {
     }
 }
 
+/// The guest-physical ranges `(start, length)` of a RAM of `mem_size` bytes: low RAM from 0, and
+/// high RAM from [`HIGH_RAM_START`] (0 bytes long unless `mem_size` is over [`LOW_RAM_END`]).
+pub const fn ram_ranges(mem_size: u64) -> [(u64, u64); 2] {
+    let low = if mem_size < LOW_RAM_END {
+        mem_size
+    } else {
+        LOW_RAM_END
+    };
+    [(0, low), (HIGH_RAM_START, mem_size - low)]
+}
+
+/// Whether guest-physical `addr` is RAM in a guest with `mem_size` bytes of it.
+pub const fn is_ram(addr: u64, mem_size: u64) -> bool {
+    let [(_, low), (high_start, high)] = ram_ranges(mem_size);
+    addr < low || (addr >= high_start && addr - high_start < high)
+}
+
 /// Start of the heap for a payload of `payload_size` bytes, or `None` if that overflows.
 pub const fn heap_start(payload_size: u64) -> Option<u64> {
     match PAYLOAD_START.checked_add(payload_size) {
@@ -114,7 +142,10 @@ pub const fn heap_start(payload_size: u64) -> Option<u64> {
 // directories cover, and the exception stubs fit in the image region.
 const _: () = assert!(MMIO_START % (1 << 30) + MMIO_SIZE <= 1 << 30);
 const _: () = assert!(MMIO_START + MMIO_SIZE <= PD_COUNT << 30);
-const _: () = assert!(MAX_RAM_SIZE <= MMIO_START);
+const _: () = assert!(LOW_RAM_END <= MMIO_START);
+const _: () = assert!(MMIO_START + MMIO_SIZE <= HIGH_RAM_START);
+const _: () =
+    assert!(HIGH_RAM_START.is_multiple_of(1 << 30) && MAX_RAM_SIZE.is_multiple_of(1 << 30));
 const _: () =
     assert!(EXCEPTION_STUBS + EXCEPTION_VECTORS * EXCEPTION_STUB_STRIDE <= IMAGE_USER_START);
 
@@ -134,8 +165,9 @@ mod tests {
             STACK_BOTTOM,
             STACK_TOP,
             PAYLOAD_START,
-            MAX_RAM_SIZE,
+            LOW_RAM_END,
             MMIO_START,
+            HIGH_RAM_START,
         ];
         for w in starts.windows(2) {
             assert!(w[0] <= w[1], "{:#x} > {:#x}", w[0], w[1]);
@@ -173,5 +205,25 @@ mod tests {
         assert_eq!(heap_start(1), Some(PAYLOAD_START + PAGE_SIZE));
         assert_eq!(heap_start(u64::MAX), None);
         assert_eq!(page_align_up(u64::MAX - 1), None);
+    }
+
+    #[test]
+    fn ram_past_low_ram_goes_above_4_gib() {
+        assert_eq!(ram_ranges(512 << 20), [(0, 512 << 20), (HIGH_RAM_START, 0)]);
+        assert_eq!(
+            ram_ranges(LOW_RAM_END),
+            [(0, LOW_RAM_END), (HIGH_RAM_START, 0)]
+        );
+        assert_eq!(
+            ram_ranges(5 << 30),
+            [(0, LOW_RAM_END), (HIGH_RAM_START, 2 << 30)]
+        );
+        assert!(is_ram(0, 5 << 30) && is_ram(LOW_RAM_END - 1, 5 << 30));
+        assert!(!is_ram(LOW_RAM_END, 5 << 30) && !is_ram(MMIO_START, 5 << 30));
+        assert!(is_ram(HIGH_RAM_START, 5 << 30) && is_ram((6 << 30) - 1, 5 << 30));
+        assert!(!is_ram(6 << 30, 5 << 30) && !is_ram(HIGH_RAM_START, 512 << 20));
+        // The page directories reach the end of the largest RAM.
+        let [_, (start, len)] = ram_ranges(MAX_RAM_SIZE);
+        assert_eq!(start + len, PD_COUNT << 30);
     }
 }

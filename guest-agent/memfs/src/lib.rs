@@ -18,7 +18,6 @@
 //! then creation order), as a real file system's `readdir` does, not sorted by name.
 
 #![no_std]
-
 extern crate alloc;
 
 use alloc::collections::BTreeMap;
@@ -154,21 +153,36 @@ pub struct Resolved {
 struct Dir {
     /// Name to (position, inode).
     names: BTreeMap<String, (u64, Ino)>,
-    /// Position to name: the listing order.
-    order: BTreeMap<u64, String>,
+    /// Position to (name, inode): the listing order, walked without a lookup per entry.
+    order: BTreeMap<u64, (String, Ino)>,
     /// Position the next name gets.
     next: u64,
     /// The directory holding this one (itself for a root).
     parent: Ino,
+    /// Length of its path from its root (0 for a root): every name's path stays within
+    /// `tree::MAX_PATH`, so the tree the host gets back has no path it would refuse and
+    /// exporting it cannot blow up (a deep tree of long names would otherwise make paths of
+    /// megabytes each).
+    path_len: usize,
 }
 
 impl Dir {
-    fn new(parent: Ino) -> Self {
+    fn new(parent: Ino, path_len: usize) -> Self {
         Self {
             names: BTreeMap::new(),
             order: BTreeMap::new(),
             next: 0,
             parent,
+            path_len,
+        }
+    }
+
+    /// Length of the path of its entry `name` from its root.
+    fn child_path_len(&self, name: &str) -> usize {
+        if self.path_len == 0 {
+            name.len()
+        } else {
+            self.path_len.saturating_add(1).saturating_add(name.len())
         }
     }
 
@@ -179,9 +193,9 @@ impl Dir {
     fn insert(&mut self, name: &str, ino: Ino) {
         self.remove(name);
         let at = self.next;
-        self.next += 1;
+        self.next = self.next.saturating_add(1);
         self.names.insert(name.to_string(), (at, ino));
-        self.order.insert(at, name.to_string());
+        self.order.insert(at, (name.to_string(), ino));
     }
 
     fn remove(&mut self, name: &str) -> Option<Ino> {
@@ -196,9 +210,7 @@ impl Dir {
 
     /// Names and inodes in listing order.
     fn iter(&self) -> impl DoubleEndedIterator<Item = (&String, Ino)> {
-        self.order
-            .values()
-            .filter_map(|name| self.names.get(name).map(|&(_, ino)| (name, ino)))
+        self.order.values().map(|(name, ino)| (name, *ino))
     }
 }
 
@@ -222,7 +234,27 @@ struct Inode {
     mtime_ns: u64,
 }
 
+/// A length as u64 (usize is at most 64 bits on every target this builds for).
+fn len64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
 impl Inode {
+    /// Bytes of data it holds: a file's bytes, a link's target.
+    fn size(&self) -> u64 {
+        match &self.data {
+            Data::File { bytes, .. } => len64(bytes.len()),
+            Data::Symlink { target } => len64(target.len()),
+            Data::Dir(_) => 0,
+        }
+    }
+
+    /// What it counts against [`Limits::max_bytes`]: its data once per name, since each name
+    /// goes back to the host as its own copy (and once while only a descriptor holds it).
+    fn charge(&self) -> u64 {
+        self.size().saturating_mul(self.nlink.max(1))
+    }
+
     fn kind(&self) -> Kind {
         match self.data {
             Data::Dir(_) => Kind::Dir,
@@ -264,7 +296,11 @@ fn check_path_arg(path: &str) -> Result<()> {
 pub struct Fs {
     inodes: BTreeMap<Ino, Inode>,
     next_ino: Ino,
+    /// Bytes charged: see [`Inode::charge`].
     bytes: u64,
+    /// Names in all directories: hard links add names but no inode, so they are capped here
+    /// (by [`Limits::max_inodes`] too).
+    names: usize,
     limits: Limits,
     roots: Vec<Ino>,
 }
@@ -276,12 +312,14 @@ impl Fs {
             inodes: BTreeMap::new(),
             next_ino: 1,
             bytes: 0,
+            names: 0,
             limits,
             roots: Vec::new(),
         }
     }
 
-    /// Bytes of file data stored now.
+    /// Bytes charged now against [`Limits::max_bytes`]: file bytes and link targets, once per
+    /// name.
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -313,22 +351,30 @@ impl Fs {
         }
     }
 
+    /// `self.bytes` plus `extra`, or NoSpc past the byte limit.
+    fn charged_with(&self, extra: u64) -> Result<u64> {
+        self.bytes
+            .checked_add(extra)
+            .filter(|&total| total <= self.limits.max_bytes)
+            .ok_or(Errno::NoSpc)
+    }
+
     fn alloc(&mut self, data: Data, now_ns: u64) -> Result<Ino> {
         if self.inodes.len() >= self.limits.max_inodes {
             return Err(Errno::NoSpc);
         }
+        let node = Inode {
+            data,
+            nlink: 0,
+            open: 0,
+            atime_ns: now_ns,
+            mtime_ns: now_ns,
+        };
+        let total = self.charged_with(node.charge())?;
         let ino = self.next_ino;
-        self.next_ino += 1;
-        self.inodes.insert(
-            ino,
-            Inode {
-                data,
-                nlink: 0,
-                open: 0,
-                atime_ns: now_ns,
-                mtime_ns: now_ns,
-            },
-        );
+        self.next_ino = self.next_ino.checked_add(1).ok_or(Errno::NoSpc)?;
+        self.inodes.insert(ino, node);
+        self.bytes = total;
         Ok(ino)
     }
 
@@ -340,12 +386,8 @@ impl Fs {
         if node.nlink > 0 || node.open > 0 || self.roots.contains(&ino) {
             return;
         }
-        if let Some(Inode {
-            data: Data::File { bytes, .. },
-            ..
-        }) = self.inodes.remove(&ino)
-        {
-            self.bytes -= bytes.len() as u64;
+        if let Some(node) = self.inodes.remove(&ino) {
+            self.bytes = self.bytes.saturating_sub(node.charge());
         }
     }
 
@@ -353,7 +395,7 @@ impl Fs {
     /// index among the roots (0, 1, ...) identifies it in [`Fs::load`] and [`Fs::export`].
     pub fn add_root(&mut self, now_ns: u64) -> Result<Ino> {
         let ino = self.next_ino;
-        self.alloc(Data::Dir(Dir::new(ino)), now_ns)?;
+        self.alloc(Data::Dir(Dir::new(ino, 0)), now_ns)?;
         self.node_mut(ino)?.nlink = 1;
         self.roots.push(ino);
         Ok(ino)
@@ -475,10 +517,36 @@ impl Fs {
         Ok(ino)
     }
 
+    /// Adds the name `name` in `dir` for `ino` (checked by [`Fs::check_new_name`]); a second
+    /// name of a file or link is charged its bytes again.
     fn link_into(&mut self, dir: Ino, name: &str, ino: Ino) -> Result<()> {
+        let node = self.node(ino)?;
+        let extra = if node.nlink > 0 { node.size() } else { 0 };
+        let total = self.charged_with(extra)?;
+        let mtime = node.mtime_ns;
         self.dir_mut(dir)?.insert(name, ino);
-        self.node_mut(ino)?.nlink += 1;
-        self.node_mut(dir)?.mtime_ns = self.node(ino)?.mtime_ns;
+        let node = self.node_mut(ino)?;
+        node.nlink = node.nlink.saturating_add(1);
+        self.node_mut(dir)?.mtime_ns = mtime;
+        self.bytes = total;
+        self.names = self.names.saturating_add(1);
+        Ok(())
+    }
+
+    /// Whether a name can be added in `dir`: ENOENT if `dir` was removed (as Linux answers
+    /// there), ENAMETOOLONG if the name's path from its root would pass `tree::MAX_PATH`,
+    /// ENOSPC when there are [`Limits::max_inodes`] names already.
+    fn check_room(&self, dir: Ino, name: &str) -> Result<()> {
+        let d = self.dir(dir)?;
+        if self.node(dir)?.nlink == 0 {
+            return Err(Errno::NoEnt);
+        }
+        if d.child_path_len(name) > tree::MAX_PATH {
+            return Err(Errno::NameTooLong);
+        }
+        if self.names >= self.limits.max_inodes {
+            return Err(Errno::NoSpc);
+        }
         Ok(())
     }
 
@@ -487,7 +555,7 @@ impl Fs {
         if self.dir(dir)?.get(name).is_some() {
             return Err(Errno::Exist);
         }
-        Ok(())
+        self.check_room(dir, name)
     }
 
     /// Creates an empty file `name` in `dir`.
@@ -507,7 +575,8 @@ impl Fs {
     /// Creates an empty directory `name` in `dir`.
     pub fn mkdir(&mut self, dir: Ino, name: &str, now_ns: u64) -> Result<Ino> {
         self.check_new_name(dir, name)?;
-        let ino = self.alloc(Data::Dir(Dir::new(dir)), now_ns)?;
+        let path_len = self.dir(dir)?.child_path_len(name);
+        let ino = self.alloc(Data::Dir(Dir::new(dir, path_len)), now_ns)?;
         self.link_into(dir, name, ino)?;
         Ok(ino)
     }
@@ -552,9 +621,13 @@ impl Fs {
 
     fn drop_entry(&mut self, dir: Ino, name: &str, now_ns: u64) -> Result<()> {
         let ino = self.dir_mut(dir)?.remove(name).ok_or(Errno::NoEnt)?;
+        self.names = self.names.saturating_sub(1);
         self.node_mut(dir)?.mtime_ns = now_ns;
         let node = self.node_mut(ino)?;
+        let before = node.charge();
         node.nlink = node.nlink.saturating_sub(1);
+        let after = node.charge();
+        self.bytes = self.bytes.saturating_sub(before.saturating_sub(after));
         self.collect(ino);
         Ok(())
     }
@@ -611,6 +684,22 @@ impl Fs {
         if kind == Kind::Dir && self.is_within(to_dir, ino)? {
             return Err(Errno::Inval);
         }
+        if self.node(to_dir)?.nlink == 0 {
+            return Err(Errno::NoEnt);
+        }
+        let new_len = self.dir(to_dir)?.child_path_len(to);
+        let moved_dirs = if kind == Kind::Dir {
+            let (longest, dirs) = self.subtree(ino)?;
+            if new_len.saturating_add(longest) > tree::MAX_PATH {
+                return Err(Errno::NameTooLong);
+            }
+            dirs
+        } else {
+            if new_len > tree::MAX_PATH {
+                return Err(Errno::NameTooLong);
+            }
+            Vec::new()
+        };
         if let Ok(existing) = self.child(to_dir, to) {
             if existing == ino {
                 return Ok(());
@@ -632,7 +721,35 @@ impl Fs {
         if let Data::Dir(d) = &mut self.node_mut(ino)?.data {
             d.parent = to_dir;
         }
+        let old_len = self.dir(ino).map_or(0, |d| d.path_len);
+        for d in moved_dirs {
+            if let Data::Dir(dir) = &mut self.node_mut(d)?.data {
+                dir.path_len = dir.path_len.saturating_sub(old_len).saturating_add(new_len);
+            }
+        }
         Ok(())
+    }
+
+    /// The directories of the subtree under the directory `top` (itself first), and the
+    /// longest path of an entry in it relative to `top`'s own path (`/name` counts 1 + name).
+    /// Iterative: a deep tree cannot overflow the stack.
+    fn subtree(&self, top: Ino) -> Result<(usize, Vec<Ino>)> {
+        let base = self.dir(top)?.path_len;
+        let mut dirs = alloc::vec![top];
+        let mut at = 0;
+        let mut longest = 0;
+        while let Some(&d) = dirs.get(at) {
+            at += 1;
+            let dir = self.dir(d)?;
+            let rel = dir.path_len.saturating_sub(base);
+            for (name, child) in dir.iter() {
+                longest = longest.max(rel.saturating_add(1).saturating_add(name.len()));
+                if self.node(child)?.kind() == Kind::Dir {
+                    dirs.push(child);
+                }
+            }
+        }
+        Ok((longest, dirs))
     }
 
     fn file(&self, ino: Ino) -> Result<&Vec<u8>> {
@@ -665,26 +782,38 @@ impl Fs {
     }
 
     /// Mutable bytes of the file `ino`, after growing or shrinking it to `size` within the
-    /// byte limit; the file counts as changed. On an error nothing changed.
+    /// byte limit (charged once per name); the file counts as changed. On an error nothing
+    /// changed. Memory follows the size: growth at most doubles the capacity, and a file cut
+    /// to less than half its capacity gives the rest back, so a tool cannot keep the memory of
+    /// many files each grown to the limit and cut again.
     fn resize(&mut self, ino: Ino, size: u64, now_ns: u64) -> Result<&mut Vec<u8>> {
         let new_len = usize::try_from(size).map_err(|_| Errno::FBig)?;
         let old_len = self.file(ino)?.len();
-        let total = (self.bytes - old_len as u64)
-            .checked_add(size)
+        let names = self.node(ino)?.nlink.max(1);
+        let old_charge = len64(old_len).saturating_mul(names);
+        let new_charge = size.checked_mul(names).ok_or(Errno::NoSpc)?;
+        let total = self
+            .bytes
+            .saturating_sub(old_charge)
+            .checked_add(new_charge)
             .ok_or(Errno::NoSpc)?;
-        if size > old_len as u64 && total > self.limits.max_bytes {
+        if new_charge > old_charge && total > self.limits.max_bytes {
             return Err(Errno::NoSpc);
         }
         let node = self.node_mut(ino)?;
         let Data::File { bytes, origin } = &mut node.data else {
             return Err(Errno::IsDir);
         };
-        if new_len > bytes.len() {
+        if new_len > bytes.capacity() {
+            let want = new_len.max(old_len.saturating_mul(2));
             bytes
-                .try_reserve(new_len - bytes.len())
+                .try_reserve_exact(want - old_len)
                 .map_err(|_| Errno::NoSpc)?;
         }
         bytes.resize(new_len, 0);
+        if bytes.capacity() / 2 > new_len {
+            bytes.shrink_to(new_len);
+        }
         *origin = None;
         node.mtime_ns = now_ns;
         self.bytes = total;
@@ -695,12 +824,20 @@ impl Fs {
     }
 
     /// Writes `data` into the file `ino` at `offset`, growing it (with zeros in any gap).
+    /// Writing nothing changes nothing (it does not extend the file to `offset`, as on Linux).
     pub fn write(&mut self, ino: Ino, offset: u64, data: &[u8], now_ns: u64) -> Result<usize> {
-        let end = offset.checked_add(data.len() as u64).ok_or(Errno::FBig)?;
-        let len = self.file(ino)?.len() as u64;
+        let len = len64(self.file(ino)?.len());
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = offset.checked_add(len64(data.len())).ok_or(Errno::FBig)?;
         let start = usize::try_from(offset).map_err(|_| Errno::FBig)?;
         let bytes = self.resize(ino, len.max(end), now_ns)?;
-        bytes[start..start + data.len()].copy_from_slice(data);
+        let dst = bytes
+            .get_mut(start..)
+            .and_then(|rest| rest.get_mut(..data.len()))
+            .ok_or(Errno::FBig)?;
+        dst.copy_from_slice(data);
         Ok(data.len())
     }
 
@@ -772,6 +909,21 @@ impl Fs {
         Ok(out)
     }
 
+    /// The directory `dir`'s entries in the order they were added, from the `skip`th on,
+    /// borrowed (what [`Fs::list`] copies): name, inode, kind. Skipping costs a step per
+    /// entry skipped and no lookup.
+    pub fn entries(
+        &self,
+        dir: Ino,
+        skip: usize,
+    ) -> Result<impl Iterator<Item = (&str, Ino, Kind)> + '_> {
+        let d = self.dir(dir)?;
+        Ok(d.iter().skip(skip).filter_map(|(name, ino)| {
+            let kind = self.inodes.get(&ino)?.kind();
+            Some((name.as_str(), ino, kind))
+        }))
+    }
+
     /// Fills the root with index `root` (from [`Fs::add_root`]) with a tree sent by the host.
     /// Paths must be plain relative paths with parents listed first; directories list their
     /// entries in the order sent. Files remember where they came from so [`Fs::export`] sends
@@ -792,12 +944,9 @@ impl Fs {
                     self.mkdir(dir, name, now_ns)?;
                 }
                 Node::File(bytes) => {
-                    let len = bytes.len() as u64;
-                    if self.bytes + len > self.limits.max_bytes {
-                        return Err(Errno::NoSpc);
-                    }
+                    let total = self.charged_with(len64(bytes.len()))?;
                     let ino = self.create_file(dir, name, now_ns)?;
-                    self.bytes += len;
+                    self.bytes = total;
                     if let Data::File { bytes: b, origin } = &mut self.node_mut(ino)?.data {
                         *b = bytes;
                         *origin = Some((root, entry.path));
@@ -813,9 +962,12 @@ impl Fs {
     }
 
     /// Takes the tree under the root with index `root`, parents first, leaving its files
-    /// empty (the call is over). A file whose bytes are still those loaded for the same path is
-    /// [`Node::Unchanged`]; other files carry their bytes; symbolic links are
-    /// [`Node::Symlink`] with their target.
+    /// empty (the call is over: export every root, then drop the file system). A file whose
+    /// bytes are still those loaded for the same path is [`Node::Unchanged`]; other files carry
+    /// their bytes (copied for each name of a hard-linked file but its last, which takes
+    /// them); symbolic links are [`Node::Symlink`] with their target. Every path is within
+    /// `tree::MAX_PATH` and the walk is iterative, so a deep tree costs neither stack nor
+    /// more memory than its entries.
     pub fn export(&mut self, root: usize) -> Result<Vec<Entry>> {
         let root_ino = *self.roots.get(root).ok_or(Errno::BadF)?;
         let mut out = Vec::new();
@@ -825,7 +977,12 @@ impl Fs {
         }
         while let Some((path, ino)) = pending.pop() {
             let node = self.node_mut(ino)?;
-            let shared = node.nlink > 1;
+            if node.kind() == Kind::File {
+                // This name is done: the bytes move out with the file's last name (names in
+                // other roots count, so export every root before using the tree again).
+                node.nlink = node.nlink.saturating_sub(1);
+            }
+            let shared = node.nlink > 0;
             match &mut node.data {
                 Data::Dir(d) => {
                     for (name, child) in d.iter().rev() {

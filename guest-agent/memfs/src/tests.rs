@@ -399,18 +399,18 @@ fn random_operations_keep_the_books_straight() {
     const NAMES: [&str; 9] = ["a", "b", "c", "a/b", "a/c", "b/a", "..", ".", "a/../b"];
     let mut open: Vec<Ino> = Vec::new();
     // Operations that succeeded, by kind, so the test cannot pass by doing nothing.
-    let mut done = [0u32; 9];
+    let mut done = [0u32; 11];
     for step in 0..20_000u64 {
         let r = next();
-        let path = NAMES[(next() % NAMES.len() as u64) as usize];
-        let other = NAMES[(next() % NAMES.len() as u64) as usize];
+        let path = NAMES[usize::try_from(next()).unwrap() % NAMES.len()];
+        let other = NAMES[usize::try_from(next()).unwrap() % NAMES.len()];
         let size = match (r >> 16) % 4 {
             0 => 0,
             1 => (r >> 24) % 5000,
             2 => (r >> 24) % (80 << 10),
             _ => u64::MAX - (r >> 40),
         };
-        match r % 9 {
+        match r % 11 {
             0 => {
                 if let Some((d, n)) = at(&fs, root, path) {
                     done[0] += u32::from(fs.create_file(d, &n, step).is_ok());
@@ -456,25 +456,44 @@ fn random_operations_keep_the_books_straight() {
                     open.push(ino);
                 }
             }
-            _ => {
+            8 => {
                 if let Some(ino) = open.pop() {
                     fs.close(ino);
                 }
             }
+            9 => {
+                if let (Ok(ino), Some((d, n))) = (fs.lookup(root, path), at(&fs, root, other)) {
+                    done[9] += u32::from(fs.link(ino, d, &n).is_ok());
+                }
+            }
+            _ => {
+                if let Some((d, n)) = at(&fs, root, path) {
+                    let target = "t".repeat(usize::try_from(size % 3000).unwrap());
+                    done[10] += u32::from(fs.symlink(d, &n, &target, step).is_ok());
+                }
+            }
         }
-        // The books: bytes are exactly the live files' sizes, within the cap.
-        let live: u64 = (1..fs.next_ino)
-            .filter_map(|i| fs.stat(i).ok())
-            .filter(|s| s.kind == Kind::File)
-            .map(|s| s.size)
-            .sum();
+        // The books: bytes are exactly the live files' sizes and link targets, once per name,
+        // within the cap; the names are those in the directories.
+        let live: u64 = fs.inodes.values().map(|n| n.size() * n.nlink.max(1)).sum();
         assert_eq!(fs.bytes(), live, "step {step}");
+        let names: usize = fs
+            .inodes
+            .values()
+            .filter_map(|n| match &n.data {
+                Data::Dir(d) => Some(d.names.len()),
+                _ => None,
+            })
+            .sum();
+        assert_eq!(fs.names, names, "step {step}");
         assert!(fs.bytes() <= 64 << 10, "step {step}");
         assert!(fs.inode_count() <= 40, "step {step}");
         assert!(fs.lookup(root, "..").is_err());
     }
     assert!(
-        done[..7].iter().all(|&n| n > 20),
+        done.iter()
+            .enumerate()
+            .all(|(i, &n)| n > 5 || i == 7 || i == 8),
         "too few operations succeeded: {done:?}"
     );
     for ino in open.drain(..) {
@@ -482,4 +501,274 @@ fn random_operations_keep_the_books_straight() {
     }
     // Removing everything frees everything.
     let _ = fs.export(0).unwrap();
+}
+
+/// Sum of the capacities of all files' buffers: the memory file data really takes.
+fn file_capacity(fs: &Fs) -> usize {
+    fs.inodes
+        .values()
+        .map(|n| match &n.data {
+            Data::File { bytes, .. } => bytes.capacity(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Checks a tree the host gets back: plain paths within MAX_PATH, no path twice, each
+/// entry's parent a directory listed before it.
+fn assert_well_formed(entries: &[Entry]) {
+    let mut dirs = alloc::collections::BTreeSet::new();
+    let mut seen = alloc::collections::BTreeSet::new();
+    for e in entries {
+        assert_eq!(tree::check_path(&e.path), Ok(()), "{}", e.path);
+        assert!(seen.insert(e.path.clone()), "{} twice", e.path);
+        if let Some(parent) = tree::parent(&e.path) {
+            assert!(dirs.contains(parent), "{} before its parent", e.path);
+        }
+        if e.node == Node::Dir {
+            dirs.insert(e.path.clone());
+        }
+    }
+}
+
+#[test]
+fn link_targets_and_extra_names_count_against_the_limits() {
+    let mut fs = Fs::new(Limits {
+        max_bytes: 9_000,
+        max_inodes: 50,
+    });
+    let root = fs.add_root(0).unwrap();
+    // Without a charge, 50 links with 4 KiB targets would hold 200 KB over a 10 KB cap.
+    let long = "x/".repeat(2000);
+    fs.symlink(root, "l1", &long, 0).unwrap();
+    fs.symlink(root, "l2", &long, 0).unwrap();
+    assert_eq!(fs.bytes(), 8000);
+    assert_eq!(fs.symlink(root, "l3", &long, 0), Err(Errno::NoSpc));
+    fs.unlink(root, "l1", 0).unwrap();
+    assert_eq!(fs.bytes(), 4000);
+    // A file's bytes count once per name: each name goes back to the host as a copy.
+    let f = fs.create_file(root, "f", 0).unwrap();
+    fs.write(f, 0, &[1; 2000], 0).unwrap();
+    assert_eq!(fs.bytes(), 6000);
+    fs.link(f, root, "g").unwrap();
+    assert_eq!(fs.bytes(), 8000);
+    assert_eq!(fs.link(f, root, "h"), Err(Errno::NoSpc));
+    assert_eq!(fs.set_size(f, 2501, 0), Err(Errno::NoSpc));
+    fs.set_size(f, 2500, 0).unwrap();
+    assert_eq!(fs.bytes(), 9000);
+    fs.unlink(root, "g", 0).unwrap();
+    assert_eq!(fs.bytes(), 6500);
+    // A file only a descriptor holds counts once, until it is closed.
+    fs.open(f).unwrap();
+    fs.unlink(root, "f", 0).unwrap();
+    assert_eq!(fs.bytes(), 6500);
+    fs.close(f);
+    assert_eq!(fs.bytes(), 4000);
+    // Names cost no inode but are capped too: a million hard links to an empty file would
+    // otherwise take unbounded memory.
+    let e = fs.create_file(root, "e", 0).unwrap();
+    let made = (0..1000)
+        .filter(|i| fs.link(e, root, &alloc::format!("n{i}")).is_ok())
+        .count();
+    assert_eq!(made, 48);
+    assert_eq!(fs.link(e, root, "more"), Err(Errno::NoSpc));
+    assert_eq!(fs.mkdir(root, "more", 0), Err(Errno::NoSpc));
+    fs.unlink(root, "n0", 0).unwrap();
+    fs.link(e, root, "more").unwrap();
+}
+
+#[test]
+fn huge_offsets_and_sizes_are_refused_and_gaps_are_charged() {
+    let (mut fs, root) = fs_with_root();
+    let f = fs.create_file(root, "f", 0).unwrap();
+    for off in [u64::MAX, u64::MAX - 1, 1 << 63, 1 << 40, 1 << 20] {
+        let r = fs.write(f, off, b"x", 0);
+        assert!(matches!(r, Err(Errno::FBig | Errno::NoSpc)), "{off}: {r:?}");
+        let r = fs.set_size(f, off.saturating_add(1), 0);
+        assert!(matches!(r, Err(Errno::FBig | Errno::NoSpc)), "{off}: {r:?}");
+        // Writing nothing anywhere changes nothing (Linux does not extend the file either).
+        assert_eq!(fs.write(f, off, b"", 0), Ok(0));
+        let mut buf = [0u8; 4];
+        assert_eq!(fs.read(f, off, &mut buf), Ok(0));
+        assert_eq!(fs.read_slice(f, off, usize::MAX), Ok(&[][..]));
+    }
+    assert_eq!(fs.stat(f).unwrap().size, 0);
+    assert_eq!(fs.bytes(), 0);
+    // A sparse write is zero-filled and its gap charged: the last byte of the cap fits.
+    fs.write(f, (1 << 20) - 1, b"x", 0).unwrap();
+    assert_eq!(fs.bytes(), 1 << 20);
+    let g = fs.create_file(root, "g", 0).unwrap();
+    assert_eq!(fs.write(g, 0, b"x", 0), Err(Errno::NoSpc));
+    assert_eq!(fs.set_size(g, 1, 0), Err(Errno::NoSpc));
+}
+
+#[test]
+fn file_memory_follows_file_sizes() {
+    let (mut fs, root) = fs_with_root();
+    // Grown to the cap and cut, many times over: the memory must go back each time.
+    for i in 0..40 {
+        let f = fs.create_file(root, &alloc::format!("f{i}"), 0).unwrap();
+        fs.set_size(f, 1 << 20, 0).unwrap();
+        fs.set_size(f, 0, 0).unwrap();
+        assert!(file_capacity(&fs) <= 1 << 20, "{}", file_capacity(&fs));
+    }
+    assert!(file_capacity(&fs) < 4096, "{}", file_capacity(&fs));
+    // Appends stay amortised, within twice the size.
+    let f = fs.create_file(root, "log", 0).unwrap();
+    for i in 0..100_000u64 {
+        fs.write(f, i, b"y", 0).unwrap();
+        let cap = file_capacity(&fs);
+        assert!(
+            cap <= 2 * usize::try_from(i + 1).unwrap().max(8),
+            "{i}: {cap}"
+        );
+    }
+    fs.set_size(f, 10, 0).unwrap();
+    assert!(file_capacity(&fs) <= 20);
+}
+
+#[test]
+fn nothing_is_made_in_a_removed_directory() {
+    let (mut fs, root) = fs_with_root();
+    let d = fs.mkdir(root, "d", 0).unwrap();
+    let keep = fs.create_file(root, "keep", 0).unwrap();
+    fs.open(d).unwrap();
+    fs.rmdir(root, "d", 0).unwrap();
+    let before = fs.inode_count();
+    // Linux answers ENOENT in a removed directory; here an entry made there would outlive it
+    // unreachable, never freed.
+    assert_eq!(fs.create_file(d, "x", 0), Err(Errno::NoEnt));
+    assert_eq!(fs.mkdir(d, "x", 0), Err(Errno::NoEnt));
+    assert_eq!(fs.symlink(d, "x", "t", 0), Err(Errno::NoEnt));
+    assert_eq!(fs.link(keep, d, "x"), Err(Errno::NoEnt));
+    assert_eq!(fs.rename(root, "keep", d, "x", 0), Err(Errno::NoEnt));
+    assert_eq!(fs.inode_count(), before);
+    assert!(fs.list(d).unwrap().is_empty());
+    assert_eq!(fs.lookup(d, ".."), Err(Errno::Perm));
+    assert_eq!(fs.lookup(d, "."), Ok(d));
+    fs.close(d);
+    assert_eq!(fs.inode_count(), before - 1);
+    assert_eq!(names(&fs, root), ["keep"]);
+    assert_well_formed(&fs.export(0).unwrap());
+}
+
+#[test]
+fn no_path_gets_longer_than_max_path_however_it_is_made() {
+    let (mut fs, root) = fs_with_root();
+    // Each level made relative to the one above: no path argument is ever long, but the
+    // paths the host would get back grow 256 bytes a level.
+    let name = "n".repeat(tree::MAX_NAME);
+    let mut chain = vec![root];
+    loop {
+        let top = *chain.last().unwrap();
+        match fs.mkdir(top, &name, 0) {
+            Ok(d) => chain.push(d),
+            Err(e) => {
+                assert_eq!(e, Errno::NameTooLong);
+                break;
+            }
+        }
+    }
+    // 16 levels make 16 * 256 - 1 = 4095 bytes; nothing fits below.
+    assert_eq!(chain.len(), 17);
+    let bottom = chain[16];
+    assert_eq!(fs.create_file(bottom, "x", 0), Err(Errno::NameTooLong));
+    assert_eq!(fs.symlink(bottom, "x", "y", 0), Err(Errno::NameTooLong));
+    let f = fs.create_file(root, "f", 0).unwrap();
+    assert_eq!(fs.link(f, bottom, "x"), Err(Errno::NameTooLong));
+    assert_eq!(
+        fs.rename(root, "f", bottom, "x", 0),
+        Err(Errno::NameTooLong)
+    );
+    // Moving the chain 2 bytes deeper is refused; moving it up under a short name makes room.
+    let a = fs.mkdir(root, "a", 0).unwrap();
+    assert_eq!(fs.rename(root, &name, a, &name, 0), Err(Errno::NameTooLong));
+    fs.rename(root, &name, root, "s", 0).unwrap();
+    // The bottom's path is now 4095 - 254 = 3841 bytes: a 254-byte name fills it to 4096.
+    let fill = "x".repeat(254);
+    fs.create_file(bottom, &fill, 0).unwrap();
+    // And back down again (2 bytes deeper) is refused now that the bottom is full.
+    assert_eq!(fs.rename(root, "s", a, "s", 0), Err(Errno::NameTooLong));
+    fs.unlink(bottom, &fill, 0).unwrap();
+    fs.rename(root, "s", a, "s", 0).unwrap();
+    assert_eq!(fs.create_file(bottom, &fill, 0), Err(Errno::NameTooLong));
+    fs.create_file(bottom, &fill[2..], 0).unwrap();
+    let entries = fs.export(0).unwrap();
+    assert_well_formed(&entries);
+    assert_eq!(entries.len(), 3 + 16);
+}
+
+#[test]
+fn deep_trees_export_and_drop_on_a_small_stack() {
+    extern crate std;
+    // 2048 levels of one-letter names: the deepest path is 4095 bytes. A recursive walk or
+    // drop would need far more than 64 KiB of stack for it.
+    let worker = std::thread::Builder::new()
+        .stack_size(64 << 10)
+        .spawn(|| {
+            let mut fs = Fs::new(Limits {
+                max_bytes: 1 << 20,
+                max_inodes: 3000,
+            });
+            let root = fs.add_root(0).unwrap();
+            let mut d = root;
+            for _ in 0..2048 {
+                d = fs.mkdir(d, "d", 0).unwrap();
+            }
+            assert_eq!(fs.mkdir(d, "d", 0), Err(Errno::NameTooLong));
+            assert_eq!(fs.lookup(root, &"d/".repeat(2048)), Ok(d));
+            assert_eq!(
+                fs.lookup(root, &"d/".repeat(2047)),
+                Ok(fs.parent(d).unwrap())
+            );
+            let entries = fs.export(0).unwrap();
+            assert_eq!(entries.len(), 2048);
+            assert_well_formed(&entries);
+            drop(fs);
+        })
+        .unwrap();
+    worker.join().unwrap();
+}
+
+#[test]
+fn hostile_sequences_still_export_a_well_formed_tree() {
+    let (mut fs, root) = fs_with_root();
+    fs.load(
+        0,
+        vec![
+            dir("a"),
+            dir("a/b"),
+            file("a/b/f", b"loaded"),
+            file("top", b"t"),
+        ],
+        0,
+    )
+    .unwrap();
+    let a = fs.lookup(root, "a").unwrap();
+    let b = fs.lookup(root, "a/b").unwrap();
+    let f = fs.lookup(root, "a/b/f").unwrap();
+    // A directory into itself or below: EINVAL, whatever the order of names.
+    assert_eq!(fs.rename(root, "a", b, "a", 0), Err(Errno::Inval));
+    assert_eq!(fs.rename(root, "a", a, "x", 0), Err(Errno::Inval));
+    assert_eq!(fs.rename(a, "b", b, "b", 0), Err(Errno::Inval));
+    // Hard links to directories: EPERM.
+    assert_eq!(fs.link(a, root, "alias"), Err(Errno::Perm));
+    // A hard link to a loaded file, then moves and removals around it.
+    fs.link(f, root, "hard").unwrap();
+    fs.rename(a, "b", root, "b2", 0).unwrap();
+    fs.rename(root, "top", b, "top", 0).unwrap();
+    fs.symlink(b, "up", "../..", 0).unwrap();
+    fs.symlink(root, "out", "../outside", 0).unwrap();
+    assert_eq!(fs.lookup(root, "b2/up"), Err(Errno::Perm));
+    assert_eq!(fs.lookup(root, "out"), Err(Errno::Perm));
+    fs.rmdir(root, "a", 0).unwrap();
+    let entries = fs.export(0).unwrap();
+    assert_well_formed(&entries);
+    let find = |p: &str| entries.iter().find(|e| e.path == p).map(|e| e.node.clone());
+    // Both names carry the bytes, since neither is the loaded path any more.
+    assert_eq!(find("hard"), Some(Node::File(b"loaded".to_vec())));
+    assert_eq!(find("b2/f"), Some(Node::File(b"loaded".to_vec())));
+    assert_eq!(find("b2/top"), Some(Node::File(b"t".to_vec())));
+    assert_eq!(find("b2/up"), Some(Node::Symlink("../..".into())));
+    assert_eq!(find("a"), None);
 }

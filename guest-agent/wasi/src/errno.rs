@@ -31,6 +31,8 @@ pub enum Errno {
     MFile = 33,
     /// Name too long.
     NameTooLong = 37,
+    /// Not enough memory (for a request whose bookkeeping would not fit the guest).
+    NoMem = 48,
     /// No such file or directory.
     NoEnt = 44,
     /// No space left (the shared directories' limits).

@@ -3,10 +3,11 @@
 
 use alloc::collections::BTreeMap;
 use alloc::string::String;
+use alloc::vec::Vec;
 
 use bulwark_memfs::{Ino, Kind};
 
-use crate::mem::{iovecs, slice, slice_mut, write_bytes, write_u32, write_u64};
+use crate::mem::{HOSTCALL_FUEL, iovecs, slice, slice_mut, write_bytes, write_u32, write_u64};
 use crate::types::{
     ADVICE_MAX, Dirent, Fdstat, Filestat, Prestat, fdflags, filetype, fstflags, rights, whence,
 };
@@ -126,9 +127,14 @@ impl Fds {
         self.get(fd)?.ino().ok_or(Errno::BadF)
     }
 
+    /// Whether the table holds [`MAX_FDS`] descriptors.
+    pub fn is_full(&self) -> bool {
+        self.table.len() >= MAX_FDS
+    }
+
     /// Puts `desc` at the lowest free number; EMFILE when the table is full.
     pub fn insert(&mut self, desc: Desc) -> Result<u32, Errno> {
-        if self.table.len() >= MAX_FDS {
+        if self.is_full() {
             return Err(Errno::MFile);
         }
         let mut n = 0u32;
@@ -146,6 +152,26 @@ impl Fds {
     pub fn remove(&mut self, fd: u32) -> Result<Desc, Errno> {
         self.table.remove(&fd).ok_or(Errno::BadF)
     }
+}
+
+/// [`iovecs`] cut to what is left of [`HOSTCALL_FUEL`] after the array: the first buffer
+/// must fit (ENOMEM, as wasmtime-wasi answers, which only ever uses that one), the others are
+/// cut (a short read or write). Every buffer is checked to be inside memory first (EFAULT),
+/// so a bad one fails the call before any byte moves (stdin would otherwise lose what was
+/// read).
+fn checked_iovecs(mem: &[u8], iovs: u32, count: u32) -> Result<Vec<crate::types::Iovec>, Errno> {
+    let mut list = iovecs(mem, iovs, count)?;
+    let mut fuel = HOSTCALL_FUEL.saturating_sub(u64::from(count).saturating_mul(8));
+    if list.first().is_some_and(|iov| u64::from(iov.len) > fuel) {
+        return Err(Errno::NoMem);
+    }
+    for iov in &mut list {
+        iov.len = iov.len.min(u32::try_from(fuel).unwrap_or(u32::MAX));
+        fuel -= u64::from(iov.len);
+        slice(mem, iov.ptr, iov.len)?;
+    }
+    list.retain(|iov| iov.len > 0);
+    Ok(list)
 }
 
 /// The WASI file type of a memfs kind.
@@ -295,7 +321,7 @@ impl<H: Host> WasiCtx<H> {
         offset: Option<u64>,
         nread: u32,
     ) -> Result<(), Errno> {
-        let list = iovecs(mem, iovs, count)?;
+        let list = checked_iovecs(mem, iovs, count)?;
         let mut total = 0u32;
         match self.fds.get(fd)? {
             Desc::Stdin => {
@@ -304,11 +330,12 @@ impl<H: Host> WasiCtx<H> {
                     return Err(Errno::SPipe);
                 }
                 for iov in list {
+                    let want = iov.len.min(u32::MAX - total);
                     let rest = self.stdin.get(self.stdin_pos..).unwrap_or(&[]);
-                    let n = rest.len().min(iov.len as usize);
+                    let n = rest.len().min(usize::try_from(want).unwrap_or(usize::MAX));
                     write_bytes(mem, iov.ptr, &rest[..n])?;
-                    self.stdin_pos += n;
-                    total = total.saturating_add(n as u32);
+                    self.stdin_pos = self.stdin_pos.saturating_add(n);
+                    total = total.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
                 }
             }
             Desc::File(f) => {
@@ -318,10 +345,12 @@ impl<H: Host> WasiCtx<H> {
                 let ino = f.ino;
                 let mut pos = offset.unwrap_or(f.pos);
                 for iov in list {
-                    let n = self.fs.read(ino, pos, slice_mut(mem, iov.ptr, iov.len)?)?;
-                    pos = pos.saturating_add(n as u64);
-                    total = total.saturating_add(n as u32);
-                    if n < iov.len as usize {
+                    let want = iov.len.min(u32::MAX - total);
+                    let n = self.fs.read(ino, pos, slice_mut(mem, iov.ptr, want)?)?;
+                    let n = u32::try_from(n).unwrap_or(u32::MAX);
+                    pos = pos.saturating_add(u64::from(n));
+                    total = total.saturating_add(n);
+                    if n < iov.len {
                         break;
                     }
                 }
@@ -347,7 +376,7 @@ impl<H: Host> WasiCtx<H> {
         offset: Option<u64>,
         nwritten: u32,
     ) -> Result<(), Errno> {
-        let list = iovecs(mem, iovs, count)?;
+        let list = checked_iovecs(mem, iovs, count)?;
         let mut total = 0u32;
         let now = self.now_ns();
         match self.fds.get(fd)? {
@@ -359,8 +388,9 @@ impl<H: Host> WasiCtx<H> {
                     &mut self.stderr
                 };
                 for iov in list {
-                    out.push(slice(mem, iov.ptr, iov.len)?);
-                    total = total.checked_add(iov.len).ok_or(Errno::Overflow)?;
+                    let want = iov.len.min(u32::MAX - total);
+                    out.push(slice(mem, iov.ptr, want)?);
+                    total = total.saturating_add(want);
                 }
             }
             Desc::File(f) => {
@@ -374,11 +404,15 @@ impl<H: Host> WasiCtx<H> {
                     None => at,
                 };
                 for iov in list {
-                    let n = self
-                        .fs
-                        .write(ino, pos, slice(mem, iov.ptr, iov.len)?, now)?;
-                    pos = pos.saturating_add(n as u64);
-                    total = total.checked_add(iov.len).ok_or(Errno::Overflow)?;
+                    let want = iov.len.min(u32::MAX - total);
+                    match self.fs.write(ino, pos, slice(mem, iov.ptr, want)?, now) {
+                        Ok(_) => {}
+                        // What was written stays written: a short write, as POSIX has it.
+                        Err(_) if total > 0 => break,
+                        Err(e) => return Err(e.into()),
+                    }
+                    pos = pos.saturating_add(u64::from(want));
+                    total = total.saturating_add(want);
                 }
                 if offset.is_none() {
                     self.fds.file_mut(fd)?.pos = pos;
@@ -548,7 +582,9 @@ impl<H: Host> WasiCtx<H> {
     /// `fd_readdir`: `.` and `..` (both with the directory's own inode number, as
     /// wasmtime-wasi gives them), then the entries in the order the directory keeps them;
     /// cookie `n` starts at the `n`th entry. The buffer is filled completely, the last entry
-    /// cut at its end, as WASI prescribes.
+    /// cut at its end, as WASI prescribes. As in wasmtime-wasi, only the bytes written must be
+    /// inside memory (a `len` past its end is fine while the entries fit), and nothing is
+    /// copied: a call costs its cookie and the bytes it writes, whatever the directory's size.
     pub fn fd_readdir(
         &mut self,
         mem: &mut [u8],
@@ -559,36 +595,38 @@ impl<H: Host> WasiCtx<H> {
         used_out: u32,
     ) -> Result<(), Errno> {
         let ino = self.fds.dir(fd)?;
-        let list = self.fs.list(ino)?;
-        let out = slice_mut(mem, buf, len)?;
-        let mut used = 0usize;
         let head = [
             (".", ino, filetype::DIRECTORY),
             ("..", ino, filetype::DIRECTORY),
         ];
-        let entries = head.into_iter().chain(
-            list.iter()
-                .map(|e| (e.name.as_str(), e.ino, file_type(e.kind))),
-        );
         let skip = usize::try_from(cookie).unwrap_or(usize::MAX);
-        'fill: for (i, (name, ino, kind)) in entries.enumerate().skip(skip) {
+        let entries = head.into_iter().skip(skip).chain(
+            self.fs
+                .entries(ino, skip.saturating_sub(head.len()))?
+                .map(|(name, ino, kind)| (name, ino, file_type(kind))),
+        );
+        let mut used = 0u32;
+        'fill: for (k, (name, ino, kind)) in entries.enumerate() {
+            let i = skip.saturating_add(k);
             let header = Dirent {
-                next: i as u64 + 1,
+                next: u64::try_from(i).unwrap_or(u64::MAX).saturating_add(1),
                 ino,
                 namlen: u32::try_from(name.len()).map_err(|_| Errno::Overflow)?,
                 filetype: kind,
             };
             for part in [&header.encode()[..], name.as_bytes()] {
-                let room = out.len() - used;
+                let room = usize::try_from(len - used).unwrap_or(usize::MAX);
                 let n = part.len().min(room);
-                out[used..used + n].copy_from_slice(&part[..n]);
-                used += n;
-                if n < part.len() || used == out.len() {
+                if n > 0 {
+                    let at = buf.checked_add(used).ok_or(Errno::Fault)?;
+                    write_bytes(mem, at, &part[..n])?;
+                    used += u32::try_from(n).map_err(|_| Errno::Overflow)?;
+                }
+                if n < part.len() || used == len {
                     break 'fill;
                 }
             }
         }
-        let used = u32::try_from(used).map_err(|_| Errno::Overflow)?;
         write_u32(mem, used_out, used)
     }
 

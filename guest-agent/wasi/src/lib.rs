@@ -16,7 +16,6 @@
 //! `fd_fdstat_get` reports rights computed from that.
 
 #![no_std]
-
 extern crate alloc;
 
 mod errno;

@@ -47,16 +47,34 @@ pub fn write_u64(data: &mut [u8], ptr: u32, v: u64) -> Result<(), Errno> {
     write_bytes(data, ptr, &v.to_le_bytes())
 }
 
-/// The iovec array of `count` entries at `ptr`.
+/// Most bytes one call copies between the tool's memory and the host for iovec lists, their
+/// buffers and `poll_oneoff`'s arrays: wasmtime-wasi's "hostcall fuel" (128 MiB a call). Past
+/// it wasmtime-wasi answers ENOMEM before looking at the memory, and so does this.
+pub const HOSTCALL_FUEL: u64 = 128 << 20;
+
+/// Most non-empty iovecs one read or write uses (Linux's `IOV_MAX`); the rest of a longer
+/// list is left for the next call, as a short read or write.
+pub const MAX_IOVS: usize = 1024;
+
+/// The non-empty entries of the iovec array of `count` entries at `ptr`, copied out (so a
+/// read into memory that overlaps the array does not change it midway), at most
+/// [`MAX_IOVS`] of them: the copy stays small whatever `count` the tool gives. The array
+/// counts against [`HOSTCALL_FUEL`] (ENOMEM) and must be inside memory (EFAULT).
 pub fn iovecs(data: &[u8], ptr: u32, count: u32) -> Result<Vec<Iovec>, Errno> {
-    let raw = slice(data, ptr, count.checked_mul(8).ok_or(Errno::Fault)?)?;
+    let size = u32::try_from(Iovec::SIZE).map_err(|_| Errno::Fault)?;
+    if u64::from(count) * u64::from(size) > HOSTCALL_FUEL {
+        return Err(Errno::NoMem);
+    }
+    let raw = slice(data, ptr, count.checked_mul(size).ok_or(Errno::Fault)?)?;
     Ok(raw
-        .chunks_exact(8)
+        .chunks_exact(Iovec::SIZE)
         .map(|c| {
-            let mut b = [0u8; 8];
+            let mut b = [0u8; Iovec::SIZE];
             b.copy_from_slice(c);
             Iovec::decode(&b)
         })
+        .filter(|iov| iov.len > 0)
+        .take(MAX_IOVS)
         .collect())
 }
 

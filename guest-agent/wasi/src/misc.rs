@@ -3,7 +3,7 @@
 use alloc::vec::Vec;
 
 use crate::fd::Desc;
-use crate::mem::{read_array, slice_mut, write_bytes, write_strings, write_u32, write_u64};
+use crate::mem::{read_array, slice, slice_mut, write_bytes, write_strings, write_u32, write_u64};
 use crate::types::{Event, SUBCLOCK_ABSTIME, Subscription, SubscriptionKind, clockid, eventtype};
 use crate::{Errno, Host, WasiCtx};
 
@@ -99,19 +99,29 @@ impl<H: Host> WasiCtx<H> {
             return Err(Errno::Inval);
         }
         let size = u32::try_from(Subscription::SIZE).map_err(|_| Errno::Fault)?;
-        let mut list = Vec::new();
+        // Subscriptions in and events out count against the call's copy budget first, as in
+        // wasmtime-wasi (ENOMEM).
+        let arrays = u64::try_from(Subscription::SIZE + Event::SIZE).map_err(|_| Errno::Fault)?;
+        if u64::from(count) * arrays > crate::mem::HOSTCALL_FUEL {
+            return Err(Errno::NoMem);
+        }
+        // The whole array must be in memory before anything is decoded or kept.
+        slice(mem, subs, count.checked_mul(size).ok_or(Errno::Fault)?)?;
+        // (userdata, event type, monotonic deadline for clocks, bytes ready for reads): what
+        // the answer needs, smaller than the subscriptions themselves, and reserved fallibly so
+        // a huge count in a huge memory is ENOMEM, never an allocation failure of the guest.
+        let mut pending: Vec<(u64, u8, u64, u64)> = Vec::new();
+        pending
+            .try_reserve_exact(usize::try_from(count).map_err(|_| Errno::NoMem)?)
+            .map_err(|_| Errno::NoMem)?;
+        let mut deadline: Option<u64> = None;
+        let now = self.host.monotonic_ns();
         for i in 0..count {
             let at = i
                 .checked_mul(size)
                 .and_then(|off| subs.checked_add(off))
                 .ok_or(Errno::Fault)?;
-            list.push(Subscription::decode(&read_array(mem, at)?)?);
-        }
-        // (userdata, event type, monotonic deadline for clocks, bytes ready for reads)
-        let mut pending: Vec<(u64, u8, u64, u64)> = Vec::new();
-        let mut deadline: Option<u64> = None;
-        let now = self.host.monotonic_ns();
-        for sub in &list {
+            let sub = Subscription::decode(&read_array(mem, at)?)?;
             match sub.kind {
                 SubscriptionKind::Clock {
                     id, timeout, flags, ..

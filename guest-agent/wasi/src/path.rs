@@ -77,6 +77,10 @@ impl<H: Host> WasiCtx<H> {
         if directory && (create || req.oflags & oflags::EXCL != 0 || trunc) {
             return Err(Errno::Inval);
         }
+        // Before anything is made: a full table must not leave a created file behind.
+        if self.fds.is_full() {
+            return Err(Errno::MFile);
+        }
         // O_CREAT|O_EXCL never follows a last link (it exists: EEXIST).
         let follow =
             (req.lookup & lookupflags::SYMLINK_FOLLOW != 0 || path.ends_with('/')) && !excl;

@@ -25,7 +25,7 @@ impl Host for TestHost {
     }
     fn random(&mut self, buf: &mut [u8]) {
         for (i, b) in buf.iter_mut().enumerate() {
-            *b = i as u8;
+            *b = i.to_le_bytes()[0];
         }
     }
     fn wait_ns(&mut self, ns: u64) {
@@ -75,7 +75,7 @@ fn ctx() -> WasiCtx<TestHost> {
 
 fn put(mem: &mut [u8], at: u32, bytes: &[u8]) -> u32 {
     mem[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
-    bytes.len() as u32
+    u32::try_from(bytes.len()).unwrap()
 }
 
 fn u32_at(mem: &[u8], at: u32) -> u32 {
@@ -249,8 +249,9 @@ fn bad_pointers_are_efault_never_a_panic() {
         Err(Errno::Fault)
     );
     assert_eq!(w.random_get(&mut mem, 8000, 500), Err(Errno::Fault));
+    // The listing (106 bytes) would run past the end of memory.
     assert_eq!(
-        w.fd_readdir(&mut mem, 3, 8000, 500, 0, 0),
+        w.fd_readdir(&mut mem, 3, 8150, 500, 0, 0),
         Err(Errno::Fault)
     );
     assert_eq!(w.poll_oneoff(&mut mem, 8190, 0, 1, 0), Err(Errno::Fault));
@@ -558,7 +559,7 @@ fn poll_oneoff_waits_for_clocks_through_the_host() {
     let mut sub = [0u8; 48];
     sub[0] = 7;
     sub[8] = eventtype::CLOCK;
-    sub[16] = clockid::MONOTONIC as u8;
+    sub[16] = u8::try_from(clockid::MONOTONIC).unwrap();
     sub[24..32].copy_from_slice(&5000u64.to_le_bytes());
     put(&mut mem, 100, &sub);
     w.poll_oneoff(&mut mem, 100, 400, 1, OUT).unwrap();
@@ -578,4 +579,345 @@ fn poll_oneoff_waits_for_clocks_through_the_host() {
     fdsub[16] = 99;
     put(&mut mem, 148, &fdsub);
     assert_eq!(w.poll_oneoff(&mut mem, 148, 400, 1, OUT), Err(Errno::BadF));
+}
+
+/// Puts one iovec at `IOV`.
+fn iov(mem: &mut [u8], ptr: u32, len: u32) {
+    put(mem, IOV, &[ptr.to_le_bytes(), len.to_le_bytes()].concat());
+}
+
+#[test]
+fn offsets_near_u64_max_are_errors_never_panics() {
+    let mut w = ctx();
+    let mut mem = vec![0u8; 1 << 16];
+    let rw = rights::FD_READ | rights::FD_WRITE;
+    let fd = open(&mut w, &mut mem, "file", 0, 0, rw, 0).unwrap();
+    iov(&mut mem, BUF, 4);
+    for off in [u64::MAX, u64::MAX - 3, 1 << 63, 1 << 40, 1 << 21] {
+        assert_eq!(w.fd_read(&mut mem, fd, IOV, 1, Some(off), OUT), Ok(()));
+        assert_eq!(u32_at(&mem, OUT), 0, "{off}");
+        let r = w.fd_write(&mut mem, fd, IOV, 1, Some(off), OUT);
+        assert!(matches!(r, Err(Errno::FBig | Errno::NoSpc)), "{off}: {r:?}");
+        let r = w.fd_filestat_set_size(fd, off);
+        assert!(matches!(r, Err(Errno::FBig | Errno::NoSpc)), "{off}: {r:?}");
+        assert_eq!(w.fd_allocate(fd, off, off), Err(Errno::NotSup));
+        assert_eq!(w.fd_advise(fd, off, off, 0), Ok(()));
+    }
+    // The file is as it was, and so are the books.
+    assert_eq!(stat(&mut w, &mut mem, "file", 0).unwrap().2, 5);
+    assert_eq!(w.fs().bytes(), 5);
+    // Seeks: far is fine (reads give nothing, writes are refused), negative or past
+    // u64::MAX is EINVAL, unknown whence EINVAL.
+    assert_eq!(
+        w.fd_seek(&mut mem, fd, i64::MAX, u32::from(whence::SET), OUT),
+        Ok(())
+    );
+    assert_eq!(
+        w.fd_seek(&mut mem, fd, i64::MAX, u32::from(whence::CUR), OUT),
+        Ok(())
+    );
+    assert_eq!(u64_at(&mem, OUT), u64::MAX - 1);
+    assert_eq!(
+        w.fd_seek(&mut mem, fd, 2, u32::from(whence::CUR), OUT),
+        Err(Errno::Inval)
+    );
+    assert_eq!(read(&mut w, &mut mem, fd, 4), Ok(Vec::new()));
+    assert_eq!(write(&mut w, &mut mem, fd, b"abcd"), Err(Errno::FBig));
+    assert_eq!(
+        w.fd_seek(&mut mem, fd, -1, u32::from(whence::SET), OUT),
+        Err(Errno::Inval)
+    );
+    assert_eq!(
+        w.fd_seek(&mut mem, fd, i64::MIN, u32::from(whence::END), OUT),
+        Err(Errno::Inval)
+    );
+    assert_eq!(w.fd_seek(&mut mem, fd, 0, u32::MAX, OUT), Err(Errno::Inval));
+    assert_eq!(w.fd_seek(&mut mem, fd, 0, 3, OUT), Err(Errno::Inval));
+}
+
+#[test]
+fn iovec_lists_are_bounded_and_short_transfers_keep_what_moved() {
+    let mut w = ctx();
+    let mut mem = vec![0u8; 1 << 20];
+    // Lists past wasmtime-wasi's 128 MiB copy budget: ENOMEM, as it answers, before memory
+    // is looked at; more iovecs than memory holds: EFAULT. Nothing is written either way.
+    assert_eq!(
+        w.fd_write(&mut mem, 1, IOV, u32::MAX, None, OUT),
+        Err(Errno::NoMem)
+    );
+    assert_eq!(
+        w.fd_write(&mut mem, 1, IOV, 1 << 29, None, OUT),
+        Err(Errno::NoMem)
+    );
+    assert_eq!(
+        w.fd_write(&mut mem, 1, IOV, (1 << 17) + 1, None, OUT),
+        Err(Errno::Fault)
+    );
+    iov(&mut mem, 0, 200 << 20);
+    assert_eq!(
+        w.fd_write(&mut mem, 1, IOV, 1, None, OUT),
+        Err(Errno::NoMem)
+    );
+    assert_eq!(w.fd_read(&mut mem, 0, IOV, 1, None, OUT), Err(Errno::NoMem));
+    // A memory full of empty iovecs: nothing written, nothing kept.
+    iov(&mut mem, 0, 0);
+    assert_eq!(w.fd_write(&mut mem, 1, 0, 1 << 17, None, OUT), Ok(()));
+    assert_eq!(u32_at(&mem, OUT), 0);
+    // 4096 iovecs each naming the whole memory (4 GiB in all): the copy budget left after the
+    // list cuts the transfer short, the count stays exact, and the output keeps to its cap.
+    let whole = [0u32.to_le_bytes(), (1u32 << 20).to_le_bytes()].concat();
+    for i in 0..4096 {
+        put(&mut mem, (1 << 19) + i * 8, &whole);
+    }
+    assert_eq!(w.fd_write(&mut mem, 1, 1 << 19, 4096, None, OUT), Ok(()));
+    assert_eq!(u32_at(&mem, OUT), (128 << 20) - 4096 * 8);
+    assert_eq!(w.stdout.bytes.len(), 1 << 16);
+    assert!(w.stdout.truncated);
+    // A bad buffer anywhere in the list fails the read before stdin is consumed.
+    put(
+        &mut mem,
+        IOV,
+        &[BUF, 2, u32::MAX - 1, 4].map(u32::to_le_bytes).concat(),
+    );
+    assert_eq!(w.fd_read(&mut mem, 0, IOV, 2, None, OUT), Err(Errno::Fault));
+    assert_eq!(read(&mut w, &mut mem, 0, 100), Ok(b"input".to_vec()));
+    // A write that runs out of room part way is short, and what fit stays.
+    let rw = rights::FD_READ | rights::FD_WRITE;
+    let fd = open(&mut w, &mut mem, "file", 0, oflags::TRUNC, rw, 0).unwrap();
+    put(&mut mem, BUF, b"abcd");
+    put(
+        &mut mem,
+        IOV,
+        &[BUF, 4, 0, 1 << 20].map(u32::to_le_bytes).concat(),
+    );
+    assert_eq!(w.fd_write(&mut mem, fd, IOV, 2, None, OUT), Ok(()));
+    assert_eq!(u32_at(&mem, OUT), 4);
+    assert_eq!(w.fd_tell(&mut mem, fd, OUT), Ok(()));
+    assert_eq!(u64_at(&mem, OUT), 4);
+    assert_eq!(w.fs().bytes(), 4);
+    // Writing nothing past the end does not extend the file.
+    iov(&mut mem, BUF, 0);
+    assert_eq!(w.fd_write(&mut mem, fd, IOV, 1, Some(1000), OUT), Ok(()));
+    assert_eq!(stat(&mut w, &mut mem, "file", 0).unwrap().2, 4);
+}
+
+#[test]
+fn readdir_takes_any_buffer_length_and_cookie() {
+    let mut w = ctx();
+    let mut mem = vec![0u8; 4096];
+    let all = 24 + 1 + 24 + 2 + 24 + 4 + 24 + 3;
+    for (len, used) in [(0, 0), (1, 1), (23, 23), (24, 24), (25, 25), (300, all)] {
+        mem[usize::try_from(BUF).unwrap()..].fill(0xaa);
+        w.fd_readdir(&mut mem, 3, BUF, len, 0, OUT).unwrap();
+        assert_eq!(u32_at(&mem, OUT), used, "{len}");
+        // Nothing is written past what is reported.
+        assert_eq!(mem[usize::try_from(BUF + used).unwrap()], 0xaa, "{len}");
+    }
+    // A length past the end of memory is fine while the entries fit (wasmtime-wasi too).
+    w.fd_readdir(&mut mem, 3, BUF, u32::MAX, 0, OUT).unwrap();
+    assert_eq!(u32_at(&mem, OUT), all);
+    // Cookies: 2 starts after `..`, past the end gives nothing.
+    w.fd_readdir(&mut mem, 3, BUF, 300, 2, OUT).unwrap();
+    assert_eq!(u32_at(&mem, OUT), 24 + 4 + 24 + 3);
+    for cookie in [4, 5, 1 << 40, u64::MAX] {
+        w.fd_readdir(&mut mem, 3, BUF, 300, cookie, OUT).unwrap();
+        assert_eq!(u32_at(&mem, OUT), 0, "{cookie}");
+    }
+    // Entries that would land past the end of memory, or past 4 GiB: EFAULT.
+    assert_eq!(
+        w.fd_readdir(&mut mem, 3, 4096 - 30, 300, 0, OUT),
+        Err(Errno::Fault)
+    );
+    assert_eq!(
+        w.fd_readdir(&mut mem, 3, u32::MAX - 5, u32::MAX, 0, OUT),
+        Err(Errno::Fault)
+    );
+    // Not a directory: EBADF.
+    assert_eq!(
+        w.fd_readdir(&mut mem, 1, BUF, 300, 0, OUT),
+        Err(Errno::BadF)
+    );
+}
+
+#[test]
+fn a_big_directory_reads_one_entry_at_a_time() {
+    let mut w = ctx();
+    w.fs = bulwark_memfs::Fs::new(bulwark_memfs::Limits {
+        max_bytes: 1 << 20,
+        max_inodes: 20_000,
+    });
+    let root = w.fs.add_root(0).unwrap();
+    w.fs.open(root).unwrap();
+    w.fds
+        .get_mut(3)
+        .map(|d| {
+            *d = Desc::Dir {
+                ino: root,
+                preopen: Some("/".into()),
+                read: true,
+            }
+        })
+        .unwrap();
+    for i in 0..10_000 {
+        w.fs.create_file(root, &alloc::format!("file-{i:05}"), 0)
+            .unwrap();
+    }
+    let mut mem = vec![0u8; 4096];
+    let mut cookie = 0;
+    let mut seen = 0;
+    loop {
+        // Room for one header and its name only.
+        w.fd_readdir(&mut mem, 3, BUF, 24 + 10, cookie, OUT)
+            .unwrap();
+        if u32_at(&mem, OUT) == 0 {
+            break;
+        }
+        let next = u64_at(&mem, BUF);
+        assert_eq!(next, cookie + 1);
+        cookie = next;
+        seen += 1;
+    }
+    assert_eq!(seen, 10_002);
+}
+
+#[test]
+fn the_descriptor_table_is_capped_and_a_full_table_creates_nothing() {
+    let mut w = ctx();
+    let mut mem = vec![0u8; 8192];
+    let mut fds = Vec::new();
+    let err = loop {
+        match open(&mut w, &mut mem, "file", 0, 0, rights::FD_READ, 0) {
+            Ok(fd) => fds.push(fd),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err, Errno::MFile);
+    assert_eq!(fds.len(), MAX_FDS - 4);
+    assert_eq!(
+        open(
+            &mut w,
+            &mut mem,
+            "new",
+            0,
+            oflags::CREAT,
+            rights::FD_WRITE,
+            0
+        ),
+        Err(Errno::MFile)
+    );
+    assert_eq!(stat(&mut w, &mut mem, "new", 0), Err(Errno::NoEnt));
+    // Renumbering moves, never adds; closing frees a slot.
+    let last = fds[fds.len() - 1];
+    assert_eq!(w.fd_renumber(last, fds[0]), Ok(()));
+    assert_eq!(w.fd_renumber(last, fds[1]), Err(Errno::BadF));
+    open(
+        &mut w,
+        &mut mem,
+        "new",
+        0,
+        oflags::CREAT,
+        rights::FD_WRITE,
+        0,
+    )
+    .unwrap();
+    // A file renumbered over the preopen: fd 3 is that file now, and no path goes through it.
+    assert_eq!(w.fd_renumber(fds[1], 3), Ok(()));
+    assert_eq!(
+        open(&mut w, &mut mem, "file", 0, 0, rights::FD_READ, 0),
+        Err(Errno::NotDir)
+    );
+    assert_eq!(w.fd_prestat_get(&mut mem, 3, OUT), Err(Errno::BadF));
+    for fd in (0..2000).rev() {
+        let _ = w.fd_close(fd);
+    }
+    let dirs = w.take_dirs().unwrap();
+    assert_eq!(dirs.len(), 1);
+    assert!(dirs[0].iter().any(|e| e.path == "new"));
+}
+
+#[test]
+fn a_descriptor_of_a_removed_directory_sees_nothing_and_makes_nothing() {
+    let mut w = ctx();
+    let mut mem = vec![0u8; 8192];
+    let len = put(&mut mem, PATH, b"gone");
+    w.path_create_directory(&mut mem, 3, PATH, len).unwrap();
+    let fd = open(
+        &mut w,
+        &mut mem,
+        "gone",
+        0,
+        oflags::DIRECTORY,
+        rights::FD_READ,
+        0,
+    )
+    .unwrap();
+    w.path_remove_directory(&mut mem, 3, PATH, len).unwrap();
+    let x = put(&mut mem, PATH, b"x");
+    let t = put(&mut mem, BUF, b"t");
+    assert_eq!(
+        w.path_open(
+            &mut mem,
+            fd,
+            0,
+            PATH,
+            x,
+            u32::from(oflags::CREAT),
+            rights::FD_WRITE,
+            0,
+            0,
+            OUT
+        ),
+        Err(Errno::NoEnt)
+    );
+    assert_eq!(
+        w.path_create_directory(&mut mem, fd, PATH, x),
+        Err(Errno::NoEnt)
+    );
+    assert_eq!(
+        w.path_symlink(&mut mem, BUF, t, fd, PATH, x),
+        Err(Errno::NoEnt)
+    );
+    let f = put(&mut mem, BUF, b"file");
+    assert_eq!(
+        w.path_link(&mut mem, 3, 0, BUF, f, fd, PATH, x),
+        Err(Errno::NoEnt)
+    );
+    assert_eq!(
+        w.path_rename(&mut mem, 3, BUF, f, fd, PATH, x),
+        Err(Errno::NoEnt)
+    );
+    assert_eq!(readdir(&mut w, &mut mem, fd), [".", ".."]);
+    let up = put(&mut mem, PATH, b"../file");
+    assert_eq!(
+        w.path_open(&mut mem, fd, 0, PATH, up, 0, rights::FD_READ, 0, 0, OUT),
+        Err(Errno::Perm)
+    );
+    let inodes = w.fs().inode_count();
+    w.fd_close(fd).unwrap();
+    assert_eq!(w.fs().inode_count(), inodes - 1);
+    let dirs = w.take_dirs().unwrap();
+    let paths: Vec<&str> = dirs[0].iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["file", "dir"]);
+}
+
+#[test]
+fn poll_oneoff_counts_are_checked_before_anything_is_kept() {
+    let mut w = ctx();
+    let mut mem = vec![0u8; 8192];
+    assert_eq!(w.poll_oneoff(&mut mem, 0, 4096, 0, OUT), Err(Errno::Inval));
+    assert_eq!(
+        w.poll_oneoff(&mut mem, 0, 4096, u32::MAX, OUT),
+        Err(Errno::NoMem)
+    );
+    assert_eq!(
+        w.poll_oneoff(&mut mem, 0, 4096, 1 << 20, OUT),
+        Err(Errno::Fault)
+    );
+    assert_eq!(
+        w.poll_oneoff(&mut mem, 0, 4096, 171, OUT),
+        Err(Errno::Fault)
+    );
+    // 170 zeroed subscriptions: clocks (realtime, relative 0) all due at once.
+    assert_eq!(w.poll_oneoff(&mut mem, 0, 0, 170, OUT), Ok(()));
+    assert_eq!(u32_at(&mem, OUT), 170);
 }

@@ -1,7 +1,8 @@
 //! Identity-mapped page tables with 2 MiB pages (1 GiB pages fault on kvm_pvm).
 //!
-//! One PML4 entry, one PDPT with [`layout::PD_COUNT`] entries, and that many page directories
-//! cover guest-physical 0..4 GiB. Each 2 MiB page gets the attributes of the region it is in (see
+//! One PML4 entry, one PDPT with [`layout::PD_COUNT`] entries, and up to that many page
+//! directories (one per GiB that has RAM or the MMIO window in it) cover guest-physical 0 to the
+//! end of the largest high RAM. Each 2 MiB page gets the attributes of the region it is in (see
 //! [`bulwark_abi::layout`]).
 
 use bulwark_abi::layout;
@@ -39,7 +40,7 @@ pub fn pd_entry(addr: u64, mem_size: u64) -> u64 {
         page(0)
     } else if (layout::STACK_GUARD..layout::STACK_BOTTOM).contains(&addr) {
         0
-    } else if addr < mem_size {
+    } else if layout::is_ram(addr, mem_size) {
         page(WRITABLE | USER)
     } else if (layout::MMIO_START..layout::MMIO_START + layout::MMIO_SIZE).contains(&addr) {
         page(WRITABLE | USER | WRITE_THROUGH | CACHE_DISABLE)
@@ -60,11 +61,23 @@ pub fn write(mem: &GuestMemory, mem_size: u64) -> Result<(), CpuError> {
     put(layout::PML4, layout::PDPT | PRESENT | WRITABLE | USER)?;
     for pd in 0..layout::PD_COUNT {
         let pd_addr = layout::PD_START + pd * 0x1000;
-        put(layout::PDPT + pd * 8, pd_addr | PRESENT | WRITABLE | USER)?;
-        for i in 0..ENTRIES {
-            let addr = ((pd * ENTRIES) + i) * layout::PAGE_SIZE;
-            put(pd_addr + i * 8, pd_entry(addr, mem_size))?;
+        let mut entries = [0u64; 512];
+        for (i, entry) in (0..ENTRIES).zip(entries.iter_mut()) {
+            *entry = pd_entry(((pd * ENTRIES) + i) * layout::PAGE_SIZE, mem_size);
         }
+        // A GiB with nothing mapped in it gets no page directory at all.
+        let pdpt_entry = if entries.iter().any(|&e| e != 0) {
+            let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+            mem.write_slice(&bytes, GuestAddress(pd_addr))
+                .map_err(|source| CpuError::Write {
+                    what: "page tables",
+                    source,
+                })?;
+            pd_addr | PRESENT | WRITABLE | USER
+        } else {
+            0
+        };
+        put(layout::PDPT + pd * 8, pdpt_entry)?;
     }
     Ok(())
 }
@@ -136,5 +149,34 @@ mod tests {
             None,
             "only the first 512 GiB slot is used"
         );
+    }
+
+    #[test]
+    fn ram_past_3_gib_is_mapped_above_4_gib_and_nothing_in_between() {
+        let size = 5u64 << 30;
+        let mem = crate::memory::create(size >> 20).unwrap();
+        write(&mem, size).unwrap();
+        let user_ram = Some(PRESENT | WRITABLE | USER | HUGE);
+        let flags = |a| walk(&mem, a).map(|e| e & 0xfff);
+        assert_eq!(flags(layout::LOW_RAM_END - layout::PAGE_SIZE), user_ram);
+        assert_eq!(
+            flags(layout::LOW_RAM_END),
+            None,
+            "the hole below the MMIO window"
+        );
+        for a in [layout::HIGH_RAM_START, (6 << 30) - layout::PAGE_SIZE] {
+            assert_eq!(
+                walk(&mem, a).map(|e| e & !0xfff),
+                Some(a),
+                "identity at {a:#x}"
+            );
+            assert_eq!(flags(a), user_ram);
+        }
+        assert_eq!(flags(6 << 30), None, "nothing past high RAM");
+        // A GiB with nothing in it has no page directory.
+        let pdpte = mem
+            .read_obj::<u64>(GuestAddress(layout::PDPT + 7 * 8))
+            .unwrap();
+        assert_eq!(pdpte, 0);
     }
 }

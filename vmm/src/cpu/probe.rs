@@ -23,10 +23,11 @@ pub enum CpuProbe {
 /// The vector the user-page code reports when it ran at CPL0 (SMEP not enforced).
 pub const SMEP_MISSING_VECTOR: u32 = 0x77;
 
-/// A user page the probes use: the last 4 KiB of RAM (heap the guest has not reached when it
+/// A user page the probes use: the last 4 KiB of low RAM (heap the guest has not reached when it
 /// executes `ud2` at start-up).
 fn user_page(mem_size: u64) -> u64 {
-    mem_size - 0x1000
+    let [(_, low), _] = layout::ram_ranges(mem_size);
+    low - 0x1000
 }
 
 /// Weakens the CPU state in `mem` (already written by `gdt::write`) for `probe`.
