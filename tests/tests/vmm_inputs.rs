@@ -121,8 +121,12 @@ fn unusable_options_are_config_errors_before_kvm_is_touched() {
     for (args, needle) in [
         (vec!["--mem-mib", "3"], "guest RAM of 3 MiB is out of range"),
         (
-            vec!["--mem-mib", "4096"],
-            "guest RAM of 4096 MiB is out of range",
+            vec!["--mem-mib", "16386"],
+            "guest RAM of 16386 MiB is out of range",
+        ),
+        (
+            vec!["--mem-mib", "4097"],
+            "guest RAM of 4097 MiB is out of range",
         ),
         (vec!["--cid", "2"], "--cid 2 is reserved"),
     ] {
