@@ -97,18 +97,20 @@ impl Agent {
         let limits = bulwark_engine::store_limits(req.limits.max_memory);
         crate::linear_memory::set_call_budget(req.limits.max_memory);
         let ctx = Ctx::new(CtxParams {
-            args: req.args,
-            env: req.env,
-            stdin: req.stdin,
-            dirs: req.dirs,
-            fs_limits: bulwark_memfs::Limits {
-                max_bytes: req.limits.max_dir_bytes,
-                // Each shared directory's root is an inode on top of the entry limit.
-                max_inodes: usize::try_from(req.limits.max_dir_entries)
-                    .unwrap_or(usize::MAX)
-                    .saturating_add(MAX_SHARED_DIRS),
+            wasi: bulwark_wasi::Params {
+                args: req.args,
+                env: req.env,
+                stdin: req.stdin,
+                dirs: req.dirs,
+                fs_limits: bulwark_memfs::Limits {
+                    max_bytes: req.limits.max_dir_bytes,
+                    // Each shared directory's root is an inode on top of the entry limit.
+                    max_inodes: usize::try_from(req.limits.max_dir_entries)
+                        .unwrap_or(usize::MAX)
+                        .saturating_add(MAX_SHARED_DIRS),
+                },
+                max_output: usize::try_from(req.limits.max_output).unwrap_or(usize::MAX),
             },
-            max_output: usize::try_from(req.limits.max_output).unwrap_or(usize::MAX),
             seed: req.random_seed,
             realtime_ns: req.realtime_ns,
             clock: self.clock,

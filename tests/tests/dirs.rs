@@ -19,27 +19,42 @@ fn fs_tool() -> String {
     built("fs-tool.wasm").display().to_string()
 }
 
-/// Every file and directory under `root`: path -> contents (None for a directory).
-fn snapshot(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<Vec<u8>>>) {
-        for entry in std::fs::read_dir(dir).expect("list") {
-            let path = entry.expect("entry").path();
+/// Every entry under `root`, links not followed, as `entry(path, metadata)` says: relative path ->
+/// that value (for a directory, `entry` is called before its contents are walked).
+fn walk_tree<T>(
+    root: &Path,
+    entry: &dyn Fn(&Path, &std::fs::Metadata) -> T,
+) -> BTreeMap<String, T> {
+    fn walk<T>(
+        root: &Path,
+        dir: &Path,
+        entry: &dyn Fn(&Path, &std::fs::Metadata) -> T,
+        out: &mut BTreeMap<String, T>,
+    ) {
+        for item in std::fs::read_dir(dir).expect("list") {
+            let path = item.expect("entry").path();
             let rel = path
                 .strip_prefix(root)
                 .expect("below root")
                 .display()
                 .to_string();
-            if path.is_dir() {
-                out.insert(rel, None);
-                walk(root, &path, out);
-            } else {
-                out.insert(rel, Some(std::fs::read(&path).expect("read")));
+            let meta = std::fs::symlink_metadata(&path).expect("lstat");
+            out.insert(rel, entry(&path, &meta));
+            if meta.is_dir() {
+                walk(root, &path, entry, out);
             }
         }
     }
     let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
+    walk(root, root, entry, &mut out);
     out
+}
+
+/// Every file and directory under `root`: path -> contents (None for a directory).
+fn snapshot(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
+    walk_tree(root, &|path, meta| {
+        (!meta.is_dir()).then(|| std::fs::read(path).expect("read"))
+    })
 }
 
 /// The directory `fs-tool ... work` expects, under a fresh scratch dir, with a file beside it
@@ -380,33 +395,17 @@ fn a_host_dir_swapped_for_a_link_during_calls_is_never_written_through() {
 /// Everything under `root`, links not followed: path -> `dir`, `file: CONTENTS` or
 /// `link -> TARGET`.
 fn tree_of(root: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        for entry in std::fs::read_dir(dir).expect("list") {
-            let path = entry.expect("entry").path();
-            let rel = path
-                .strip_prefix(root)
-                .expect("below root")
-                .display()
-                .to_string();
-            let meta = std::fs::symlink_metadata(&path).expect("lstat");
-            let seen = if meta.file_type().is_symlink() {
-                format!(
-                    "link -> {}",
-                    std::fs::read_link(&path).expect("readlink").display()
-                )
-            } else if meta.is_dir() {
-                walk(root, &path, out);
-                "dir".to_owned()
-            } else {
-                let bytes = std::fs::read(&path).expect("read");
-                format!("file: {}", String::from_utf8_lossy(&bytes))
-            };
-            out.insert(rel, seen);
+    walk_tree(root, &|path, meta| {
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(path).expect("readlink");
+            format!("link -> {}", target.display())
+        } else if meta.is_dir() {
+            "dir".to_owned()
+        } else {
+            let bytes = std::fs::read(path).expect("read");
+            format!("file: {}", String::from_utf8_lossy(&bytes))
         }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
+    })
 }
 
 /// The directory `fs-tool ... links` expects, under a fresh scratch dir, with a file beside it.

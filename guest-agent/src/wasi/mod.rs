@@ -8,7 +8,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use bulwark_engine::CallLimits;
-use bulwark_proto::tree::{Entry, SharedDir};
+use bulwark_proto::tree::Entry;
 use bulwark_wasi::{Errno, Host, Params, WasiCtx, to_code};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
@@ -70,18 +70,8 @@ pub struct Ctx {
 
 /// What a call's context is made from.
 pub struct CtxParams {
-    /// argv.
-    pub args: Vec<String>,
-    /// Environment as (name, value).
-    pub env: Vec<(String, String)>,
-    /// Standard input.
-    pub stdin: Vec<u8>,
-    /// Directories to preopen, with their contents.
-    pub dirs: Vec<SharedDir>,
-    /// Caps on the shared directories' contents.
-    pub fs_limits: bulwark_memfs::Limits,
-    /// Cap of stdout and of stderr.
-    pub max_output: usize,
+    /// What the tool sees: arguments, environment, stdin, shared directories and their caps.
+    pub wasi: Params,
     /// Seed for `random_get`.
     pub seed: [u8; 32],
     /// Wall-clock time at the call.
@@ -102,15 +92,7 @@ impl Ctx {
             started_tsc: clock::now(),
             clock: p.clock,
         };
-        let params = Params {
-            args: p.args,
-            env: p.env,
-            stdin: p.stdin,
-            dirs: p.dirs,
-            fs_limits: p.fs_limits,
-            max_output: p.max_output,
-        };
-        let wasi = WasiCtx::new(params, host).map_err(|e| alloc::format!("{e}"))?;
+        let wasi = WasiCtx::new(p.wasi, host).map_err(|e| alloc::format!("{e}"))?;
         Ok(Self {
             wasi,
             limits: p.limits,
