@@ -138,7 +138,14 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     {
         return Result::Failed(code::BULWARK, e);
     }
-    let answer_max = 2 * args.max_output + args.max_dir_size + (1 << 20);
+    // The answer holds both outputs and the files, and 1 MiB for the rest. (A tool that makes
+    // thousands of long paths can still outgrow the frame: its answer is refused, exit 125,
+    // and nothing is written back.)
+    let answer_max = args
+        .max_output
+        .saturating_mul(2)
+        .saturating_add(args.max_dir_size)
+        .saturating_add(1 << 20);
     if answer_max > u64::from(bulwark_proto::frame::MAX_RESPONSE_FRAME) {
         return Result::Failed(
             code::BULWARK,
