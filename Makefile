@@ -33,6 +33,8 @@ demo: guest
 
 # --release reuses what `guest` just built (wasmtime and Cranelift take minutes to compile).
 test: guest
+	@[ -n "$$BULWARK_WASI_TESTSUITE" ] || [ -d "$(BUILD_DIR)/wasi-testsuite/tests" ] || \
+		echo "==> NOT RUN: the WASI test suite is not on this machine, so tests/tests/wasi_testsuite.rs will skip it (README: 'The WASI test suite')"
 	cargo test --release --locked
 
 bench: guest
