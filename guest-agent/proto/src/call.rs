@@ -28,6 +28,7 @@ pub enum Artifact {
         /// SHA-256 of the source module.
         digest: [u8; 32],
         /// The artifact `bulwark compile` produced.
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// An artifact this VM was already sent.
@@ -78,6 +79,7 @@ pub struct Request {
     /// Environment variables.
     pub env: Vec<(String, String)>,
     /// All of standard input.
+    #[serde(with = "serde_bytes")]
     pub stdin: Vec<u8>,
     /// Directories to preopen for the tool, with their contents; at most [`MAX_SHARED_DIRS`].
     pub dirs: Vec<SharedDir>,
@@ -143,8 +145,10 @@ pub struct Response {
     /// How the tool ended.
     pub outcome: Outcome,
     /// What it wrote to stdout (up to the limit).
+    #[serde(with = "serde_bytes")]
     pub stdout: Vec<u8>,
     /// What it wrote to stderr (up to the limit).
+    #[serde(with = "serde_bytes")]
     pub stderr: Vec<u8>,
     /// stdout or stderr went over `max_output`.
     pub output_truncated: bool,

@@ -225,4 +225,14 @@ mod tests {
             Err(ReadError::Frame(FrameError::Malformed))
         );
     }
+
+    #[test]
+    fn byte_fields_keep_the_wire_format_of_a_sequence_of_u8() {
+        // serde_bytes changes how fast byte vectors are encoded, not the bytes: a peer built
+        // before it reads the same frames.
+        let data: Vec<u8> = (0..=255).collect();
+        let as_seq = postcard::to_allocvec(&data).unwrap();
+        let as_bytes = postcard::to_allocvec(serde_bytes::Bytes::new(&data)).unwrap();
+        assert_eq!(as_seq, as_bytes);
+    }
 }

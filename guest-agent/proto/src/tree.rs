@@ -21,7 +21,7 @@ pub enum Node {
     /// A directory.
     Dir,
     /// A regular file and all of its bytes.
-    File(Vec<u8>),
+    File(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A symbolic link and its target, as the link stores it. Its target is checked by whoever
     /// makes the link real: the guest's file system resolves it only inside the shared
     /// directory, and the host writes back only a link whose target stays inside.

@@ -248,9 +248,16 @@ impl Vsock {
             };
         }
         let n = buf.len().min(conn.rx.len());
-        for (dst, src) in buf.iter_mut().zip(conn.rx.drain(..n)) {
-            *dst = src;
+        // The ring's two halves, copied as blocks (a byte-by-byte drain costs ~10x more).
+        let (front, back) = conn.rx.as_slices();
+        let from_front = n.min(front.len());
+        let (head, tail) = buf.split_at_mut(from_front);
+        head.copy_from_slice(&front[..from_front]);
+        let rest = n - from_front;
+        if let (Some(dst), Some(src)) = (tail.get_mut(..rest), back.get(..rest)) {
+            dst.copy_from_slice(src);
         }
+        conn.rx.drain(..n);
         conn.fwd_cnt = conn.fwd_cnt.wrapping_add(low_32_bits(n));
         if conn.fwd_cnt.wrapping_sub(conn.last_fwd_cnt_sent) >= BUF_ALLOC / 2 {
             self.send_control(stream, op::CREDIT_UPDATE, 0);
