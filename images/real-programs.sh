@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real command-line programs listed in images/real-programs.txt (pinned crates.io
-# versions) for wasm32-wasip1. Builds are kept in $BULWARK_BUILD_CACHE (default
+# versions) for wasm32-wasip1. Builds are kept in $BULWARK_BUILD_CACHE/real-programs (default
 # ~/.cache/bulwark/real-programs), outside the checkout, so a fresh clone (CI) reuses them:
 #   <crate>-<version>.wasm        the build, with <crate>-<version>.wasm.stamp beside it
 # and copied into $BUILD_DIR/real (default: build/real):
@@ -21,7 +21,7 @@ cd "$root"
 build_dir="${BUILD_DIR:-build}"
 manifest="images/real-programs.txt"
 out="$build_dir/real"
-cache="${BULWARK_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bulwark/real-programs}"
+cache="${BULWARK_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bulwark}/real-programs"
 mkdir -p "$out" "$cache"
 
 say() { printf '==> %s\n' "$*"; }
