@@ -1,10 +1,18 @@
 //! Runs tool calls: deserializes artifacts (kept by digest for the VM's life), and runs each call
-//! in a fresh store with WASI, store limits and fuel.
+//! in a fresh store with WASI, store limits and, when the call has a fuel budget, fuel.
+//!
+//! Fuel metering is compiled into an artifact only for calls that ask for it
+//! ([`bulwark_engine::Metering`]), so the agent has one engine and linker per variant: the
+//! unmetered one from the start, the metered one made when the first call with a fuel budget
+//! comes (creating it costs about what the unmetered one cost at start-up; most VMs never need
+//! it). A call's artifact is deserialized by the engine of the call's variant, which refuses an
+//! artifact compiled for the other: unmetered code never runs a call that asked for fuel.
 
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::vec::Vec;
 
+use bulwark_engine::Metering;
 use bulwark_proto::call::{
     Artifact, MAX_SHARED_DIRS, Outcome, PROTOCOL_VERSION, Request, Response,
 };
@@ -16,54 +24,108 @@ use crate::wasi::{self, Ctx, CtxParams, Exit};
 /// Most artifacts kept at once; the oldest is dropped past this.
 const MAX_CACHED_MODULES: usize = 16;
 
-/// The agent's engine, linker and artifact cache.
-pub struct Agent {
+/// One metering variant's engine and the WASI linker made for it.
+struct Runtime {
     engine: Engine,
     linker: Linker<Ctx>,
-    modules: BTreeMap<[u8; 32], Module>,
-    order: Vec<[u8; 32]>,
+}
+
+impl Runtime {
+    fn new(engine: Engine) -> wasmtime::Result<Self> {
+        let mut linker = Linker::new(&engine);
+        wasi::add_to_linker(&mut linker)?;
+        Ok(Self { engine, linker })
+    }
+}
+
+/// A cached artifact's key: module digest and the variant it was compiled for.
+type ModuleKey = ([u8; 32], Metering);
+
+/// The agent's engines, linkers and artifact cache.
+pub struct Agent {
+    /// For calls without a fuel budget.
+    unmetered: Runtime,
+    /// For calls with one; made when the first such call comes.
+    metered: Option<Runtime>,
+    modules: BTreeMap<ModuleKey, Module>,
+    order: Vec<ModuleKey>,
     clock: Clock,
 }
 
 impl Agent {
-    /// An agent using `engine`.
+    /// An agent whose unmetered calls use `engine`, which must be made from
+    /// `runtime::config()` (no fuel metering); the metered engine is made when needed.
     pub fn new(engine: Engine, clock: Clock) -> wasmtime::Result<Self> {
-        let mut linker = Linker::new(&engine);
-        wasi::add_to_linker(&mut linker)?;
         Ok(Self {
-            engine,
-            linker,
+            unmetered: Runtime::new(engine)?,
+            metered: None,
             modules: BTreeMap::new(),
             order: Vec::new(),
             clock,
         })
     }
 
-    fn module(&mut self, artifact: Artifact) -> Result<(Module, u64), Outcome> {
+    /// The engine and linker of `metering`, made now if this is the first call that needs them.
+    fn runtime(&mut self, metering: Metering) -> Result<&Runtime, Outcome> {
+        match metering {
+            Metering::None => Ok(&self.unmetered),
+            Metering::Fuel => {
+                if self.metered.is_none() {
+                    let made = Engine::new(&crate::runtime::config_for(Metering::Fuel))
+                        .and_then(Runtime::new)
+                        .map_err(|e| {
+                            Outcome::AgentFailed(format!(
+                                "cannot create the fuel-metered engine: {e}"
+                            ))
+                        })?;
+                    self.metered = Some(made);
+                }
+                self.metered.as_ref().ok_or_else(|| {
+                    Outcome::AgentFailed("the fuel-metered engine is missing".into())
+                })
+            }
+        }
+    }
+
+    /// The module for `artifact` in the engine of `metering`, and the microseconds it took to
+    /// get it ready (the metered engine's creation included, when this call made it).
+    fn module(&mut self, artifact: Artifact, metering: Metering) -> Result<(Module, u64), Outcome> {
         match artifact {
             Artifact::Cached { digest } => self
                 .modules
-                .get(&digest)
+                .get(&(digest, metering))
                 .cloned()
                 .map(|m| (m, 0))
                 .ok_or_else(|| {
-                    Outcome::Refused("the VM does not have that artifact cached".into())
+                    Outcome::Refused(format!(
+                        "the VM does not have that artifact cached ({})",
+                        metering.name()
+                    ))
                 }),
             Artifact::Inline { digest, bytes } => {
                 let t = clock::now();
+                let engine = self.runtime(metering)?.engine.clone();
                 // SAFETY: the host compiled this artifact with bulwark_engine::compiler_config;
-                // deserialize checks that its wasmtime version and engine settings match ours
-                // and refuses anything else. The host is trusted to hand over its own compiler's
-                // output (the tool's code itself is untrusted, but it runs as Wasm).
-                let module = unsafe { Module::deserialize(&self.engine, &bytes) }
-                    .map_err(|e| Outcome::Refused(format!("cannot load the artifact: {e}")))?;
+                // deserialize checks that its wasmtime version and engine settings (fuel
+                // metering among them) match this engine's and refuses anything else. The host
+                // is trusted to hand over its own compiler's output (the tool's code itself is
+                // untrusted, but it runs as Wasm).
+                let module = unsafe { Module::deserialize(&engine, &bytes) }.map_err(|e| {
+                    Outcome::Refused(format!(
+                        "cannot load the artifact as {} code: {e}",
+                        metering.name()
+                    ))
+                })?;
                 let load_us = self.clock.micros(clock::now().wrapping_sub(t));
+                let key = (digest, metering);
+                // A digest sent again replaces its entry; it is listed once.
+                self.order.retain(|k| *k != key);
                 if self.order.len() >= MAX_CACHED_MODULES {
                     let oldest = self.order.remove(0);
                     self.modules.remove(&oldest);
                 }
-                self.order.push(digest);
-                self.modules.insert(digest, module.clone());
+                self.order.push(key);
+                self.modules.insert(key, module.clone());
                 Ok((module, load_us))
             }
         }
@@ -86,7 +148,9 @@ impl Agent {
             ));
             return response;
         }
-        let (module, load_us) = match self.module(req.artifact) {
+        // The call's variant: fuel metering only with a fuel budget.
+        let metering = Metering::of(req.limits.fuel);
+        let (module, load_us) = match self.module(req.artifact, metering) {
             Ok(m) => m,
             Err(outcome) => {
                 response.outcome = outcome;
@@ -116,6 +180,7 @@ impl Agent {
             clock: self.clock,
             limits,
         });
+        let clock = self.clock;
         let ctx = match ctx {
             Ok(ctx) => ctx,
             Err(message) => {
@@ -123,30 +188,39 @@ impl Agent {
                 return response;
             }
         };
+        let runtime = match self.runtime(metering) {
+            Ok(r) => r,
+            Err(outcome) => {
+                response.outcome = outcome;
+                return response;
+            }
+        };
         let t0 = clock::now();
-        let mut store = Store::new(&self.engine, ctx);
+        let mut store = Store::new(&runtime.engine, ctx);
         store.limiter(|ctx| &mut ctx.limits);
-        let fuel = req.limits.fuel.unwrap_or(u64::MAX);
-        if let Err(e) = store.set_fuel(fuel) {
+        // Only the metered engine has fuel to set.
+        if let Some(fuel) = req.limits.fuel
+            && let Err(e) = store.set_fuel(fuel)
+        {
             response.outcome = Outcome::AgentFailed(format!("cannot set fuel: {e}"));
             return response;
         }
-        let instance = self.linker.instantiate(&mut store, &module);
+        let instance = runtime.linker.instantiate(&mut store, &module);
         let t1 = clock::now();
-        response.timings.instantiate_us = self.clock.micros(t1.wrapping_sub(t0));
+        response.timings.instantiate_us = clock.micros(t1.wrapping_sub(t0));
         let mut started = false;
         let result = instance.and_then(|instance| {
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
             started = true;
             start.call(&mut store, ())
         });
-        response.timings.run_us = self.clock.micros(clock::now().wrapping_sub(t1));
+        response.timings.run_us = clock.micros(clock::now().wrapping_sub(t1));
         response.outcome = match result {
             Ok(()) => Outcome::Exited(0),
             Err(e) => outcome_of(&e, started),
         };
-        if req.limits.fuel.is_some() {
-            response.fuel_consumed = store.get_fuel().ok().map(|left| fuel - left);
+        if let Some(fuel) = req.limits.fuel {
+            response.fuel_consumed = store.get_fuel().ok().map(|left| fuel.saturating_sub(left));
         }
         let mut ctx = store.into_data();
         match ctx.take_dirs() {

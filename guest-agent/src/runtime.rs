@@ -10,6 +10,7 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
+use bulwark_engine::Metering;
 use wasmtime::{Config, CustomCodeMemory, Engine, Instance, Module, Store};
 
 use crate::clock::{self, Clock};
@@ -52,33 +53,59 @@ impl CustomCodeMemory for AlwaysExecutable {
     }
 }
 
+/// The CPUID words `detect_feature` reads (leaf 1 ECX, leaf 7 EBX, leaf 0x8000_0001 ECX), read
+/// once: each CPUID is a VM exit, and wasmtime asks about each feature, for each engine.
+fn cpuid_words() -> [u32; 3] {
+    use core::arch::x86_64::__cpuid_count;
+    use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    static WORDS: [AtomicU32; 3] = [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)];
+    static READ: AtomicBool = AtomicBool::new(false);
+    if !READ.load(Ordering::Acquire) {
+        let words = [
+            __cpuid_count(1, 0).ecx,
+            __cpuid_count(7, 0).ebx,
+            __cpuid_count(0x8000_0001, 0).ecx,
+        ];
+        for (slot, word) in WORDS.iter().zip(words) {
+            slot.store(word, Ordering::Relaxed);
+        }
+        READ.store(true, Ordering::Release);
+    }
+    let word = |i: usize| WORDS[i].load(Ordering::Relaxed);
+    [word(0), word(1), word(2)]
+}
+
 /// Answers wasmtime's CPU feature questions from CPUID, which the VMM filtered to what the
 /// guest may use (no AVX: XSAVE state is never enabled).
 fn detect_feature(name: &str) -> Option<bool> {
-    use core::arch::x86_64::__cpuid_count;
-    let leaf1 = __cpuid_count(1, 0);
-    let leaf7 = __cpuid_count(7, 0);
-    let ext1 = __cpuid_count(0x8000_0001, 0);
+    let [leaf1_ecx, leaf7_ebx, ext1_ecx] = cpuid_words();
     let bit = |reg: u32, n: u32| reg & (1 << n) != 0;
     Some(match name {
-        "sse3" => bit(leaf1.ecx, 0),
-        "ssse3" => bit(leaf1.ecx, 9),
-        "sse4.1" => bit(leaf1.ecx, 19),
-        "sse4.2" => bit(leaf1.ecx, 20),
-        "popcnt" => bit(leaf1.ecx, 23),
-        "cmpxchg16b" => bit(leaf1.ecx, 13),
-        "bmi1" => bit(leaf7.ebx, 3),
-        "bmi2" => bit(leaf7.ebx, 8),
-        "lzcnt" => bit(ext1.ecx, 5),
+        "sse3" => bit(leaf1_ecx, 0),
+        "ssse3" => bit(leaf1_ecx, 9),
+        "sse4.1" => bit(leaf1_ecx, 19),
+        "sse4.2" => bit(leaf1_ecx, 20),
+        "popcnt" => bit(leaf1_ecx, 23),
+        "cmpxchg16b" => bit(leaf1_ecx, 13),
+        "bmi1" => bit(leaf7_ebx, 3),
+        "bmi2" => bit(leaf7_ebx, 8),
+        "lzcnt" => bit(ext1_ecx, 5),
         "avx" | "avx2" | "fma" | "f16c" => false,
         name if name.starts_with("avx512") => false,
         _ => return None,
     })
 }
 
-/// The guest's engine configuration: the shared settings plus this platform's hooks.
+/// The guest's engine configuration for unmetered calls (what the self-test and calls without a
+/// fuel budget run with): [`config_for`] [`Metering::None`].
 pub fn config() -> Config {
-    let mut config = bulwark_engine::shared_config();
+    config_for(Metering::None)
+}
+
+/// The guest's engine configuration of one metering variant: the shared settings plus this
+/// platform's hooks.
+pub fn config_for(metering: Metering) -> Config {
+    let mut config = bulwark_engine::shared_config(metering);
     config.with_custom_code_memory(Some(Arc::new(AlwaysExecutable)));
     // Linear memories that grow in place (see linear_memory): wasmtime's own would copy.
     config.with_host_memory(Arc::new(crate::linear_memory::GuestMemoryCreator));
@@ -113,9 +140,8 @@ pub fn self_test(artifact: &[u8], clock: &Clock) -> wasmtime::Result<SelfTest> {
     // deserialize checks that it was compiled by this wasmtime version with this configuration.
     let module = unsafe { Module::deserialize(&engine, artifact) }?;
     let t2 = clock::now();
+    // Unmetered, like `bulwark compile` by default: the engine has no fuel to set.
     let mut store = Store::new(&engine, ());
-    // The engine meters fuel (see bulwark_engine::shared_config); the self-test is unmetered.
-    store.set_fuel(u64::MAX)?;
     let instance = Instance::new(&mut store, &module, &[])?;
     let run = instance.get_typed_func::<(), i64>(&mut store, "run")?;
     let t3 = clock::now();

@@ -30,6 +30,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bulwark_engine::Metering;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -95,14 +96,20 @@ pub fn dir() -> PathBuf {
     base.join("bulwark")
 }
 
-/// Digest of everything besides the module that decides the artifact's bytes.
+/// [`engine_key_for`] of the default, unmetered variant (what `bulwark doctor` shows).
 pub fn engine_key(target: Target) -> String {
+    engine_key_for(target, Metering::None)
+}
+
+/// Digest of everything besides the module that decides the artifact's bytes: wasmtime's
+/// version, the target and the engine settings, which differ with `metering`.
+pub fn engine_key_for(target: Target, metering: Metering) -> String {
     let id = match target {
         Target::Guest => format!(
             "{} {} {}",
             bulwark_engine::WASMTIME_VERSION,
             bulwark_engine::TARGET,
-            bulwark_engine::SETTINGS_ID
+            metering.settings_id()
         ),
         // Compiled for this machine's CPU: an artifact carried to another machine is refused
         // when loaded, and the error says to clear the cache.
@@ -111,25 +118,34 @@ pub fn engine_key(target: Target) -> String {
             bulwark_engine::WASMTIME_VERSION,
             std::env::consts::ARCH,
             std::env::consts::OS,
-            bulwark_engine::SETTINGS_ID,
+            metering.settings_id(),
             crate::local::HOST_SETTINGS_ID
         ),
     };
     sha256_hex(id.as_bytes())[..16].to_owned()
 }
 
-/// File name of the entry for a module with SHA-256 `digest`, compiled for `target`.
-fn entry_name(digest: &str, target: Target) -> String {
+/// File name of the entry for a module with SHA-256 `digest`, compiled for `target` and
+/// `metering`.
+fn entry_name(digest: &str, target: Target, metering: Metering) -> String {
     let suffix = match target {
         Target::Guest => "",
         Target::Host => "-host",
     };
-    format!("{digest}-{}{suffix}.cwasm", engine_key(target))
+    format!(
+        "{digest}-{}{suffix}.cwasm",
+        engine_key_for(target, metering)
+    )
 }
 
-/// What an entry's tag vouches for besides the artifact: module digest, engine key and target.
-fn cache_key(digest: &str, target: Target) -> String {
-    format!("{digest} {} {}", engine_key(target), target.name())
+/// What an entry's tag vouches for besides the artifact: module digest, engine key (which
+/// covers the metering variant) and target.
+fn cache_key(digest: &str, target: Target, metering: Metering) -> String {
+    format!(
+        "{digest} {} {}",
+        engine_key_for(target, metering),
+        target.name()
+    )
 }
 
 /// Why [`artifact`] returned no artifact.
@@ -157,7 +173,7 @@ impl From<anyhow::Error> for Error {
 }
 
 /// Returns the artifact for `module` (whose SHA-256 is `digest`, read from `name`) and
-/// `target`: the cached one if its tag checks out, else one compiled now, by a compile worker
+/// `target` and `metering`: the cached one if its tag checks out, else one compiled now, by a compile worker
 /// that is killed at `deadline` (or after [`COMPILE_TIMEOUT`]), and then cached. The bool says
 /// whether it was compiled now.
 pub fn artifact(
@@ -165,15 +181,16 @@ pub fn artifact(
     name: &Path,
     digest: &str,
     target: Target,
+    metering: Metering,
     deadline: Instant,
 ) -> Result<(Vec<u8>, bool), Error> {
     let cache = Cache::open()?;
-    let path = cache.artifacts.join(entry_name(digest, target));
-    let key = cache_key(digest, target);
+    let path = cache.artifacts.join(entry_name(digest, target, metering));
+    let key = cache_key(digest, target, metering);
     if let Some(artifact) = cache.load(&path, &key) {
         return Ok((artifact, false));
     }
-    let artifact = compile_in_child(module, name, target, deadline)?;
+    let artifact = compile_in_child(module, name, target, metering, deadline)?;
     // Only on a miss, off the path of a cached call: the directory may hold many entries.
     remove_stale_temp_files(&cache.artifacts);
     if let Err(e) = cache.store(&path, &key, &artifact) {
@@ -426,13 +443,15 @@ fn discard(path: &Path) {
 }
 
 /// Compiles `module` (read from `name`, for messages) in the compile worker, `bulwark compile -
-/// -o - --target T`: the module on its standard input, the artifact from its standard output.
+/// -o - --target T [--fuel]`: the module on its standard input, the artifact from its standard
+/// output.
 /// The worker dies with this process, has [`compile_memory`] of address space and no core dump,
 /// and is killed at `deadline`, after [`COMPILE_TIMEOUT`], or on Ctrl-C.
 fn compile_in_child(
     module: &[u8],
     name: &Path,
     target: Target,
+    metering: Metering,
     deadline: Instant,
 ) -> Result<Vec<u8>, Error> {
     let exe = std::env::current_exe().context("cannot find the bulwark executable")?;
@@ -440,8 +459,11 @@ fn compile_in_child(
     let memory = compile_memory(module.len()).min(hard_memory_limit());
     let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
     let mut cmd = Command::new(exe);
-    cmd.args(["compile", "-", "-o", "-", "--target", target.name()])
-        .stdin(Stdio::piped())
+    cmd.args(["compile", "-", "-o", "-", "--target", target.name()]);
+    if metering == Metering::Fuel {
+        cmd.arg("--fuel");
+    }
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: the closure runs in the child between fork and exec and makes only
@@ -612,6 +634,28 @@ fn worker_failure(name: &Path, status: ExitStatus, errors: &str, memory: u64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_metering_variant_has_its_own_engine_key_and_entry() {
+        for target in [Target::Guest, Target::Host] {
+            let none = engine_key_for(target, Metering::None);
+            let fuel = engine_key_for(target, Metering::Fuel);
+            assert_ne!(none, fuel, "{target:?}");
+            assert_eq!(engine_key(target), none, "the default is unmetered");
+            assert_ne!(
+                entry_name("d", target, Metering::None),
+                entry_name("d", target, Metering::Fuel)
+            );
+            assert_ne!(
+                cache_key("d", target, Metering::None),
+                cache_key("d", target, Metering::Fuel)
+            );
+        }
+        assert_ne!(
+            engine_key_for(Target::Guest, Metering::Fuel),
+            engine_key_for(Target::Host, Metering::Fuel)
+        );
+    }
 
     #[test]
     fn temp_files_left_by_a_killed_writer_are_removed_once_stale() {

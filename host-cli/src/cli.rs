@@ -178,7 +178,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub timeout: std::time::Duration,
 
-    /// Run with this much fuel (roughly, Wasm instructions); out of fuel is a trap.
+    /// Run with this much fuel (roughly, Wasm instructions); out of fuel is a trap. The module
+    /// is then compiled (and cached) with fuel metering, apart from its faster unmetered
+    /// artifact that calls without --fuel use.
     #[arg(long, value_name = "N")]
     pub fuel: Option<u64>,
 
@@ -350,6 +352,13 @@ pub struct CompileArgs {
     /// (`bulwark run --isolation wasm` on this machine).
     #[arg(long, value_enum, default_value_t = Target::Guest)]
     pub target: Target,
+
+    /// Compile fuel metering in: the artifact is for calls with `bulwark run --fuel N`, and only
+    /// for them. Without it (the default) the code carries no fuel instrumentation, which runs faster,
+    /// and cannot be given a fuel budget. wasmtime refuses to load
+    /// an artifact of one kind where the other is needed.
+    #[arg(long)]
+    pub fuel: bool,
 }
 
 /// Which engine an artifact is compiled for.

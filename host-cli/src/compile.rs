@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use bulwark_engine::Metering;
 use sha2::{Digest, Sha256};
 
 use crate::cli::{CompileArgs, Target};
@@ -14,13 +15,14 @@ use crate::cli::{CompileArgs, Target};
 /// Largest module accepted, in bytes.
 pub const MAX_MODULE_SIZE: u64 = 256 << 20;
 
-/// Compiles `wasm` (binary or text) into an artifact for `target`: the guest's engine, or
-/// `--isolation wasm`'s engine on this host.
-pub fn compile_bytes(wasm: &[u8], target: Target) -> anyhow::Result<Vec<u8>> {
+/// Compiles `wasm` (binary or text) into an artifact for `target` (the guest's engine, or
+/// `--isolation wasm`'s engine on this host) and `metering` (fuel instrumentation compiled in,
+/// or not).
+pub fn compile_bytes(wasm: &[u8], target: Target, metering: Metering) -> anyhow::Result<Vec<u8>> {
     let config = match target {
-        Target::Guest => bulwark_engine::compiler_config()
+        Target::Guest => bulwark_engine::compiler_config(metering)
             .map_err(|e| wasmtime_error("configuring the compiler", e))?,
-        Target::Host => crate::local::host_config(),
+        Target::Host => crate::local::host_config(metering),
     };
     let engine = wasmtime::Engine::new(&config)
         .map_err(|e| wasmtime_error("creating the compiler engine", e))?;
@@ -275,7 +277,7 @@ pub fn run(args: &CompileArgs) -> anyhow::Result<()> {
     let from_stdin = args.input.as_os_str() == STDIO;
     let to_stdout = args.output.as_os_str() == STDIO;
     if from_stdin && to_stdout {
-        return worker(args.target);
+        return worker(args.target, metering(args));
     }
     let started = Instant::now();
     let (wasm, name) = if from_stdin {
@@ -284,7 +286,7 @@ pub fn run(args: &CompileArgs) -> anyhow::Result<()> {
         (read_module(&args.input)?, args.input.display().to_string())
     };
     let digest = sha256_hex(&wasm);
-    let artifact = compile_bytes(&wasm, args.target)
+    let artifact = compile_bytes(&wasm, args.target, metering(args))
         .with_context(|| format!("cannot compile {name}: is it a valid WebAssembly module?"))?;
     if to_stdout {
         return write_stdout(&artifact);
@@ -312,11 +314,21 @@ pub fn run(args: &CompileArgs) -> anyhow::Result<()> {
 
 /// The compile worker: module on standard input, artifact on standard output, an error message
 /// on standard error (the caller names the module).
-fn worker(target: Target) -> anyhow::Result<()> {
+fn worker(target: Target, metering: Metering) -> anyhow::Result<()> {
     confine_compile_worker().context("cannot confine the compile worker")?;
     let wasm = read_module_stdin()?;
-    let artifact = compile_bytes(&wasm, target).context("is it a valid WebAssembly module?")?;
+    let artifact =
+        compile_bytes(&wasm, target, metering).context("is it a valid WebAssembly module?")?;
     write_stdout(&artifact)
+}
+
+/// The variant `bulwark compile` was asked for: `--fuel` compiles fuel metering in.
+fn metering(args: &CompileArgs) -> Metering {
+    if args.fuel {
+        Metering::Fuel
+    } else {
+        Metering::None
+    }
 }
 
 /// Writes an artifact to standard output.
@@ -335,23 +347,36 @@ mod tests {
 
     #[test]
     fn compiles_to_a_reproducible_elf_artifact() {
-        let a = compile_bytes(WAT.as_bytes(), Target::Guest).unwrap();
+        let a = compile_bytes(WAT.as_bytes(), Target::Guest, Metering::None).unwrap();
         assert_eq!(&a[..4], b"\x7fELF");
         assert_eq!(
             a,
-            compile_bytes(WAT.as_bytes(), Target::Guest).unwrap(),
+            compile_bytes(WAT.as_bytes(), Target::Guest, Metering::None).unwrap(),
             "same input, same bytes"
         );
     }
 
     #[test]
+    fn fuel_metering_is_compiled_in_only_when_asked() {
+        for target in [Target::Guest, Target::Host] {
+            let none = compile_bytes(WAT.as_bytes(), target, Metering::None).unwrap();
+            let fuel = compile_bytes(WAT.as_bytes(), target, Metering::Fuel).unwrap();
+            assert_ne!(
+                none, fuel,
+                "{target:?}: the variants are different artifacts"
+            );
+        }
+    }
+
+    #[test]
     fn invalid_modules_and_oversized_files_are_refused() {
-        assert!(compile_bytes(b"\0asm\x01\0\0\0garbage", Target::Guest).is_err());
-        assert!(compile_bytes(b"\0asm\x01\0\0\0garbage", Target::Host).is_err());
+        assert!(compile_bytes(b"\0asm\x01\0\0\0garbage", Target::Guest, Metering::None).is_err());
+        assert!(compile_bytes(b"\0asm\x01\0\0\0garbage", Target::Host, Metering::Fuel).is_err());
         assert!(
             compile_bytes(
                 b"(module (func (export \"f\") (result i32)))",
-                Target::Guest
+                Target::Guest,
+                Metering::Fuel
             )
             .is_err(),
             "type error"

@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
+use bulwark_engine::Metering;
 use bulwark_proto::call::{Limits, Outcome, PROTOCOL_VERSION, Response, Timings};
 use wasmtime::{
     Config, Engine, Linker, Module, Store, Strategy, Trap, WasmBacktraceDetails, WasmFeatures,
@@ -65,7 +66,10 @@ pub struct LocalCall<'a> {
 /// Runs one call in this process. `Ok(None)`: the deadline passed, or Ctrl-C arrived
 /// (`crate::interrupt::requested` tells which); the tool was stopped.
 pub fn run(call: LocalCall<'_>) -> anyhow::Result<Option<Response>> {
-    let engine = engine()?;
+    // The engine of the artifact's variant: fuel metering only for a call with a fuel budget.
+    // An artifact of the other variant is refused by deserialize (wasmtime checks the setting).
+    let metering = Metering::of(call.limits.fuel);
+    let engine = engine(metering)?;
     let started = Instant::now();
     // SAFETY: the artifact is our own compiler's output (`bulwark compile --target host`, run by
     // the compile cache with `host_config`), read from the user's own cache directory;
@@ -73,7 +77,8 @@ pub fn run(call: LocalCall<'_>) -> anyhow::Result<Option<Response>> {
     // refuses a mismatch. The tool's code is untrusted, but it runs as Wasm.
     let module = unsafe { Module::deserialize(&engine, call.artifact) }.map_err(|e| {
         anyhow!(
-            "cannot load the compiled module from the cache ({e}); if the cache was copied from another machine, delete {}",
+            "cannot load the compiled module from the cache as a {} artifact ({e}); if the cache was copied from another machine, delete {}",
+            metering.name(),
             crate::cache::dir().display()
         )
     })?;
@@ -128,15 +133,18 @@ pub fn run(call: LocalCall<'_>) -> anyhow::Result<Option<Response>> {
 /// compile cache never hands out an artifact compiled under other settings.
 pub const HOST_SETTINGS_ID: &str = "v1 cranelift no-components epoch no-backtrace-details";
 
-/// The engine: the guest's shared settings (so the same modules validate, with the same fuel
-/// costs), compiled for this host, plus epoch interruption for the deadline.
-fn engine() -> anyhow::Result<Engine> {
-    Engine::new(&host_config()).map_err(|e| anyhow!("cannot create the wasmtime engine: {e:?}"))
+/// The engine of one metering variant: the guest's shared settings (so the same modules
+/// validate, with the same fuel costs when metered), compiled for this host, plus epoch
+/// interruption for the deadline.
+fn engine(metering: Metering) -> anyhow::Result<Engine> {
+    Engine::new(&host_config(metering))
+        .map_err(|e| anyhow!("cannot create the wasmtime engine: {e:?}"))
 }
 
-/// The configuration of [`engine`], also what `bulwark compile --target host` compiles with.
-pub fn host_config() -> Config {
-    let mut config = bulwark_engine::shared_config();
+/// The configuration of [`engine`], also what `bulwark compile --target host [--fuel]` compiles
+/// with.
+pub fn host_config(metering: Metering) -> Config {
+    let mut config = bulwark_engine::shared_config(metering);
     config
         .strategy(Strategy::Cranelift)
         // As `bulwark_engine::compiler_config`: the guest's wasmtime has no component model (this
@@ -236,10 +244,12 @@ fn execute(
     };
     let t0 = Instant::now();
     store.limiter(|d| &mut d.limits);
-    let fuel = limits.fuel.unwrap_or(u64::MAX);
-    store
-        .set_fuel(fuel)
-        .map_err(|e| anyhow!("cannot set fuel: {e:?}"))?;
+    // Only the metered engine has fuel (`run` chose it from `limits.fuel`).
+    if let Some(fuel) = limits.fuel {
+        store
+            .set_fuel(fuel)
+            .map_err(|e| anyhow!("cannot set fuel: {e:?}"))?;
+    }
     store.set_epoch_deadline(1);
     let instance = linker.instantiate(&mut store, module);
     let t1 = Instant::now();
@@ -256,11 +266,9 @@ fn execute(
         Err(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => return Ok(None),
         Err(e) => outcome_of(&e, started),
     };
-    let fuel_consumed = if limits.fuel.is_some() {
-        store.get_fuel().ok().map(|left| fuel - left)
-    } else {
-        None
-    };
+    let fuel_consumed = limits
+        .fuel
+        .and_then(|fuel| store.get_fuel().ok().map(|left| fuel.saturating_sub(left)));
     // Dropping the store closes the write ends of the output pipes, so the readers finish.
     drop(store);
     let stdout = stdout
@@ -348,13 +356,21 @@ mod tests {
     use super::*;
 
     fn compiled(module: &[u8]) -> Vec<u8> {
-        crate::compile::compile_bytes(module, crate::cli::Target::Host).unwrap()
+        compiled_for(module, Metering::None)
     }
 
+    fn compiled_for(module: &[u8], metering: Metering) -> Vec<u8> {
+        crate::compile::compile_bytes(module, crate::cli::Target::Host, metering).unwrap()
+    }
+
+    /// Runs `module` compiled for the variant `limits` asks for, as `bulwark run` does.
     fn call(module: &[u8], limits: Limits) -> anyhow::Result<Option<Response>> {
-        let artifact = compiled(module);
+        call_with(&compiled_for(module, Metering::of(limits.fuel)), limits)
+    }
+
+    fn call_with(artifact: &[u8], limits: Limits) -> anyhow::Result<Option<Response>> {
         run(LocalCall {
-            artifact: &artifact,
+            artifact,
             args: vec!["t".into()],
             env: Vec::new(),
             stdin: Vec::new(),
@@ -482,7 +498,10 @@ mod tests {
 
     #[test]
     fn bad_modules_unknown_imports_and_deadlines() {
-        assert!(crate::compile::compile_bytes(b"#!/bin/sh", crate::cli::Target::Host).is_err());
+        assert!(
+            crate::compile::compile_bytes(b"#!/bin/sh", crate::cli::Target::Host, Metering::None)
+                .is_err()
+        );
         let e = run(LocalCall {
             artifact: b"not an artifact",
             args: vec!["t".into()],
@@ -522,5 +541,33 @@ mod tests {
         let r = call(spin, fuel).unwrap().unwrap();
         assert_eq!(r.outcome, Outcome::OutOfFuel);
         assert_eq!(r.fuel_consumed, Some(1000));
+    }
+
+    #[test]
+    fn an_artifact_of_the_other_metering_variant_is_refused() {
+        let spin = br#"(module (func (export "_start") (loop (br 0))))"#;
+        let fuel = Limits {
+            fuel: Some(1000),
+            ..Limits::default()
+        };
+        // Unmetered code handed to a call with a fuel budget must not run (unmetered, it would
+        // spin to the deadline): deserialize refuses it.
+        let e = call_with(&compiled_for(spin, Metering::None), fuel).unwrap_err();
+        assert!(format!("{e:#}").contains("fuel-metered"), "{e:#}");
+        let e = call_with(&compiled_for(spin, Metering::Fuel), Limits::default()).unwrap_err();
+        assert!(format!("{e:#}").contains("unmetered"), "{e:#}");
+        // Each variant in its own engine works.
+        let r = call_with(&compiled_for(spin, Metering::Fuel), fuel)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.outcome, Outcome::OutOfFuel);
+        let r = call_with(
+            &compiled_for(WRITE.as_bytes(), Metering::None),
+            Limits::default(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.outcome, Outcome::Exited(210));
+        assert_eq!(r.fuel_consumed, None);
     }
 }

@@ -179,7 +179,17 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     };
     // The call's deadline started with `bulwark run`: compiling counts against it.
     let deadline = started + args.timeout;
-    let compiled = cache::artifact(&module, &args.module, &hex(&digest), target, deadline);
+    // Fuel metering is compiled in only for calls that give a fuel budget; the guest (or
+    // `local`) picks the engine of the same variant from `limits.fuel`.
+    let metering = bulwark_engine::Metering::of(args.fuel);
+    let compiled = cache::artifact(
+        &module,
+        &args.module,
+        &hex(&digest),
+        target,
+        metering,
+        deadline,
+    );
     timings.compile_us = micros(started.elapsed());
     let (artifact, _compiled) = match compiled {
         Ok(a) => a,

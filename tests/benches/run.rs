@@ -17,6 +17,10 @@
 //!    panics: that is a correctness check, not a timing one. A `bulwark` without `--isolation`
 //!    runs the VM case with its default isolation and skips the wasm case, saying so.
 //!
+//! 4. Language runtimes (`build/runtimes`): CPython `-c 'print(1+1)'` and QuickJS
+//!    `-e 'console.log(1+1)'`, whole process in the VM and with `--isolation wasm`,
+//!    `BULWARK_BENCH_COMPUTE_RUNS` runs each, interleaved, with the VM call's `--json` breakdown.
+//!
 //! A `bulwark run` that fails panics with its output.
 //!
 //! `BULWARK_CLI` overrides the `bulwark` binary (default: the one next to this bench).
@@ -412,6 +416,92 @@ fn bench_compute(cache: &std::path::Path, runs: usize) {
     }
 }
 
+/// A language runtime's smallest call, `bulwark run` whole process, in the VM and with
+/// `--isolation wasm`, interleaved: CPython `-c 'print(1+1)'` and QuickJS `-e 'console.log(1+1)'`
+/// (`build/runtimes`, from `images/runtimes.sh`). These use the user's own compile cache (not
+/// the benchmark's scratch one) so CPython is not compiled again (~30 s) on every run. Also
+/// prints the medians of `--json`'s breakdown of the VM calls.
+fn bench_runtimes(runs: usize) {
+    let cases = [
+        (
+            "python -c 'print(1+1)'",
+            "runtimes/python.wasm",
+            ["-c", "print(1+1)"],
+        ),
+        (
+            "quickjs -e 'console.log(1+1)'",
+            "runtimes/quickjs.wasm",
+            ["-e", "console.log(1+1)"],
+        ),
+    ];
+    let run = |isolation: &str, module: &std::path::Path, args: &[&str], json: bool| {
+        let mut cmd = Command::new(bulwark());
+        cmd.arg("run")
+            .args(["--isolation", isolation, "--timeout", "300s"])
+            .args(json.then_some("--json"))
+            .arg(module)
+            .args(args)
+            .env("BULWARK_GUEST", guest_image());
+        let (wall, out) = timed(
+            &mut cmd,
+            &format!("bulwark run {isolation} {}", module.display()),
+        );
+        if !json {
+            assert_eq!(
+                stdout(&out),
+                "2\n",
+                "{} printed something else",
+                module.display()
+            );
+        }
+        (ms(wall), stdout(&out))
+    };
+    println!(
+        "language runtimes, whole process, warm compile cache (~/.cache/bulwark), {runs} runs each (+1 warm-up), interleaved"
+    );
+    for (name, file, args) in cases {
+        let module = build_dir().join(file);
+        if !module.is_file() {
+            println!(
+                "  {name}: skipped, {} is missing (make guest)",
+                module.display()
+            );
+            continue;
+        }
+        // Warm-up: compiles each target once if the cache does not have it yet.
+        run("vm", &module, &args, false);
+        run("wasm", &module, &args, false);
+        let (mut vm, mut wasm) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            vm.push(run("vm", &module, &args, false).0);
+            wasm.push(run("wasm", &module, &args, false).0);
+        }
+        let keys = ["call", "guest_load", "guest_instantiate", "guest_run"];
+        let mut breakdown: Vec<Vec<f64>> = vec![Vec::new(); keys.len()];
+        for _ in 0..runs {
+            let json = run("vm", &module, &args, true).1;
+            for (key, samples) in keys.iter().zip(&mut breakdown) {
+                let us = json_timing_us(&json, key).unwrap_or_else(|| {
+                    panic!("no timings_us.{key} in `bulwark run --json`: {json}")
+                });
+                samples.push(ms(Duration::from_micros(us)));
+            }
+        }
+        let (vmin, vmed, vmax) = summary(vm);
+        let (wmin, wmed, wmax) = summary(wasm);
+        println!("  {name}");
+        println!("    vm     min {vmin:8.1} ms  median {vmed:8.1} ms  max {vmax:8.1} ms");
+        println!("    wasm   min {wmin:8.1} ms  median {wmed:8.1} ms  max {wmax:8.1} ms");
+        println!("    ratio vm / wasm (medians) {:.2}", vmed / wmed);
+        let medians: Vec<String> = keys
+            .iter()
+            .zip(breakdown)
+            .map(|(key, samples)| format!("{key} {:.1} ms", median(samples)))
+            .collect();
+        println!("    vm --json medians: {}", medians.join("  "));
+    }
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -430,6 +520,7 @@ fn main() {
     bench_hello(&cache, runs);
     bench_confinement(&cache, runs);
     bench_compute(&cache, compute_runs);
+    bench_runtimes(compute_runs);
     println!("load average after: {}", loadavg());
     let _ = std::fs::remove_dir_all(cache.parent().unwrap_or(&cache));
 }

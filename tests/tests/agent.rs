@@ -81,7 +81,10 @@ fn refusal_of(r: &Response) -> &str {
 }
 
 fn hello_request() -> Request {
-    let dir = scratch_dir("agent-hello");
+    // A directory of its own per call: tests run in parallel, and scratch_dir empties it.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = scratch_dir(&format!("agent-hello-{n}"));
     let artifact = dir.join("hello.cwasm");
     let out = Command::new(workspace_binary("bulwark", "BULWARK_CLI"))
         .arg("compile")
@@ -91,11 +94,13 @@ fn hello_request() -> Request {
         .output()
         .expect("run bulwark compile");
     assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = std::fs::read(&artifact).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
     Request {
         version: PROTOCOL_VERSION,
         artifact: Artifact::Inline {
             digest: [1; 32],
-            bytes: std::fs::read(&artifact).unwrap(),
+            bytes,
         },
         args: vec!["hello".into()],
         env: Vec::new(),
@@ -188,4 +193,92 @@ fn bad_requests_are_refused_and_the_agent_keeps_serving() {
         r.timings.load_us, 0,
         "a cached artifact is not loaded again"
     );
+}
+
+/// `examples/hello.wat` compiled by `bulwark compile`, with `--fuel` when `fuel`.
+fn hello_artifact(fuel: bool) -> Vec<u8> {
+    let dir = scratch_dir(if fuel {
+        "agent-hello-fuel"
+    } else {
+        "agent-hello-unmetered"
+    });
+    let artifact = dir.join("hello.cwasm");
+    let mut cmd = Command::new(workspace_binary("bulwark", "BULWARK_CLI"));
+    cmd.arg("compile")
+        .arg(repo_root().join("examples/hello.wat"))
+        .arg("-o")
+        .arg(&artifact);
+    if fuel {
+        cmd.arg("--fuel");
+    }
+    let out = cmd.output().expect("run bulwark compile");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = std::fs::read(&artifact).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+    bytes
+}
+
+/// Sends `request` on a new connection and returns the answer.
+fn call(vm: &AgentVm, request: &Request) -> Response {
+    let mut s = vm.connect();
+    s.write_all(&frame::encode(request).unwrap()).unwrap();
+    answer(&mut s)
+}
+
+/// Fuel metering is compiled only into artifacts for calls with a fuel budget; the agent loads
+/// each in the engine of the call's variant, so an artifact of the other variant is refused,
+/// never run (unmetered code would ignore the budget), and the agent goes on serving.
+#[test]
+fn artifacts_run_only_in_the_engine_of_their_metering_variant() {
+    if !kvm_available() {
+        return;
+    }
+    let vm = AgentVm::start("agent-metering");
+    let unmetered = hello_artifact(false);
+    let metered = hello_artifact(true);
+    assert_ne!(unmetered, metered);
+    let request = |bytes: &[u8], digest: u8, fuel: Option<u64>| {
+        let mut r = hello_request();
+        r.artifact = Artifact::Inline {
+            digest: [digest; 32],
+            bytes: bytes.to_vec(),
+        };
+        r.limits.fuel = fuel;
+        r
+    };
+
+    // The wrong variant either way: refused.
+    let r = call(&vm, &request(&unmetered, 2, Some(1_000_000)));
+    assert!(
+        refusal_of(&r).contains("fuel-metered"),
+        "{}",
+        refusal_of(&r)
+    );
+    assert_eq!(r.fuel_consumed, None);
+    let r = call(&vm, &request(&metered, 3, None));
+    assert!(refusal_of(&r).contains("unmetered"), "{}", refusal_of(&r));
+
+    // The right variants run, and only the metered call counts fuel.
+    let r = call(&vm, &request(&metered, 4, Some(1_000_000)));
+    assert_eq!(r.outcome, Outcome::Exited(0));
+    assert_eq!(r.stdout, b"hello from a Bulwark micro-VM\n");
+    assert!(r.fuel_consumed.is_some_and(|f| f > 0), "{r:?}");
+    let r = call(&vm, &request(&metered, 5, Some(10)));
+    assert_eq!(r.outcome, Outcome::OutOfFuel);
+    assert_eq!(r.fuel_consumed, Some(10));
+    let r = call(&vm, &request(&unmetered, 6, None));
+    assert_eq!(r.outcome, Outcome::Exited(0));
+    assert_eq!(r.stdout, b"hello from a Bulwark micro-VM\n");
+    assert_eq!(r.fuel_consumed, None);
+
+    // The VM's artifact cache keeps the variants apart too: digest 6 is cached unmetered only.
+    let mut cached = hello_request();
+    cached.artifact = Artifact::Cached { digest: [6; 32] };
+    cached.limits.fuel = Some(1_000_000);
+    let r = call(&vm, &cached);
+    assert!(refusal_of(&r).contains("cached"), "{}", refusal_of(&r));
+    cached.limits.fuel = None;
+    let r = call(&vm, &cached);
+    assert_eq!(r.outcome, Outcome::Exited(0));
+    assert_eq!(r.timings.load_us, 0);
 }

@@ -107,3 +107,79 @@ fn swapped_or_patched_guest_entries_are_recompiled_never_run() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The entries (guest or `-host`) in `cache`.
+fn entries(cache: &Path, host: bool) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(cache.join("artifacts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.to_string_lossy();
+            name.ends_with(".cwasm") && name.ends_with("-host.cwasm") == host
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Fuel metering is compiled only into artifacts for calls with `--fuel`: a call with it and one
+/// without use two entries, each call runs from its own and gives the right answer, and only the
+/// metered one counts fuel. In the VM and with `--isolation wasm` (which needs no KVM).
+#[test]
+fn calls_with_and_without_fuel_use_their_own_entries() {
+    let dir = scratch_dir("cache-fuel");
+    let module = dir.join("a.wat");
+    std::fs::write(&module, tool(LINE_A)).unwrap();
+    let isolations: &[&str] = if kvm_available() {
+        &["vm", "wasm"]
+    } else {
+        &["wasm"]
+    };
+    for isolation in isolations {
+        let cache = dir.join(format!("cache-{isolation}"));
+        let host = *isolation == "wasm";
+        let json = |fuel: bool| {
+            let mut cmd = Command::new(bulwark_binary());
+            cmd.args(["run", "--json", "--isolation", isolation]);
+            if fuel {
+                cmd.args(["--fuel", "1000000"]);
+            }
+            let out = cmd
+                .arg(&module)
+                .env("BULWARK_CACHE_DIR", &cache)
+                .env("BULWARK_GUEST", guest_image())
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0), "{isolation}: {}", stderr(&out));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["stdout"], LINE_A, "{isolation} fuel {fuel}: {v}");
+            v
+        };
+        let unmetered = json(false);
+        assert!(unmetered.get("fuel_consumed").is_none(), "{unmetered}");
+        let only_unmetered = entries(&cache, host);
+        assert_eq!(only_unmetered.len(), 1, "{isolation}: {only_unmetered:?}");
+        let metered = json(true);
+        assert!(
+            metered["fuel_consumed"].as_u64().is_some_and(|f| f > 0),
+            "{metered}"
+        );
+        let both = entries(&cache, host);
+        assert_eq!(
+            both.len(),
+            2,
+            "{isolation}: one entry per variant: {both:?}"
+        );
+        assert!(entries(&cache, !host).is_empty(), "{isolation}");
+        let fuel_entry = both.iter().find(|p| !only_unmetered.contains(p)).unwrap();
+        let fuel_artifact = std::fs::read(fuel_entry).unwrap();
+        assert_ne!(fuel_artifact, std::fs::read(&only_unmetered[0]).unwrap());
+        // Both warm now: each call runs from its own entry, which stays as it was.
+        json(false);
+        json(true);
+        assert_eq!(entries(&cache, host), both);
+        assert_eq!(std::fs::read(fuel_entry).unwrap(), fuel_artifact);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -17,9 +17,54 @@ extern crate alloc;
 /// The wasmtime version both sides are pinned to (`=48.0.8` in the workspace manifest).
 pub const WASMTIME_VERSION: &str = "48.0.8";
 
-/// Names the settings of [`shared_config`] and [`CPU_FLAGS`]; change it whenever they change, so
-/// caches keyed by it never hand out an artifact the guest would refuse.
-pub const SETTINGS_ID: &str = "v2 no-components no-signals no-reservation no-guard no-cow no-relaxed-simd fuel sse3-ssse3-sse41-sse42-popcnt";
+/// Whether compiled code meters fuel: one engine configuration, and one artifact, per variant.
+///
+/// Fuel instrumentation costs about 0.3x native time on compute-bound code, so only calls that
+/// give a fuel budget run code compiled with it. wasmtime records the setting in the artifact
+/// and refuses to load it into an engine of the other variant, so an artifact compiled without
+/// metering can never run a call that asked for fuel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Metering {
+    /// No fuel instrumentation: the call has no fuel budget.
+    None,
+    /// Fuel instrumentation compiled in: the call runs with a fuel budget.
+    Fuel,
+}
+
+impl Metering {
+    /// The variant a call with this fuel budget needs: [`Metering::Fuel`] when it has one.
+    pub fn of(fuel: Option<u64>) -> Self {
+        if fuel.is_some() {
+            Self::Fuel
+        } else {
+            Self::None
+        }
+    }
+
+    /// Names the settings of [`shared_config`] for this variant and [`CPU_FLAGS`]; change them
+    /// whenever those change, so caches keyed by them never hand out an artifact the guest would
+    /// refuse. The two variants' names differ, so their artifacts are cached apart.
+    pub fn settings_id(self) -> &'static str {
+        match self {
+            Self::None => SETTINGS_ID_NO_FUEL,
+            Self::Fuel => SETTINGS_ID_FUEL,
+        }
+    }
+
+    /// Short name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "unmetered",
+            Self::Fuel => "fuel-metered",
+        }
+    }
+}
+
+/// [`Metering::settings_id`] of [`Metering::Fuel`].
+const SETTINGS_ID_FUEL: &str = "v2 no-components no-signals no-reservation no-guard no-cow no-relaxed-simd fuel sse3-ssse3-sse41-sse42-popcnt";
+
+/// [`Metering::settings_id`] of [`Metering::None`].
+const SETTINGS_ID_NO_FUEL: &str = "v2 no-components no-signals no-reservation no-guard no-cow no-relaxed-simd no-fuel sse3-ssse3-sse41-sse42-popcnt";
 
 /// Target triple the host compiles for: the freestanding guest.
 pub const TARGET: &str = "x86_64-unknown-none";
@@ -38,8 +83,8 @@ pub const CPU_FLAGS: &[&str] = &[
 /// The settings both sides must share: no signal-based traps (the guest has no signals), no
 /// virtual-memory tricks (no reservation, guard pages or copy-on-write images: the guest has no
 /// `mmap`), no relaxed SIMD (its FMA lowering could need a float libcall), and fuel metering
-/// compiled in so a call can be given a fuel budget (unmetered calls get the maximum).
-pub fn shared_config() -> Config {
+/// compiled in only for [`Metering::Fuel`].
+pub fn shared_config(metering: Metering) -> Config {
     let mut config = Config::new();
     config
         .signals_based_traps(false)
@@ -48,14 +93,15 @@ pub fn shared_config() -> Config {
         .memory_reservation_for_growth(0)
         .memory_init_cow(false)
         .wasm_relaxed_simd(false)
-        .consume_fuel(true);
+        .consume_fuel(metering == Metering::Fuel);
     config
 }
 
-/// The host compiler's configuration: [`shared_config`] plus the guest target and [`CPU_FLAGS`].
+/// The host compiler's configuration for `metering`: [`shared_config`] plus the guest target and
+/// [`CPU_FLAGS`].
 #[cfg(feature = "compiler")]
-pub fn compiler_config() -> wasmtime::Result<Config> {
-    let mut config = shared_config();
+pub fn compiler_config(metering: Metering) -> wasmtime::Result<Config> {
+    let mut config = shared_config(metering);
     config.target(TARGET)?;
     // The guest's wasmtime is built without the component model; whatever else in the host's
     // build turned the feature on must not leak into the artifact.
@@ -229,6 +275,16 @@ mod tests {
     use wasmtime::ResourceLimiter;
 
     const MIB: usize = 1 << 20;
+
+    #[test]
+    fn the_variants_have_their_own_settings_ids() {
+        assert_ne!(Metering::None.settings_id(), Metering::Fuel.settings_id());
+        assert!(Metering::Fuel.settings_id().contains(" fuel "));
+        assert!(Metering::None.settings_id().contains(" no-fuel "));
+        assert_eq!(Metering::of(Some(0)), Metering::Fuel);
+        assert_eq!(Metering::of(Some(u64::MAX)), Metering::Fuel);
+        assert_eq!(Metering::of(None), Metering::None);
+    }
 
     #[test]
     fn all_memories_share_one_budget() {
