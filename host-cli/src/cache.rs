@@ -283,7 +283,6 @@ impl Cache {
     }
 }
 
-/// This process's effective user id.
 /// How old a temporary entry file must be before it counts as left behind by a `bulwark` that
 /// was killed while writing it (a write takes milliseconds).
 const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
@@ -314,6 +313,7 @@ fn remove_stale_temp_files(artifacts: &Path) {
     }
 }
 
+/// This process's effective user id.
 fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }

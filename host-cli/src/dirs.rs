@@ -258,13 +258,7 @@ fn walk(
             .path
             .join(prefix)
             .join(OsStr::from_bytes(name.as_bytes()));
-        let changed = || {
-            anyhow::anyhow!(
-                "--dir {}: {} changed while it was being read; share it when nothing else is changing it",
-                root.path.display(),
-                host_path.display()
-            )
-        };
+        let changed = || changed_error(root, &host_path);
         let special = || special_error(root, &host_path);
         let cannot_read = || {
             format!(
@@ -353,11 +347,7 @@ fn walk(
                     match e.raw_os_error() {
                         // Gone, or no longer a directory (a link now?) since it was listed.
                         Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV | libc::ENOENT) => {
-                            anyhow::anyhow!(
-                                "--dir {}: {} changed while it was being read; share it when nothing else is changing it",
-                                root.path.display(),
-                                host_path.display()
-                            )
+                            changed_error(root, &host_path)
                         }
                         _ => anyhow::Error::new(e).context(format!(
                             "--dir {}: cannot read {}",
@@ -484,6 +474,16 @@ fn escaping_link(entries: &[Entry]) -> Option<(&str, &str, &'static str)> {
     })
 }
 
+/// The error for `host_path`, below `root`, that changed kind or vanished while it was read.
+fn changed_error(root: &HostDir, host_path: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "--dir {}: {} changed while it was being read; share it when nothing else is changing it",
+        root.path.display(),
+        host_path.display()
+    )
+}
+
+/// The error for `host_path`, below `root`, that is a socket, FIFO or device.
 fn special_error(root: &HostDir, host_path: &Path) -> anyhow::Error {
     anyhow::anyhow!(
         "--dir {}: {} is not a regular file or directory (a socket, FIFO or device); it cannot be shared",
@@ -848,6 +848,25 @@ fn replaceable(st: &sys::Stat, old: Option<&&Node>) -> bool {
     }
 }
 
+/// What is at `name` in `dir` now (not followed; `None`: nothing), refusing anything the
+/// write-back may not replace ([`replaceable`]); `host` is its path, for messages.
+fn current(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    old: Option<&&Node>,
+    host: &Path,
+) -> anyhow::Result<Option<sys::Stat>> {
+    match sys::lstat_at(dir, name) {
+        Ok(st) if replaceable(&st, old) => Ok(Some(st)),
+        Ok(_) => bail!(
+            "{} changed on the host during the call; not replacing it",
+            host.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", host.display())),
+    }
+}
+
 /// Makes the host directory `root` hold `after` where it held `before` (see the module docs).
 pub fn write_back(root: &HostDir, before: &[Entry], after: &[Entry]) -> anyhow::Result<Changes> {
     let before: BTreeMap<&str, &Node> = before.iter().map(|e| (e.path.as_str(), &e.node)).collect();
@@ -926,17 +945,9 @@ pub fn write_back(root: &HostDir, before: &[Entry], after: &[Entry]) -> anyhow::
                 let host = root.path.join(path);
                 let parent = open_parent(top, path).map_err(|e| parent_error(root, path, e))?;
                 let at = parent.dir(top);
-                let mode = match sys::lstat_at(at, &parent.name) {
-                    Ok(st) if replaceable(&st, old) => st.is_file().then_some(st.mode & 0o7777),
-                    Ok(_) => bail!(
-                        "{} changed on the host during the call; not replacing it",
-                        host.display()
-                    ),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("cannot read {}", host.display()));
-                    }
-                };
+                let mode = current(at, &parent.name, old, &host)?
+                    .filter(sys::Stat::is_file)
+                    .map(|st| st.mode & 0o7777);
                 replace_file(at, &parent.name, mode, bytes)
                     .with_context(|| format!("cannot write {}", host.display()))?;
                 changes.files_written += 1;
@@ -945,17 +956,7 @@ pub fn write_back(root: &HostDir, before: &[Entry], after: &[Entry]) -> anyhow::
                 let host = root.path.join(path);
                 let parent = open_parent(top, path).map_err(|e| parent_error(root, path, e))?;
                 let at = parent.dir(top);
-                match sys::lstat_at(at, &parent.name) {
-                    Ok(st) if replaceable(&st, old) => {}
-                    Ok(_) => bail!(
-                        "{} changed on the host during the call; not replacing it",
-                        host.display()
-                    ),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("cannot read {}", host.display()));
-                    }
-                }
+                current(at, &parent.name, old, &host)?;
                 replace_link(at, &parent.name, target).with_context(|| {
                     format!("cannot create the symbolic link {}", host.display())
                 })?;

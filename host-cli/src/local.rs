@@ -297,7 +297,8 @@ fn outcome_of(e: &wasmtime::Error, started: bool) -> Outcome {
     bulwark_engine::outcome_of(e, exit, started)
 }
 
-fn micros(d: Duration) -> u64 {
+/// `d` in whole microseconds; over 584,000 years reads as `u64::MAX`.
+pub fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 

@@ -49,11 +49,6 @@ struct Timings {
     total_us: u64,
 }
 
-/// `d` in whole microseconds; over 584,000 years reads as `u64::MAX`.
-fn micros(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 /// What happened, for printing.
 enum Result {
     /// The tool ran; for each `--dir`, what was written back (none unless it exited 0).
@@ -107,7 +102,7 @@ pub fn run(args: &RunArgs) -> ExitCode {
     interrupt::install();
     let mut timings = Timings::default();
     let result = call(args, started, &mut timings);
-    timings.total_us = micros(started.elapsed());
+    timings.total_us = local::micros(started.elapsed());
     report(args, result, &timings)
 }
 
@@ -190,7 +185,7 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         metering,
         deadline,
     );
-    timings.compile_us = micros(started.elapsed());
+    timings.compile_us = local::micros(started.elapsed());
     let (artifact, _compiled) = match compiled {
         Ok(a) => a,
         // Ctrl-C reaches the compiler process too.
@@ -244,13 +239,13 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         Ok(vm) => vm,
         Err(e) => return failed(code::BULWARK, e),
     };
-    timings.vm_start_us = micros(vm_started.elapsed());
+    timings.vm_start_us = local::micros(vm_started.elapsed());
     if interrupt::requested() {
         return Result::Interrupted;
     }
     let call_started = Instant::now();
     let outcome = vm.call(&request, deadline);
-    timings.call_us = micros(call_started.elapsed());
+    timings.call_us = local::micros(call_started.elapsed());
     drop(vm);
     if interrupt::requested() {
         return Result::Interrupted;
@@ -476,7 +471,7 @@ fn call_in_process(
         preopens,
         deadline,
     });
-    timings.call_us = micros(call_started.elapsed());
+    timings.call_us = local::micros(call_started.elapsed());
     if interrupt::requested() {
         return Result::Interrupted;
     }

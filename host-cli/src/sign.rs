@@ -20,7 +20,7 @@
 //! prints), the same digest the compile cache uses.
 
 use std::fs::OpenOptions;
-use std::io::{Cursor, Read, Write};
+use std::io::{Cursor, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -551,9 +551,7 @@ pub fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
         }
     }
     let mut seed = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut seed))
-        .context("cannot read /dev/urandom for a new key")?;
+    crate::compile::fill_random(&mut seed).context("cannot read /dev/urandom for a new key")?;
     let pair = ed25519_compact::KeyPair::try_from_seed(ed25519_compact::Seed::new(seed))
         .context("the random seed was all zeros; run keygen again")?;
     let sk = SecretKey { sk: pair.sk };
@@ -839,6 +837,15 @@ mod tests {
         panic!("unterminated LEB128");
     }
 
+    /// `signed` with a custom section appended is refused as changed since key0 signed it.
+    fn assert_extended_is_changed(signed: &[u8], t: &Trust) {
+        let longer = [signed, &[0x00, 0x02, 0x01, b'x']].concat();
+        assert_eq!(
+            check(&longer, t).unwrap_err(),
+            Refused::Changed(vec!["key0.pub".into()])
+        );
+    }
+
     #[test]
     fn every_byte_of_the_module_is_covered() {
         let signed = sign_bytes(&module(), &key(1)).unwrap();
@@ -853,12 +860,7 @@ mod tests {
             }
         }
         // Appending a section after signing is a change too.
-        let mut longer = signed.clone();
-        longer.extend_from_slice(&[0x00, 0x02, 0x01, b'x']);
-        assert_eq!(
-            check(&longer, &t).unwrap_err(),
-            Refused::Changed(vec!["key0.pub".into()])
-        );
+        assert_extended_is_changed(&signed, &t);
     }
 
     #[test]
@@ -939,12 +941,7 @@ mod tests {
             Refused::Changed(vec!["key0.pub".into()])
         );
         // Sections added after signing, even after a delimiter, are not signed.
-        let mut longer = signed.clone();
-        longer.extend_from_slice(&[0x00, 0x02, 0x01, b'x']);
-        assert_eq!(
-            check(&longer, &t).unwrap_err(),
-            Refused::Changed(vec!["key0.pub".into()])
-        );
+        assert_extended_is_changed(&signed, &t);
     }
 
     #[test]

@@ -682,31 +682,13 @@ fn race(host: &HostDir, a: &[Entry], b: &[Entry]) -> u32 {
 #[test]
 fn racing_swaps_of_a_subdirectory_never_lead_the_write_back_outside() {
     for fallback in [false, true] {
-        let base = scratch(&format!("race-sub-{fallback}"));
-        let (root, outside) = (base.join("host"), base.join("outside"));
-        sentinels(&outside);
-        let (a, b) = states("sub");
-        std::fs::create_dir(&root).unwrap();
-        materialize(&root, &a).unwrap();
-        let outside_before = snapshot(&outside);
-        let host = open(&root);
-        NO_OPENAT2.with(|f| f.set(fallback));
-        let swapper = Swapper::start(root.join("sub"), root.join(".sub-aside"), outside.clone());
-        let ok = race(&host, &a, &b);
-        let swaps = swapper.stop();
-        NO_OPENAT2.with(|f| f.set(false));
-        assert_eq!(
-            snapshot(&outside),
-            outside_before,
-            "a write-back reached outside HOST (fallback: {fallback})"
+        race_swaps(
+            &format!("race-sub-{fallback}"),
+            "sub",
+            "host/sub",
+            "host/.sub-aside",
+            fallback,
         );
-        let names: Vec<_> = std::fs::read_dir(&base)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names.len(), 2, "{names:?}");
-        assert!(swaps > 0 && ok > 0, "swaps {swaps}, write-backs {ok}");
-        std::fs::remove_dir_all(base).unwrap();
     }
 }
 
@@ -714,21 +696,31 @@ fn racing_swaps_of_a_subdirectory_never_lead_the_write_back_outside() {
 /// back, while write-backs run: nothing outside is created, changed or removed.
 #[test]
 fn racing_swaps_of_the_host_dir_never_lead_the_write_back_outside() {
-    let base = scratch("race-host");
+    race_swaps("race-host", "", "host", "host-aside", false);
+}
+
+/// In a new scratch `name` holding HOST (`host`) and a directory outside it: swaps `swapped`
+/// (moved to `aside`) for a link to the outside directory and back while write-backs between
+/// two states of `sub` run (with the component-by-component walk when `fallback`), and checks
+/// that nothing outside was created, changed or removed.
+fn race_swaps(name: &str, sub: &str, swapped: &str, aside: &str, fallback: bool) {
+    let base = scratch(name);
     let (root, outside) = (base.join("host"), base.join("outside"));
     sentinels(&outside);
-    let (a, b) = states("");
+    let (a, b) = states(sub);
     std::fs::create_dir(&root).unwrap();
     materialize(&root, &a).unwrap();
     let outside_before = snapshot(&outside);
     let host = open(&root);
-    let swapper = Swapper::start(root.clone(), base.join("host-aside"), outside.clone());
+    NO_OPENAT2.with(|f| f.set(fallback));
+    let swapper = Swapper::start(base.join(swapped), base.join(aside), outside.clone());
     let ok = race(&host, &a, &b);
     let swaps = swapper.stop();
+    NO_OPENAT2.with(|f| f.set(false));
     assert_eq!(
         snapshot(&outside),
         outside_before,
-        "a write-back reached outside HOST"
+        "a write-back reached outside HOST (fallback: {fallback})"
     );
     let names: Vec<_> = std::fs::read_dir(&base)
         .unwrap()
