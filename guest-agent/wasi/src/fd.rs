@@ -378,7 +378,6 @@ impl<H: Host> WasiCtx<H> {
     ) -> Result<(), Errno> {
         let list = checked_iovecs(mem, iovs, count)?;
         let mut total = 0u32;
-        let now = self.now_ns();
         match self.fds.get(fd)? {
             Desc::Stdout | Desc::Stderr if offset.is_some() => return Err(Errno::SPipe),
             s @ (Desc::Stdout | Desc::Stderr) => {
@@ -398,11 +397,12 @@ impl<H: Host> WasiCtx<H> {
                     return Err(Errno::BadF);
                 }
                 let (ino, append, at) = (f.ino, f.append, f.pos);
-                let mut pos = match offset {
-                    _ if append => self.fs.stat(ino)?.size,
-                    Some(at) => at,
-                    None => at,
+                let mut pos = if append {
+                    self.fs.stat(ino)?.size
+                } else {
+                    offset.unwrap_or(at)
                 };
+                let now = self.now_ns();
                 for iov in list {
                     let want = iov.len.min(u32::MAX - total);
                     match self.fs.write(ino, pos, slice(mem, iov.ptr, want)?, now) {

@@ -8,7 +8,7 @@ use alloc::string::String;
 use bulwark_memfs::{Errno as FsErrno, Ino, Kind, Resolved};
 
 use crate::fd::{Desc, OpenFile, times};
-use crate::mem::{path, slice_mut, write_bytes, write_u32};
+use crate::mem::{path, write_bytes, write_u32};
 use crate::types::{fdflags, lookupflags, oflags, rights};
 use crate::{Errno, Host, WasiCtx};
 
@@ -371,8 +371,7 @@ impl<H: Host> WasiCtx<H> {
         let ino = self.lookup(dirfd, 0, &p)?;
         let target = self.fs.readlink(ino)?;
         let n = target.len().min(buf_len as usize);
-        let n32 = u32::try_from(n).map_err(|_| Errno::Overflow)?;
-        slice_mut(mem, buf, n32)?.copy_from_slice(&target.as_bytes()[..n]);
-        write_u32(mem, used, n32)
+        write_bytes(mem, buf, &target.as_bytes()[..n])?;
+        write_u32(mem, used, u32::try_from(n).map_err(|_| Errno::Overflow)?)
     }
 }
