@@ -69,8 +69,9 @@ impl Agent {
     fn runtime(&mut self, metering: Metering) -> Result<&Runtime, Outcome> {
         match metering {
             Metering::None => Ok(&self.unmetered),
-            Metering::Fuel => {
-                if self.metered.is_none() {
+            Metering::Fuel => match &mut self.metered {
+                Some(runtime) => Ok(runtime),
+                slot @ None => {
                     let made = Engine::new(&crate::runtime::config_for(Metering::Fuel))
                         .and_then(Runtime::new)
                         .map_err(|e| {
@@ -78,12 +79,9 @@ impl Agent {
                                 "cannot create the fuel-metered engine: {e}"
                             ))
                         })?;
-                    self.metered = Some(made);
+                    Ok(slot.insert(made))
                 }
-                self.metered.as_ref().ok_or_else(|| {
-                    Outcome::AgentFailed("the fuel-metered engine is missing".into())
-                })
-            }
+            },
         }
     }
 

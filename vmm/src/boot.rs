@@ -57,22 +57,30 @@ pub fn plan(
     test_mode: TestMode,
     tsc_khz: u64,
 ) -> Result<(BootInfo, Vec<u8>), BootError> {
-    let too_small = |payload_size: u64| BootError::RamTooSmall {
-        have_mib: mem_size >> 20,
-        need_mib: min_ram_size(payload_size).map_or(u64::MAX, |s| s.div_ceil(1 << 20)),
-        payload: if payload_size > 0 {
-            format!(", a {payload_size}-byte payload")
-        } else {
-            String::new()
-        },
+    // The image, stack, payload and minimum heap all lie in low RAM, whatever lies above 4 GiB.
+    let [(_, low), (_, high)] = layout::ram_ranges(mem_size);
+    let too_small = |payload_size: u64| {
+        let need = min_ram_size(payload_size);
+        BootError::RamTooSmall {
+            have_mib: mem_size >> 20,
+            need_mib: need.map_or(u64::MAX, |s| s.div_ceil(1 << 20)),
+            payload: match payload_size {
+                0 => String::new(),
+                _ if need.is_none_or(|n| n > layout::LOW_RAM_END) => format!(
+                    ", a {payload_size}-byte payload (more than fits below {} MiB)",
+                    layout::LOW_RAM_END >> 20
+                ),
+                _ => format!(", a {payload_size}-byte payload"),
+            },
+        }
     };
-    let fits = |payload_size: u64| min_ram_size(payload_size).is_some_and(|need| need <= mem_size);
+    let fits = |payload_size: u64| min_ram_size(payload_size).is_some_and(|need| need <= low);
     let bytes = match payload {
         Some(path) => {
             // Opened once and read with a cap: a FIFO, a device or a file that grows cannot
             // make this block or read without end. The largest payload that could fit is the
             // cap; the exact check follows.
-            let max = mem_size.saturating_sub(min_ram_size(0).unwrap_or(u64::MAX));
+            let max = low.saturating_sub(min_ram_size(0).unwrap_or(u64::MAX));
             match files::read_regular(path, max) {
                 Ok(bytes) => bytes,
                 Err(InputFileError::TooLarge { size, .. }) => return Err(too_small(size)),
@@ -91,7 +99,6 @@ pub fn plan(
     if !fits(payload_size) {
         return Err(too_small(payload_size));
     }
-    let [(_, low), (_, high)] = layout::ram_ranges(mem_size);
     let info = BootInfo {
         magic: BOOT_INFO_MAGIC,
         abi_version: ABI_VERSION,
@@ -149,6 +156,23 @@ mod tests {
             .read_obj(GuestAddress(layout::PAYLOAD_START + (3 << 20) - 1))
             .unwrap();
         assert_eq!(b, 7);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_payload_must_fit_in_low_ram_whatever_high_ram_there_is() {
+        let dir = std::env::temp_dir().join(format!("bulwark-boot-low-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("payload");
+        // Sparse: refused by its size before a byte is read.
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(layout::LOW_RAM_END).unwrap();
+        let e = plan(5 << 30, Some(&path), TestMode::None, 0).unwrap_err();
+        assert!(matches!(e, BootError::RamTooSmall { .. }), "{e}");
+        assert!(
+            e.to_string().contains("more than fits below 3072 MiB"),
+            "{e}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -40,20 +40,18 @@ pub enum MemoryError {
 
 /// Checks that `mib` MiB is a usable RAM size (a whole number of 2 MiB pages, more than 0, at
 /// most [`layout::MAX_RAM_SIZE`]) and returns it in bytes.
-pub fn check_size(mib: u64) -> Result<usize, MemoryError> {
+pub fn check_size(mib: u64) -> Result<u64, MemoryError> {
     let max = layout::MAX_RAM_SIZE >> 20;
-    let size = mib
-        .checked_mul(1 << 20)
-        .filter(|&s| s > 0 && s <= layout::MAX_RAM_SIZE && s % layout::PAGE_SIZE == 0);
-    let size = size.ok_or(MemoryError::BadSize { mib, max })?;
-    usize::try_from(size).map_err(|_| MemoryError::BadSize { mib, max })
+    mib.checked_mul(1 << 20)
+        .filter(|&s| s > 0 && s <= layout::MAX_RAM_SIZE && s % layout::PAGE_SIZE == 0)
+        .ok_or(MemoryError::BadSize { mib, max })
 }
 
 /// Allocates `mib` MiB of zeroed guest RAM at the ranges [`layout::ram_ranges`] gives. The host
 /// commits a page only when the guest first touches it.
 pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
     let max = layout::MAX_RAM_SIZE >> 20;
-    let size = u64::try_from(check_size(mib)?).map_err(|_| MemoryError::BadSize { mib, max })?;
+    let size = check_size(mib)?;
     let mut ranges = Vec::with_capacity(2);
     for (start, len) in layout::ram_ranges(size) {
         if len > 0 {

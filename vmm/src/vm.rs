@@ -291,8 +291,7 @@ impl Vm {
     /// the vsock socket, creates the KVM VM, memory, vCPU and devices. Nothing runs yet.
     pub fn build(config: &VmConfig) -> Result<Self, VmError> {
         // Inputs first: a bad file or size is reported before /dev/kvm is touched.
-        let mem_size = config.mem_mib.saturating_mul(1 << 20);
-        memory::check_size(config.mem_mib)?;
+        let mem_size = memory::check_size(config.mem_mib)?;
         let image = loader::read(&config.guest, mem_size)?;
         let (mut info, payload) =
             boot::plan(mem_size, config.payload.as_deref(), config.test_mode, 0)?;

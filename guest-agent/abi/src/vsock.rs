@@ -17,6 +17,9 @@ pub const GUEST_GREETING: &[u8] = b"hello from the guest\n";
 
 /// Size of a packet header on the wire.
 pub const HEADER_SIZE: usize = 44;
+/// [`HEADER_SIZE`] as descriptor and used-ring lengths (32-bit) count it.
+pub const HEADER_LEN: u32 = 44;
+const _: () = assert!(HEADER_LEN as usize == HEADER_SIZE);
 
 /// Packet operations.
 pub mod op {

@@ -86,6 +86,8 @@ pub const CPU_FLAGS: &[&str] = &[
 /// compiled in only for [`Metering::Fuel`].
 pub fn shared_config(metering: Metering) -> Config {
     let mut config = Config::new();
+    // Memories may move (wasmtime's default, left so): the guest's linear memories
+    // (guest-agent/src/linear_memory.rs) move when they outgrow what they could reserve.
     config
         .signals_based_traps(false)
         .memory_reservation(0)

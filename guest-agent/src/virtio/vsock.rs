@@ -22,7 +22,8 @@ use bulwark_abi::virtio::vsock::{
     TX_QUEUE,
 };
 use bulwark_abi::vsock::{
-    HEADER_SIZE, HOST_CID, Header, MAX_PACKET_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op,
+    HEADER_LEN, HEADER_SIZE, HOST_CID, Header, MAX_PACKET_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND,
+    TYPE_STREAM, op,
 };
 
 use super::mmio::{SetupError, Transport};
@@ -58,9 +59,6 @@ const _: () = assert!(QUEUE_SIZE <= QUEUE_MAX_SIZE);
 const HEADER: usize = HEADER_SIZE;
 /// A buffer: one packet, header and the most data a packet carries.
 const BUF_LEN: u32 = HEADER_LEN + MAX_PACKET_DATA;
-/// [`HEADER`] as descriptor lengths count it.
-const HEADER_LEN: u32 = 44;
-const _: () = assert!(HEADER_LEN as usize == HEADER);
 const BUF_SIZE: usize = BUF_LEN as usize;
 /// Receive buffer per connection that the guest advertises (bytes it will hold unread).
 pub const BUF_ALLOC: u32 = 1 << 20;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bulwark_abi::ports::wait_result;
 use bulwark_abi::virtio::vsock::{DEVICE_ID, F_STREAM, QUEUE_COUNT, QUEUE_MAX_SIZE};
-use bulwark_abi::vsock::MAX_PACKET_DATA;
+use bulwark_abi::vsock::{HEADER_LEN, MAX_PACKET_DATA};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
 
@@ -22,8 +22,7 @@ use crate::memory::GuestMemory;
 
 const RX: usize = bulwark_abi::virtio::vsock::RX_QUEUE as usize;
 const TX: usize = bulwark_abi::virtio::vsock::TX_QUEUE as usize;
-/// [`PKT_HEADER_SIZE`] as descriptor and used-ring lengths count it.
-const HEADER_LEN: u32 = 44;
+// virtio-vsock's header is the ABI's.
 const _: () = assert!(HEADER_LEN as usize == PKT_HEADER_SIZE);
 
 /// The vsock device.

@@ -572,7 +572,8 @@ fn remove_stale_socket(path: &Path) -> bool {
     if !is_socket {
         return false;
     }
-    match UnixStream::connect(path) {
+    // Non-blocking: a live listener with a full backlog must not stall start-up.
+    match connect_nonblocking(path.as_os_str()) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             std::fs::remove_file(path).is_ok()
         }
@@ -595,6 +596,23 @@ mod tests {
     /// The type of "no data" for `handle_guest_packet`.
     fn no_data<'a>() -> Option<&'a VolatileSlice<'a, ()>> {
         None
+    }
+
+    #[test]
+    fn only_a_socket_nobody_listens_on_is_removed() {
+        let dir = std::env::temp_dir().join(format!("bulwark-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stale = dir.join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        assert!(remove_stale_socket(&stale) && !stale.exists());
+        let live = dir.join("live.sock");
+        let listener = UnixListener::bind(&live).unwrap();
+        assert!(!remove_stale_socket(&live) && live.exists());
+        drop(listener);
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(!remove_stale_socket(&file) && file.exists());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
