@@ -5,6 +5,8 @@
 #   make lint    rustfmt, clippy and the docs build (no warnings), for the host crates and the guest
 #   make fuzz    fuzz the vsock device's queue and packet parsing (nightly + cargo-fuzz; FUZZ_SECONDS)
 #   make guest   build the guest image, the binaries and the precompiled self-test into build/
+#   make runtimes  fetch the pinned language runtimes (images/runtimes.txt) into build/runtimes/
+#                for `bulwark python` and `bulwark js` (`make guest` does this too)
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 BUILD_DIR ?= build
@@ -12,7 +14,7 @@ export BULWARK_BUILD_DIR := $(abspath $(BUILD_DIR))
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: all setup guest demo test bench lint fuzz clean
+.PHONY: all setup guest runtimes demo test bench lint fuzz clean
 all: guest
 
 setup:
@@ -20,6 +22,9 @@ setup:
 
 guest: setup
 	@BUILD_DIR=$(BUILD_DIR) images/build.sh
+
+runtimes: setup
+	@BUILD_DIR=$(BUILD_DIR) images/runtimes.sh
 
 demo: guest
 	@echo "==> booting a Bulwark VM: guest $(BUILD_DIR)/bulwark-guest.elf, payload $(BUILD_DIR)/selftest.cwasm"

@@ -1,5 +1,7 @@
-//! Runs tool calls: deserializes artifacts (kept by digest for the VM's life), and runs each call
-//! in a fresh store with WASI, store limits and, when the call has a fuel budget, fuel.
+//! Runs tool calls: loads the artifact the VMM mapped into the artifact window in place
+//! (`Module::deserialize_raw`: nothing is copied), keeps the loaded module for the VM's life, and
+//! runs each call in a fresh store with WASI, store limits and, when the call has a fuel budget,
+//! fuel.
 //!
 //! Fuel metering is compiled into an artifact only for calls that ask for it
 //! ([`bulwark_engine::Metering`]), so the agent has one engine and linker per variant: the
@@ -8,9 +10,8 @@
 //! it). A call's artifact is deserialized by the engine of the call's variant, which refuses an
 //! artifact compiled for the other: unmetered code never runs a call that asked for fuel.
 
-use alloc::collections::BTreeMap;
 use alloc::format;
-use alloc::vec::Vec;
+use core::ptr::NonNull;
 
 use bulwark_engine::Metering;
 use bulwark_proto::call::{
@@ -20,9 +21,6 @@ use wasmtime::{Engine, Linker, Module, Store};
 
 use crate::clock::{self, Clock};
 use crate::wasi::{self, Ctx, CtxParams, Exit};
-
-/// Most artifacts kept at once; the oldest is dropped past this.
-const MAX_CACHED_MODULES: usize = 16;
 
 /// One metering variant's engine and the WASI linker made for it.
 struct Runtime {
@@ -38,8 +36,13 @@ impl Runtime {
     }
 }
 
-/// A cached artifact's key: module digest and the variant it was compiled for.
-type ModuleKey = ([u8; 32], Metering);
+/// The window's artifact, once loaded: wasmtime registers its code by address, so one
+/// mapping is loaded once, under the digest and variant of the call that loaded it.
+struct Loaded {
+    digest: [u8; 32],
+    metering: Metering,
+    module: Module,
+}
 
 /// The agent's engines, linkers and artifact cache.
 pub struct Agent {
@@ -47,20 +50,23 @@ pub struct Agent {
     unmetered: Runtime,
     /// For calls with one; made when the first such call comes.
     metered: Option<Runtime>,
-    modules: BTreeMap<ModuleKey, Module>,
-    order: Vec<ModuleKey>,
+    /// The artifact window (empty when the VMM mapped none).
+    window: &'static [u8],
+    /// The window's artifact, once a call loaded it.
+    loaded: Option<Loaded>,
     clock: Clock,
 }
 
 impl Agent {
     /// An agent whose unmetered calls use `engine`, which must be made from
-    /// `runtime::config()` (no fuel metering); the metered engine is made when needed.
-    pub fn new(engine: Engine, clock: Clock) -> wasmtime::Result<Self> {
+    /// `runtime::config()` (no fuel metering); the metered engine is made when needed. Calls run
+    /// the artifact in `window`, which must stay mapped and unchanged for the VM's life.
+    pub fn new(engine: Engine, clock: Clock, window: &'static [u8]) -> wasmtime::Result<Self> {
         Ok(Self {
             unmetered: Runtime::new(engine)?,
             metered: None,
-            modules: BTreeMap::new(),
-            order: Vec::new(),
+            window,
+            loaded: None,
             clock,
         })
     }
@@ -88,45 +94,56 @@ impl Agent {
     /// The module for `artifact` in the engine of `metering`, and the microseconds it took to
     /// get it ready (the metered engine's creation included, when this call made it).
     fn module(&mut self, artifact: Artifact, metering: Metering) -> Result<(Module, u64), Outcome> {
-        match artifact {
-            Artifact::Cached { digest } => self
-                .modules
-                .get(&(digest, metering))
-                .cloned()
-                .map(|m| (m, 0))
-                .ok_or_else(|| {
-                    Outcome::Refused(format!(
-                        "the VM does not have that artifact cached ({})",
-                        metering.name()
-                    ))
-                }),
-            Artifact::Inline { digest, bytes } => {
-                let t = clock::now();
-                let engine = self.runtime(metering)?.engine.clone();
-                // SAFETY: the host compiled this artifact with bulwark_engine::compiler_config;
-                // deserialize checks that its wasmtime version and engine settings (fuel
-                // metering among them) match this engine's and refuses anything else. The host
-                // is trusted to hand over its own compiler's output (the tool's code itself is
-                // untrusted, but it runs as Wasm).
-                let module = unsafe { Module::deserialize(&engine, &bytes) }.map_err(|e| {
-                    Outcome::Refused(format!(
-                        "cannot load the artifact as {} code: {e}",
-                        metering.name()
-                    ))
-                })?;
-                let load_us = self.clock.micros(clock::now().wrapping_sub(t));
-                let key = (digest, metering);
-                // A digest sent again replaces its entry; it is listed once.
-                self.order.retain(|k| *k != key);
-                if self.order.len() >= MAX_CACHED_MODULES {
-                    let oldest = self.order.remove(0);
-                    self.modules.remove(&oldest);
-                }
-                self.order.push(key);
-                self.modules.insert(key, module.clone());
-                Ok((module, load_us))
+        if let Some(loaded) = &self.loaded {
+            if loaded.digest != artifact.digest {
+                return Err(Outcome::Refused(
+                    "the request names another module than the one this VM has mapped".into(),
+                ));
             }
+            if loaded.metering != metering {
+                return Err(Outcome::Refused(format!(
+                    "this VM's artifact is loaded as {} code; the call needs {} code",
+                    loaded.metering.name(),
+                    metering.name()
+                )));
+            }
+            return Ok((loaded.module.clone(), 0));
         }
+        if self.window.is_empty() {
+            return Err(Outcome::Refused(
+                "this VM has no artifact mapped (start the VMM with --artifact-from-stdin)".into(),
+            ));
+        }
+        if u64::try_from(self.window.len()).ok() != Some(artifact.size) {
+            return Err(Outcome::Refused(format!(
+                "the request names a {}-byte artifact, but this VM has {} bytes mapped",
+                artifact.size,
+                self.window.len()
+            )));
+        }
+        let t = clock::now();
+        let engine = self.runtime(metering)?.engine.clone();
+        // SAFETY: the window is the artifact the host compiled with
+        // bulwark_engine::compiler_config and mapped through the VMM, read-only (in the page
+        // tables and, where KVM allows, in the memory slot) and unchanged for the VM's life,
+        // which outlives every module (`window` is 'static). Deserializing checks that its
+        // wasmtime version and engine settings (fuel metering among them) match this engine's
+        // and refuses anything else. The host is trusted to hand over its own compiler's output
+        // (the tool's code itself is untrusted, but it runs as Wasm).
+        let module = unsafe { Module::deserialize_raw(&engine, NonNull::from(self.window)) }
+            .map_err(|e| {
+                Outcome::Refused(format!(
+                    "cannot load the artifact as {} code: {e}",
+                    metering.name()
+                ))
+            })?;
+        let load_us = self.clock.micros(clock::now().wrapping_sub(t));
+        self.loaded = Some(Loaded {
+            digest: artifact.digest,
+            metering,
+            module: module.clone(),
+        });
+        Ok((module, load_us))
     }
 
     /// Runs one call.

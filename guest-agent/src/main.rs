@@ -82,6 +82,19 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
             unsafe { core::ptr::write_volatile(layout::EXCEPTION_STUBS as *mut u8, 0xcc) };
             println!("the exception stubs' page took a write from CPL3");
         }
+        Some(TestMode::WriteArtifact) => {
+            // SAFETY: a write to the artifact window, which is mapped read-only: the CPU faults
+            // here and the VMM stops the VM, which is what this test mode is for.
+            unsafe { core::ptr::write_volatile(layout::ARTIFACT_START as *mut u8, 0xcc) };
+            println!("the artifact window took a write");
+        }
+        Some(TestMode::ReadPastArtifact) => {
+            let past = layout::ARTIFACT_START + info.artifact_size.div_ceil(4096) * 4096;
+            // SAFETY: a read inside the window's last 2 MiB page but past its memory slot: no
+            // memory is behind it, so the VMM stops the VM here, which is what this mode is for.
+            let value = unsafe { core::ptr::read_volatile(past as *const u8) };
+            println!("a read past the artifact returned {value:#x}");
+        }
         Some(TestMode::Spin) => loop {
             core::hint::spin_loop();
         },
@@ -116,11 +129,20 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
     if info.vsock_cid == 0 {
         control::exit(exit_status::OK);
     }
-    serve_calls(info.vsock_cid, clock)
+    let Ok(artifact_size) = usize::try_from(info.artifact_size) else {
+        console::print("bulwark-guest: bad boot info: the artifact size does not fit usize\n");
+        control::exit(exit_status::BAD_BOOT_INFO);
+    };
+    // SAFETY: boot info was validated: the VMM mapped `artifact_size` bytes (at most
+    // ARTIFACT_MAX_SIZE) at ARTIFACT_START, read-only, for the VM's whole life, and nothing
+    // writes them (the page tables map the window read-only).
+    let window: &'static [u8] =
+        unsafe { core::slice::from_raw_parts(layout::ARTIFACT_START as *const u8, artifact_size) };
+    serve_calls(info.vsock_cid, clock, window)
 }
 
-/// Runs the agent server on vsock; never returns.
-fn serve_calls(cid: u64, clock: clock::Clock) -> ! {
+/// Runs the agent server on vsock for the artifact in `window`; never returns.
+fn serve_calls(cid: u64, clock: clock::Clock, window: &'static [u8]) -> ! {
     let t0 = clock::now();
     let mut vsock = match virtio::vsock::Vsock::init(cid) {
         Ok(v) => v,
@@ -138,7 +160,7 @@ fn serve_calls(cid: u64, clock: clock::Clock) -> ! {
         }
     };
     let t2 = clock::now();
-    let mut agent = match agent::Agent::new(engine, clock) {
+    let mut agent = match agent::Agent::new(engine, clock, window) {
         Ok(a) => a,
         Err(e) => {
             println!("bulwark-guest: cannot set up WASI: {e:?}");

@@ -3,7 +3,8 @@
 //! crash or runaway cannot take the CLI with it.
 //!
 //! **Nothing in the cache is trusted because of where it sits.** An entry is one file: a magic
-//! string, an HMAC-SHA256 tag, then the artifact. The tag is keyed by a secret per-user key file
+//! string and an HMAC-SHA256 tag, zeros up to [`ARTIFACT_OFFSET`], then the artifact (page
+//! aligned, so the VMM can map it into the guest as it lies in the file). The tag is keyed by a secret per-user key file
 //! in the cache directory (32 random bytes, mode 0600, made on first use) and covers the entry's
 //! cache key (module digest, engine key, target) and the artifact bytes, so an entry is used only
 //! if it is exactly what the compiler produced for this module, engine and target: a swapped,
@@ -13,7 +14,8 @@
 //!
 //! Tag and artifact live in one file written under a new random name (`O_EXCL`) and renamed into
 //! place, so a reader sees a whole old entry or a whole new one, never a new artifact with an old
-//! tag. The cache directory and its `artifacts` directory are created 0700, and a cache directory
+//! tag. A call gets the entry as an open, read-only, verified file ([`Entry`]): the VM maps the
+//! artifact from that same descriptor, so what was checked is what the guest runs. The cache directory and its `artifacts` directory are created 0700, and a cache directory
 //! owned by another user or writable by group or others is refused. Entries and the key are
 //! opened once, without following a symbolic link, and read up to a size cap.
 //!
@@ -22,8 +24,9 @@
 //! that follows the module's size ([`compile_memory`]) and is killed when the call's deadline
 //! passes, or after [`COMPILE_TIMEOUT`], whichever comes first.
 
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -35,7 +38,11 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::cli::Target;
-use crate::compile::{ReadError, create_temp, fill_random, read_regular_file_nofollow, sha256_hex};
+use crate::compile::{
+    ModuleFile, ReadError, create_temp, fill_random, open_regular_nofollow,
+    read_regular_file_nofollow, sha256_hex,
+};
+use crate::memo::{Identity, Memo};
 
 /// Wall-clock limit of one compilation, whatever the call's own deadline.
 pub const COMPILE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -66,12 +73,19 @@ pub fn compile_memory(module_len: usize) -> u64 {
         .min(COMPILE_MEMORY_MAX)
 }
 
-/// First bytes of every cache entry (the format's version is in it).
-const MAGIC: &[u8; 8] = b"BWKCWv1\n";
+/// First bytes of every cache entry (the format's version is in it). Version 2: the artifact
+/// starts at [`ARTIFACT_OFFSET`].
+const MAGIC: &[u8; 8] = b"BWKCWv2\n";
 /// Length of the HMAC-SHA256 tag after [`MAGIC`].
 const TAG_LEN: usize = 32;
-/// Bytes before the artifact in an entry.
+/// Bytes of magic and tag at the start of an entry.
 const HEADER_LEN: usize = MAGIC.len() + TAG_LEN;
+/// Where the artifact starts in an entry: one host page in, so it can be mapped in place.
+pub const ARTIFACT_OFFSET: u64 = ARTIFACT_OFFSET_BYTES as u64;
+/// [`ARTIFACT_OFFSET`] as a length.
+const ARTIFACT_OFFSET_BYTES: usize = 4096;
+/// Bytes read at a time while an entry's tag is checked.
+const VERIFY_CHUNK: usize = 1 << 20;
 /// What the tag covers first, so it can never be confused with another use of the key.
 const TAG_DOMAIN: &[u8] = b"bulwark compile cache entry v1\0";
 /// The secret key file, in the cache directory (not in `artifacts/`).
@@ -148,7 +162,7 @@ fn cache_key(digest: &str, target: Target, metering: Metering) -> String {
     )
 }
 
-/// Why [`artifact`] returned no artifact.
+/// Why [`Cache::artifact`] returned no artifact.
 #[derive(Debug)]
 pub enum Error {
     /// The module does not compile, or the compiler died on it: the whole message, naming the
@@ -172,44 +186,135 @@ impl From<anyhow::Error> for Error {
     }
 }
 
-/// Returns the artifact for `module` (whose SHA-256 is `digest`, read from `name`) and
-/// `target` and `metering`: the cached one if its tag checks out, else one compiled now, by a compile worker
-/// that is killed at `deadline` (or after [`COMPILE_TIMEOUT`]), and then cached. The bool says
-/// whether it was compiled now.
-pub fn artifact(
-    module: &[u8],
-    name: &Path,
-    digest: &str,
-    target: Target,
-    metering: Metering,
-    deadline: Instant,
-) -> Result<(Vec<u8>, bool), Error> {
-    let cache = Cache::open()?;
-    let path = cache.artifacts.join(entry_name(digest, target, metering));
-    let key = cache_key(digest, target, metering);
-    if let Some(artifact) = cache.load(&path, &key) {
-        return Ok((artifact, false));
-    }
-    let artifact = compile_in_child(module, name, target, metering, deadline)?;
-    // Only on a miss, off the path of a cached call: the directory may hold many entries.
-    remove_stale_temp_files(&cache.artifacts);
-    if let Err(e) = cache.store(&path, &key, &artifact) {
-        // The call can go on with the artifact in hand; the next one compiles again.
-        eprintln!("bulwark: warning: the compiled module was not cached: {e:#}");
-    }
-    Ok((artifact, true))
+/// A verified artifact: `len` bytes at `offset` of `file`, opened read-only (or, when the
+/// cache could not take a new entry, a private unlinked copy).
+#[derive(Debug)]
+pub struct Entry {
+    /// The open entry file.
+    pub file: File,
+    /// Where the artifact starts in it (page aligned).
+    pub offset: u64,
+    /// The artifact's length.
+    pub len: u64,
 }
 
-/// The opened cache: its `artifacts` directory, checked, and the secret key.
-struct Cache {
+impl Entry {
+    /// Reads the artifact's bytes (for the in-process run, which deserializes a copy).
+    pub fn read(&self) -> std::io::Result<Vec<u8>> {
+        let len = usize::try_from(self.len).map_err(std::io::Error::other)?;
+        let mut bytes = vec![0; len];
+        self.file.read_exact_at(&mut bytes, self.offset)?;
+        Ok(bytes)
+    }
+}
+
+impl Cache {
+    /// Returns the artifact for `module` (whose SHA-256 is `digest`; `bytes` if it was read
+    /// already) and `target` and `metering`: the cached one if its tag checks out, else one
+    /// compiled now, by a compile worker that is killed at `deadline` (or after
+    /// [`COMPILE_TIMEOUT`]), and then cached. The bool says whether it was compiled now.
+    pub fn artifact(
+        &self,
+        module: &ModuleFile,
+        bytes: Option<&[u8]>,
+        digest: &str,
+        target: Target,
+        metering: Metering,
+        deadline: Instant,
+    ) -> Result<(Entry, bool), Error> {
+        let path = self.artifacts.join(entry_name(digest, target, metering));
+        let key = cache_key(digest, target, metering);
+        if let Some(entry) = self.load(&path, &key) {
+            return Ok((entry, false));
+        }
+        let read;
+        let bytes = match bytes {
+            Some(b) => b,
+            None => {
+                read = module.read().map_err(|e| Error::Module(format!("{e:#}")))?;
+                // The digest was remembered for this very file; it is checked all the same
+                // before anything is compiled under it.
+                if sha256_hex(&read) != digest {
+                    return Err(Error::Module(format!(
+                        "module {} changed while it was read: run again",
+                        module.path.display()
+                    )));
+                }
+                &read
+            }
+        };
+        let artifact = compile_in_child(bytes, &module.path, target, metering, deadline)?;
+        // Only on a miss, off the path of a cached call: the directory may hold many entries.
+        remove_stale_temp_files(&self.artifacts);
+        let stored = self.store(&path, &key, &artifact);
+        // Opened again read-only, and checked like any entry: the descriptor goes to the VMM.
+        if stored.is_ok()
+            && let Some(entry) = self.load(&path, &key)
+        {
+            return Ok((entry, true));
+        }
+        // The call can go on with the artifact in hand; the next one compiles again.
+        if let Err(e) = stored {
+            eprintln!("bulwark: warning: the compiled module was not cached: {e:#}");
+        }
+        Ok((private_copy(&artifact)?, true))
+    }
+}
+
+/// An unlinked temporary file holding `artifact` at [`ARTIFACT_OFFSET`]: nobody else can
+/// open it.
+fn private_copy(artifact: &[u8]) -> anyhow::Result<Entry> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(&dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    file.write_all_at(artifact, ARTIFACT_OFFSET)
+        .and_then(|()| file.flush())
+        .with_context(|| format!("cannot write a temporary file in {}", dir.display()))?;
+    Ok(Entry {
+        file,
+        offset: ARTIFACT_OFFSET,
+        len: artifact.len() as u64,
+    })
+}
+
+/// What a remembered entry check is filed under (with the entry's cache key).
+const VERIFIED_PURPOSE: &str = "entry verified";
+/// What a remembered module digest is filed under.
+const DIGEST_PURPOSE: &str = "module sha256";
+
+/// The value remembered for an entry whose tag checked out: its artifact length, so a record
+/// can never vouch for an entry of another size.
+fn verified_value(len: u64) -> [u8; 32] {
+    let mut v = [0u8; 32];
+    v[..8].copy_from_slice(&len.to_le_bytes());
+    v[8..16].copy_from_slice(b"verified");
+    v
+}
+
+/// The artifact length of an entry of the size `id` reports, if it can hold one.
+fn before_len(id: &Identity) -> Option<u64> {
+    id.size()
+        .checked_sub(ARTIFACT_OFFSET)
+        .filter(|&len| len <= MAX_ARTIFACT_SIZE)
+}
+
+/// The opened cache: its `artifacts` and `memo` directories, checked, and the secret key.
+pub struct Cache {
     artifacts: PathBuf,
+    memo: PathBuf,
     key: [u8; KEY_LEN],
 }
 
 impl Cache {
     /// Creates (0700) and checks the cache directory and its `artifacts` directory, and reads
     /// the secret key, making it first if there is none.
-    fn open() -> anyhow::Result<Self> {
+    pub fn open() -> anyhow::Result<Self> {
         let root = dir();
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -239,27 +344,70 @@ impl Cache {
             .with_context(|| format!("cannot inspect the compile cache {}", artifacts.display()))?;
         check_private(&artifacts, &meta)?;
         let key = load_key(&root)?;
-        Ok(Self { artifacts, key })
+        // Created (0700) when the first record is written.
+        let memo = root.join("memo");
+        Ok(Self {
+            artifacts,
+            memo,
+            key,
+        })
     }
 
-    /// The artifact of the entry at `path` if the entry is a regular file whose tag is right for
-    /// `key` and its bytes; any other entry there is deleted.
-    fn load(&self, path: &Path, key: &str) -> Option<Vec<u8>> {
-        let mut bytes =
-            match read_regular_file_nofollow(path, HEADER_LEN as u64 + MAX_ARTIFACT_SIZE) {
-                Ok(bytes) => bytes,
-                Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return None,
-                Err(_) => {
-                    discard(path);
-                    return None;
-                }
-            };
-        if !verify(&self.key, key, &bytes) {
-            discard(path);
-            return None;
+    /// The entry at `path`, opened read-only, if it is a regular file whose tag is right for
+    /// `key` and its artifact; any other entry there is deleted.
+    fn load(&self, path: &Path, key: &str) -> Option<Entry> {
+        let file = match open_regular_nofollow(path) {
+            Ok(file) => file,
+            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(_) => {
+                discard(path);
+                return None;
+            }
+        };
+        // A check remembered for exactly this file, unchanged since, stands (see memo.rs).
+        let purpose = format!("{VERIFIED_PURPOSE} {key}");
+        let memo = Memo::new(&self.memo, &self.key);
+        let before = Identity::of(&file).ok()?;
+        let remembered = memo.get(&purpose, &before);
+        let len = before_len(&before)?;
+        if remembered.is_some_and(|v| v == verified_value(len)) {
+            return Some(Entry {
+                file,
+                offset: ARTIFACT_OFFSET,
+                len,
+            });
         }
-        bytes.drain(..HEADER_LEN);
-        Some(bytes)
+        match verify(&self.key, key, &file) {
+            Some(len) => {
+                if let Ok(after) = Identity::of(&file) {
+                    memo.put(&purpose, &before, &after, &verified_value(len));
+                }
+                Some(Entry {
+                    file,
+                    offset: ARTIFACT_OFFSET,
+                    len,
+                })
+            }
+            None => {
+                discard(path);
+                None
+            }
+        }
+    }
+
+    /// SHA-256 of the module in `file` (a regular file opened once), remembered per file
+    /// (see memo.rs); `None` when it must be read and hashed.
+    pub fn remembered_digest(&self, file: &File) -> Option<[u8; 32]> {
+        let id = Identity::of(file).ok()?;
+        Memo::new(&self.memo, &self.key).get(DIGEST_PURPOSE, &id)
+    }
+
+    /// Remembers `digest` for the module in `file`, whose identity was `before` when it was
+    /// read.
+    pub fn remember_digest(&self, file: &File, before: &Identity, digest: &[u8; 32]) {
+        if let Ok(after) = Identity::of(file) {
+            Memo::new(&self.memo, &self.key).put(DIGEST_PURPOSE, before, &after, digest);
+        }
     }
 
     /// Writes the entry for `key` at `path`: header and artifact into a new file under a random
@@ -271,9 +419,11 @@ impl Cache {
             .context("the cache entry has no file name")?;
         // No fsync: an entry torn by a crash fails its tag and is compiled again.
         let (tmp, mut file) = create_temp(&self.artifacts, file_name, 0o600)?;
+        let mut header = [0u8; ARTIFACT_OFFSET_BYTES];
+        header[..MAGIC.len()].copy_from_slice(MAGIC);
+        header[MAGIC.len()..HEADER_LEN].copy_from_slice(&tag);
         let written = file
-            .write_all(MAGIC)
-            .and_then(|()| file.write_all(&tag))
+            .write_all(&header)
             .and_then(|()| file.write_all(artifact))
             .and_then(|()| std::fs::rename(&tmp, path));
         if written.is_err() {
@@ -428,13 +578,32 @@ fn mac(secret: &[u8; KEY_LEN], key: &str, artifact: &[u8]) -> anyhow::Result<Hma
     Ok(mac)
 }
 
-/// Whether `entry` (header and artifact) carries the right tag for `key` (in constant time).
-fn verify(secret: &[u8; KEY_LEN], key: &str, entry: &[u8]) -> bool {
-    if entry.len() < HEADER_LEN || &entry[..MAGIC.len()] != MAGIC {
-        return false;
+/// The artifact's length if the entry in `file` carries the right tag for `key` (compared in
+/// constant time). The artifact is read in chunks with `pread`, never whole into memory; an
+/// entry of the wrong size or format, or one that changes size while it is read, fails.
+fn verify(secret: &[u8; KEY_LEN], key: &str, file: &File) -> Option<u64> {
+    let size = file.metadata().ok()?.len();
+    let len = size.checked_sub(ARTIFACT_OFFSET)?;
+    if len > MAX_ARTIFACT_SIZE {
+        return None;
     }
-    let (header, artifact) = entry.split_at(HEADER_LEN);
-    mac(secret, key, artifact).is_ok_and(|m| m.verify_slice(&header[MAGIC.len()..]).is_ok())
+    let mut header = [0u8; HEADER_LEN];
+    file.read_exact_at(&mut header, 0).ok()?;
+    if &header[..MAGIC.len()] != MAGIC {
+        return None;
+    }
+    let mut mac = mac(secret, key, &[]).ok()?;
+    let mut chunk = vec![0u8; VERIFY_CHUNK];
+    let mut at = 0;
+    while at < len {
+        let n = usize::try_from((len - at).min(VERIFY_CHUNK as u64)).ok()?;
+        file.read_exact_at(&mut chunk[..n], ARTIFACT_OFFSET + at)
+            .ok()?;
+        mac.update(&chunk[..n]);
+        at += n as u64;
+    }
+    mac.verify_slice(&header[MAGIC.len()..]).ok()?;
+    Some(len)
 }
 
 /// Deletes a cache entry that must not be used. A failure is left for the next writer's rename.
@@ -698,31 +867,74 @@ mod tests {
     #[test]
     fn a_tag_binds_the_artifact_to_its_key() {
         let secret = [7u8; KEY_LEN];
+        let dir = std::env::temp_dir().join(format!("bulwark-tag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |bytes: &[u8]| {
+            let path = dir.join("entry");
+            std::fs::write(&path, bytes).unwrap();
+            File::open(&path).unwrap()
+        };
         let entry = |key: &str, artifact: &[u8]| {
-            let mut e = MAGIC.to_vec();
-            e.extend_from_slice(&tag(&secret, key, artifact).unwrap());
+            let mut e = vec![0u8; ARTIFACT_OFFSET_BYTES];
+            e[..MAGIC.len()].copy_from_slice(MAGIC);
+            e[MAGIC.len()..HEADER_LEN].copy_from_slice(&tag(&secret, key, artifact).unwrap());
             e.extend_from_slice(artifact);
             e
         };
-        let good = entry("a e guest", b"artifact A");
-        assert!(verify(&secret, "a e guest", &good));
-        assert!(!verify(&secret, "b e guest", &good), "another module's key");
-        assert!(!verify(&secret, "a e host", &good), "another target");
-        assert!(
-            !verify(&[8u8; KEY_LEN], "a e guest", &good),
+        // Longer than one verify chunk, so the chunked read is covered.
+        let artifact: Vec<u8> = (0..=250u8).cycle().take(VERIFY_CHUNK + 77).collect();
+        let good = entry("a e guest", &artifact);
+        let n = artifact.len() as u64;
+        assert_eq!(verify(&secret, "a e guest", &file(&good)), Some(n));
+        let opened = Entry {
+            file: file(&good),
+            offset: ARTIFACT_OFFSET,
+            len: n,
+        };
+        assert_eq!(opened.read().unwrap(), artifact);
+        assert_eq!(
+            verify(&secret, "b e guest", &file(&good)),
+            None,
+            "another module's key"
+        );
+        assert_eq!(
+            verify(&secret, "a e host", &file(&good)),
+            None,
+            "another target"
+        );
+        assert_eq!(
+            verify(&[8u8; KEY_LEN], "a e guest", &file(&good)),
+            None,
             "another secret"
         );
         let mut flipped = good.clone();
         *flipped.last_mut().unwrap() ^= 1;
-        assert!(!verify(&secret, "a e guest", &flipped), "a flipped byte");
-        assert!(
-            !verify(&secret, "a e guest", &good[..HEADER_LEN - 1]),
+        assert_eq!(
+            verify(&secret, "a e guest", &file(&flipped)),
+            None,
+            "a flipped byte"
+        );
+        assert_eq!(
+            verify(&secret, "a e guest", &file(&good[..good.len() - 1])),
+            None,
             "truncated"
         );
-        assert!(
-            !verify(&secret, "a e guest", &good[MAGIC.len()..]),
-            "no magic"
+        let mut old = good.clone();
+        old[..MAGIC.len()].copy_from_slice(b"BWKCWv1\n");
+        assert_eq!(
+            verify(&secret, "a e guest", &file(&old)),
+            None,
+            "old format"
         );
-        assert!(!verify(&secret, "a e guest", b""), "empty");
+        assert_eq!(
+            verify(&secret, "a e guest", &file(&good[..HEADER_LEN])),
+            None,
+            "header only"
+        );
+        assert_eq!(verify(&secret, "a e guest", &file(b"")), None, "empty");
+        // An empty artifact is not an entry the compiler makes, but its tag still binds.
+        let empty = entry("a e guest", b"");
+        assert_eq!(verify(&secret, "a e guest", &file(&empty)), Some(0));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

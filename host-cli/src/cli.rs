@@ -30,6 +30,36 @@ pub enum Command {
     /// the tool's exit code.
     #[command(after_help = RUN_EXIT_CODES)]
     Run(RunArgs),
+    /// Run Python code (CPython 3.12) in a fresh Bulwark micro-VM: `-c CODE`, a script file, or
+    /// `-` for a program on standard input, as `python` takes them.
+    ///
+    /// The runtime is the pinned CPython WASI build of images/runtimes.txt
+    /// (build/runtimes/python.wasm, or $BULWARK_RUNTIMES/python.wasm), checked against its pinned SHA-256
+    /// before every call; this is `bulwark run python.wasm` with the same options. A SCRIPT
+    /// inside a --dir runs from there (its guest path; modules next to it import); any other
+    /// is shared read-only at /script/NAME. Standard input goes to the program, except with `-`.
+    /// An uncaught exception prints its traceback on stderr and exits 1. Pure-Python packages
+    /// import from a --dir on PYTHONPATH: `--dir ./lib::/lib --env PYTHONPATH=/lib`.
+    #[command(
+        override_usage = "bulwark python [OPTIONS] -c CODE [ARGS]...\n       bulwark python [OPTIONS] <SCRIPT | -> [ARGS]...",
+        after_help = LANG_EXIT_CODES
+    )]
+    Python(PythonArgs),
+    /// Run JavaScript (QuickJS-NG 0.11) in a fresh Bulwark micro-VM: `-e CODE`, a script file,
+    /// or `-` for a program on standard input.
+    ///
+    /// The runtime is the pinned QuickJS-NG WASI build of images/runtimes.txt
+    /// (build/runtimes/quickjs.wasm, or $BULWARK_RUNTIMES/quickjs.wasm), checked against its pinned SHA-256
+    /// before every call; it runs as `qjs --std`, so `std` and `os` are there, and `scriptArgs`
+    /// holds the script's path and then ARGS (just ARGS with -e). A script with `import` or
+    /// `export`, or named .mjs, is a module. A SCRIPT inside a --dir runs from there; any other
+    /// (or the program read with `-`, as /script/stdin.js) is shared read-only at /script/NAME.
+    /// An uncaught exception prints the error and its stack on stderr and exits 1.
+    #[command(
+        override_usage = "bulwark js [OPTIONS] -e CODE [ARGS]...\n       bulwark js [OPTIONS] <SCRIPT | -> [ARGS]...",
+        after_help = LANG_EXIT_CODES
+    )]
+    Js(JsArgs),
     /// Check this host: /dev/kvm, which KVM is behind it, the VMM and guest image, the compile
     /// cache, and a real VM boot. Says what to fix; exits 1 if anything fails.
     Doctor {
@@ -142,6 +172,62 @@ Exit codes:
   134    the tool trapped or ran out of fuel (message on stderr)
 A tool may itself exit with 123-126, 130, 134 or 255; --json tells the cases apart.";
 
+/// Exit codes of `bulwark python` and `bulwark js`, also in their `--help`.
+pub const LANG_EXIT_CODES: &str = "\
+Exit codes: those of `bulwark run --help`. The program's own: 0, 1 for an uncaught exception,
+or what it passed to sys.exit() / std.exit(). Also 125: the script cannot be read, or the
+runtime is missing or not the build images/runtimes.txt pins (run `make runtimes`).";
+
+/// Arguments of `bulwark python`.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).multiple(true).args(["code", "program"])))]
+pub struct PythonArgs {
+    /// Run CODE, as `python -c CODE`: every positional argument then goes to `sys.argv[1:]`
+    /// (`sys.argv[0]` is `-c`).
+    #[arg(short = 'c', value_name = "CODE", allow_hyphen_values = true)]
+    pub code: Option<String>,
+
+    /// The program, SCRIPT (a file on this host) or `-` (read from standard input), then its
+    /// arguments (`sys.argv[1:]`).
+    #[arg(
+        value_name = "PROGRAM",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub program: Vec<String>,
+
+    /// The options of `bulwark run`.
+    #[command(flatten)]
+    pub opts: RunOptions,
+}
+
+/// Arguments of `bulwark js`.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).multiple(true).args(["code", "program"])))]
+pub struct JsArgs {
+    /// Evaluate CODE, as `qjs -e CODE`: every positional argument then goes to `scriptArgs`.
+    #[arg(
+        short = 'e',
+        long = "eval",
+        value_name = "CODE",
+        allow_hyphen_values = true
+    )]
+    pub code: Option<String>,
+
+    /// The program, SCRIPT (a file on this host) or `-` (read from standard input), then its
+    /// arguments (`scriptArgs.slice(1)`).
+    #[arg(
+        value_name = "PROGRAM",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub program: Vec<String>,
+
+    /// The options of `bulwark run`.
+    #[command(flatten)]
+    pub opts: RunOptions,
+}
+
 /// Arguments of `bulwark run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -152,6 +238,49 @@ pub struct RunArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 
+    /// The options `bulwark python` and `bulwark js` share (read through `Deref`, so
+    /// `args.timeout` works as if they were fields here).
+    #[command(flatten)]
+    pub opts: RunOptions,
+
+    /// Run the module only if it is signed by this public key (repeatable: a signature by any
+    /// one of them will do; see `bulwark keygen`, `bulwark sign`). An unsigned or wrongly
+    /// signed module, or one changed after signing, is refused before it is compiled (exit
+    /// 123). WebAssembly text (.wat) cannot carry a signature, so it is refused too.
+    #[arg(long = "trust", value_name = "PUBLIC_KEY")]
+    pub trust: Vec<PathBuf>,
+
+    /// Run the module only if this policy file allows it: signed by one of its trusted keys
+    /// (and --trust keys), if it names any, and with one of its pinned SHA-256 digests, if it
+    /// pins any. Refused modules exit 123 before they are compiled. Syntax: `bulwark verify
+    /// --help`.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+
+    /// Directories shared with the tool besides the `--dir` ones, made in memory by
+    /// `bulwark python` and `bulwark js` (the script file): shared after the `--dir` ones and
+    /// never written back anywhere.
+    #[arg(skip)]
+    pub extra_dirs: Vec<bulwark_proto::tree::SharedDir>,
+
+    /// The SHA-256 the module must have (`bulwark python` and `bulwark js`: the pinned
+    /// runtime); checked before anything compiles or runs.
+    #[arg(skip)]
+    pub pinned_sha256: Option<[u8; 32]>,
+}
+
+impl std::ops::Deref for RunArgs {
+    type Target = RunOptions;
+
+    fn deref(&self) -> &RunOptions {
+        &self.opts
+    }
+}
+
+/// The options of a tool call that `bulwark run`, `bulwark python` and `bulwark js` share:
+/// directories, environment, limits, output and isolation.
+#[derive(Args, Debug, Clone)]
+pub struct RunOptions {
     /// Share a host directory with the tool, seen by it as GUEST (repeatable, at most 64 times;
     /// GUEST defaults to HOST). The tool works on a copy in the VM's memory; when it exits with code 0, its
     /// changes (new, changed and removed files, directories and symbolic links) are written
@@ -209,20 +338,6 @@ pub struct RunArgs {
     /// without /dev/kvm: only the Wasm sandbox isolates the tool; a warning says so on stderr).
     #[arg(long, value_enum, value_name = "KIND", default_value_t = Isolation::Vm)]
     pub isolation: Isolation,
-
-    /// Run the module only if it is signed by this public key (repeatable: a signature by any
-    /// one of them will do; see `bulwark keygen`, `bulwark sign`). An unsigned or wrongly
-    /// signed module, or one changed after signing, is refused before it is compiled (exit
-    /// 123). WebAssembly text (.wat) cannot carry a signature, so it is refused too.
-    #[arg(long = "trust", value_name = "PUBLIC_KEY")]
-    pub trust: Vec<PathBuf>,
-
-    /// Run the module only if this policy file allows it: signed by one of its trusted keys
-    /// (and --trust keys), if it names any, and with one of its pinned SHA-256 digests, if it
-    /// pins any. Refused modules exit 123 before they are compiled. Syntax: `bulwark verify
-    /// --help`.
-    #[arg(long, value_name = "FILE")]
-    pub policy: Option<PathBuf>,
 }
 
 /// What isolates a tool call.

@@ -124,8 +124,14 @@ pub fn read_regular_file_nofollow(path: &Path, max: u64) -> Result<Vec<u8>, Read
     read_opened(path, max, libc::O_NOFOLLOW)
 }
 
-fn read_opened(path: &Path, max: u64, flags: libc::c_int) -> Result<Vec<u8>, ReadError> {
-    use std::io::Read;
+/// Opens `path` read-only without following a final symbolic link and checks, on the
+/// descriptor, that it is a regular file (a FIFO or device is not read, and the open does not
+/// block on one).
+pub fn open_regular_nofollow(path: &Path) -> Result<std::fs::File, ReadError> {
+    open_regular(path, libc::O_NOFOLLOW)
+}
+
+fn open_regular(path: &Path, flags: libc::c_int) -> Result<std::fs::File, ReadError> {
     use std::os::unix::fs::OpenOptionsExt;
     // std adds O_CLOEXEC to every open.
     let file = std::fs::OpenOptions::new()
@@ -137,6 +143,13 @@ fn read_opened(path: &Path, max: u64, flags: libc::c_int) -> Result<Vec<u8>, Rea
     if !meta.file_type().is_file() {
         return Err(ReadError::NotRegular(describe(meta.file_type())));
     }
+    Ok(file)
+}
+
+fn read_opened(path: &Path, max: u64, flags: libc::c_int) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read;
+    let file = open_regular(path, flags)?;
+    let meta = file.metadata().map_err(ReadError::Io)?;
     if meta.len() > max {
         return Err(ReadError::TooLarge {
             len: meta.len(),
@@ -154,6 +167,49 @@ fn read_opened(path: &Path, max: u64, flags: libc::c_int) -> Result<Vec<u8>, Rea
         });
     }
     Ok(bytes)
+}
+
+/// A module file, opened once: a regular file (FIFOs, devices and directories are refused
+/// without reading them), read later through this descriptor only.
+pub struct ModuleFile {
+    /// The open file.
+    pub file: std::fs::File,
+    /// Its path, for messages.
+    pub path: std::path::PathBuf,
+}
+
+impl ModuleFile {
+    /// Opens the module at `path`.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let file = open_regular(path, 0)
+            .map_err(|e| anyhow::anyhow!("cannot read module {}: {e}", path.display()))?;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Reads the whole module from its start, at most [`MAX_MODULE_SIZE`] bytes.
+    pub fn read(&self) -> anyhow::Result<Vec<u8>> {
+        use std::io::{Read, Seek};
+        let mut file = &self.file;
+        let mut bytes = Vec::new();
+        file.seek(std::io::SeekFrom::Start(0))
+            .and_then(|_| {
+                file.take(MAX_MODULE_SIZE + 1)
+                    .read_to_end(&mut bytes)
+                    .map(drop)
+            })
+            .map_err(|e| anyhow::anyhow!("cannot read module {}: {e}", self.path.display()))?;
+        let len = bytes.len() as u64;
+        if len > MAX_MODULE_SIZE {
+            anyhow::bail!(
+                "module {} is at least {len} bytes, over the {MAX_MODULE_SIZE}-byte limit",
+                self.path.display()
+            );
+        }
+        Ok(bytes)
+    }
 }
 
 /// Reads a module: a regular file of at most [`MAX_MODULE_SIZE`] bytes, opened once (see

@@ -7,7 +7,9 @@ mod confine;
 mod dirs;
 mod doctor;
 mod interrupt;
+mod lang;
 mod local;
+mod memo;
 mod policy;
 mod run;
 mod sign;
@@ -22,6 +24,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Compile(args) => compile::run(&args),
         cli::Command::Run(args) => return run::run(&args),
+        cli::Command::Python(args) => return lang::python(args),
+        cli::Command::Js(args) => return lang::js(args),
         cli::Command::Doctor { json } => return doctor::run(json),
         cli::Command::Keygen(args) => sign::keygen(&args),
         cli::Command::Sign(args) => sign::sign(&args),

@@ -10,7 +10,7 @@ use bulwark_proto::call::{
 };
 
 use crate::cli::{Isolation, RunArgs, Target};
-use crate::compile::{hex, read_module, sha256};
+use crate::compile::{ModuleFile, hex, sha256};
 use crate::dirs::{self, Budget, Changes};
 use crate::{cache, interrupt, local, vm};
 
@@ -31,14 +31,11 @@ pub mod code {
     pub const REFUSED: u8 = 123;
 }
 
-/// Memory the guest needs besides the tool's linear memory and the artifact (image, stack,
-/// engine, heap bookkeeping), in MiB.
+/// Memory the guest needs besides the tool's linear memory (image, stack, engine, the loaded
+/// module's bookkeeping, heap bookkeeping), in MiB. The artifact itself is mapped, not in RAM.
 const GUEST_OVERHEAD_MIB: u64 = 96;
 /// High RAM beyond the tool's linear memory, for the guest's allocations that land there.
 const HIGH_HEAP_SLACK_MIB: u64 = 64;
-/// Copies of the compiled module the guest holds at once while it loads one: the request's
-/// frame, the decoded request and the loaded module.
-const ARTIFACT_COPIES: u64 = 3;
 
 /// Where the time went, in microseconds.
 #[derive(Default)]
@@ -150,24 +147,63 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
             ),
         );
     }
-    let module = match read_module(&args.module) {
+    let module = match ModuleFile::open(&args.module) {
         Ok(m) => m,
         Err(e) => return failed(code::MODULE, e),
     };
-    // --trust/--policy: the signature and pinned digest are checked before anything compiles.
-    if let Err(refusal) = crate::sign::check_run(args, &module) {
-        return failed(refusal.code, refusal.error);
+    // --trust/--policy: the signature and pinned digest are checked on the module's bytes,
+    // before anything compiles or the cache is touched.
+    let signed = !args.trust.is_empty() || args.policy.is_some();
+    let mut bytes = None;
+    if signed {
+        let read = match module.read() {
+            Ok(b) => b,
+            Err(e) => return failed(code::MODULE, e),
+        };
+        if let Err(refusal) = crate::sign::check_run(args, &read) {
+            return failed(refusal.code, refusal.error);
+        }
+        bytes = Some(read);
+    }
+    let cache = match cache::Cache::open() {
+        Ok(c) => c,
+        Err(e) => return failed(code::BULWARK, e),
+    };
+    // Without a policy, a module's digest is remembered per file while the file is unchanged
+    // (memo.rs), so a cached call of a big module (CPython: 26 MB) neither reads nor hashes it.
+    let digest = match (&bytes, cache.remembered_digest(&module.file)) {
+        (Some(read), _) => sha256(read),
+        (None, Some(digest)) => digest,
+        (None, None) => {
+            let before = crate::memo::Identity::of(&module.file);
+            let read = match module.read() {
+                Ok(b) => b,
+                Err(e) => return failed(code::MODULE, e),
+            };
+            let digest = sha256(&read);
+            if let Ok(before) = before {
+                cache.remember_digest(&module.file, &before, &digest);
+            }
+            bytes = Some(read);
+            digest
+        }
+    };
+    if let Some(pinned) = &args.pinned_sha256
+        && let Err(e) = crate::lang::check_runtime(&args.module, &digest, pinned)
+    {
+        return failed(code::BULWARK, e);
     }
     // The directories stay open until they are written back: that works through these
     // descriptors, never through paths that could be swapped for links in the meantime.
     let dirs::Shared {
-        trees: shared,
+        trees: mut shared,
         hosts,
     } = match dirs::read_all(&args.dirs, budget(args)) {
         Ok(s) => s,
         Err(e) => return failed(code::BULWARK, e),
     };
-    let digest = sha256(&module);
+    // `bulwark python`/`js`'s script directory: after the --dir ones, never written back.
+    shared.extend(args.extra_dirs.iter().cloned());
     let target = match args.isolation {
         Isolation::Vm => Target::Guest,
         Isolation::Wasm => Target::Host,
@@ -177,9 +213,9 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     // Fuel metering is compiled in only for calls that give a fuel budget; the guest (or
     // `local`) picks the engine of the same variant from `limits.fuel`.
     let metering = bulwark_engine::Metering::of(args.fuel);
-    let compiled = cache::artifact(
+    let compiled = cache.artifact(
         &module,
-        &args.module,
+        bytes.as_deref(),
         &hex(&digest),
         target,
         metering,
@@ -202,12 +238,20 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         Err(e) => return failed(code::BULWARK, e),
     };
     if args.isolation == Isolation::Wasm {
-        return call_in_process(args, &artifact, shared, &hosts, stdin, deadline, timings);
+        let bytes = match artifact.read() {
+            Ok(b) => b,
+            Err(e) => {
+                return failed(
+                    code::BULWARK,
+                    anyhow::Error::new(e).context("cannot read the compiled module from the cache"),
+                );
+            }
+        };
+        return call_in_process(args, &bytes, shared, &hosts, stdin, deadline, timings);
     }
-    // The guest holds standard input twice while it reads the request, and the artifact
-    // ARTIFACT_COPIES times while it loads it.
-    let rest_mib =
-        rest_mib + 2 * bytes_to_mib(stdin.len()) + ARTIFACT_COPIES * bytes_to_mib(artifact.len());
+    // The guest holds standard input twice while it reads the request; the artifact is mapped
+    // into its own window, outside RAM.
+    let rest_mib = rest_mib + 2 * bytes_to_mib(stdin.len());
     let need_mib = ram_need_mib(args.max_memory.div_ceil(1 << 20), rest_mib);
     let mem_mib = match vm_mem_mib(args.mem_mib, need_mib, args.max_memory, dirs_mib > 0) {
         Ok(mib) => mib,
@@ -220,9 +264,9 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     };
     let request = Request {
         version: PROTOCOL_VERSION,
-        artifact: Artifact::Inline {
+        artifact: Artifact {
             digest,
-            bytes: artifact,
+            size: artifact.len,
         },
         args: argv(args),
         env: args.env.clone(),
@@ -235,7 +279,7 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
     };
     let vm_started = Instant::now();
-    let mut vm = match vm::Vm::start(mem_mib, deadline) {
+    let mut vm = match vm::Vm::start(mem_mib, &artifact, deadline) {
         Ok(vm) => vm,
         Err(e) => return failed(code::BULWARK, e),
     };
@@ -410,7 +454,9 @@ fn finish(
     if response.outcome != Outcome::Exited(0) {
         return Result::Done(response, Vec::new());
     }
-    if after.len() != before.len() || hosts.len() != before.len() {
+    // `before` may end with `RunArgs::extra_dirs`, which have no host directory: only the
+    // first `hosts.len()` are written back.
+    if after.len() != before.len() || hosts.len() > before.len() {
         return Result::Failed(
             code::BULWARK,
             format!(
@@ -459,7 +505,7 @@ fn call_in_process(
         .dirs
         .iter()
         .cloned()
-        .zip(args.dirs.iter().map(|d| d.guest.clone()))
+        .zip(shared.iter().map(|d| d.guest_path.clone()))
         .collect();
     let call_started = Instant::now();
     let outcome = local::run(local::LocalCall {
@@ -484,10 +530,11 @@ fn call_in_process(
             let after: anyhow::Result<Vec<_>> = scratch
                 .dirs
                 .iter()
+                .take(hosts.len())
                 .map(|d| dirs::read_scratch(&dirs::HostDir::open(d)?, &mut budget))
                 .collect();
             match after {
-                Ok(after) => finish(response, hosts, &shared, after),
+                Ok(after) => finish(response, hosts, &shared[..hosts.len()], after),
                 Err(e) => Result::Failed(
                     code::BULWARK,
                     format!(

@@ -11,6 +11,8 @@ use bulwark_abi::vsock::handshake::{self, HandshakeError};
 use bulwark_proto::call::{AGENT_PORT, Request, Response};
 use bulwark_proto::frame::{self, MAX_RESPONSE_FRAME, ReadError};
 
+use crate::cache::Entry;
+
 /// A file next to the running executable, or in the source tree's `build/` when running from
 /// `target/<profile>/` (for the guest image); `env` overrides both.
 pub fn locate(env: &str, name: &str) -> anyhow::Result<PathBuf> {
@@ -51,11 +53,13 @@ const SOCKET_SUFFIX: usize = 12;
 const DEATH_GRACE: Duration = Duration::from_secs(1);
 
 impl Vm {
-    /// Starts `bulwark-vmm` with the guest image and a vsock device.
+    /// Starts `bulwark-vmm` with the guest image, a vsock device and `artifact` mapped into the
+    /// guest's artifact window: the VMM gets the verified entry's descriptor as its standard
+    /// input (read-only), never a path.
     ///
     /// The VMM dies with this process, however it ends (`PR_SET_PDEATHSIG`, which follows the
     /// thread that spawns it: call this from a thread that lives as long as the call).
-    pub fn start(mem_mib: u64, deadline: Instant) -> anyhow::Result<Self> {
+    pub fn start(mem_mib: u64, artifact: &Entry, deadline: Instant) -> anyhow::Result<Self> {
         let vmm = locate("BULWARK_VMM", "bulwark-vmm")?;
         let guest = locate("BULWARK_GUEST", "bulwark-guest.elf")?;
         let dir = socket_dir()?;
@@ -68,8 +72,18 @@ impl Vm {
             .arg(&uds)
             .arg("--timeout")
             .arg(format!("{:.3}", timeout.as_secs_f64()))
+            .arg("--artifact-from-stdin")
+            .arg("--artifact-offset")
+            .arg(artifact.offset.to_string())
+            .arg("--artifact-len")
+            .arg(artifact.len.to_string())
             .arg(&guest)
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(
+                artifact
+                    .file
+                    .try_clone()
+                    .context("cannot pass the compiled module to the VMM")?,
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         // The VMM dies with this process whatever ends it: it sets its own parent-death signal

@@ -1,13 +1,14 @@
 //! The guest agent's protocol on a real VM, spoken directly: malformed, oversized and
 //! wrong-version requests are refused (`Outcome::Refused`) and their connection closes, and the
-//! agent goes on serving the next call.
+//! agent goes on serving the next call. The artifact is mapped by the VMM (`--artifact-from-stdin`)
+//! and only named by the request.
 
 // The helpers below fail the test by panicking, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,15 +26,19 @@ struct AgentVm {
 }
 
 impl AgentVm {
-    fn start(test: &str) -> Self {
+    /// A VM with `artifact` (a file `bulwark compile` wrote) in its artifact window, if any.
+    fn start(test: &str, artifact: Option<&Path>) -> Self {
         let uds = scratch_dir(test).join("vsock.sock");
-        let child = Command::new(vmm_binary())
-            .args(["--timeout", "120", "--vsock-uds"])
+        let mut cmd = Command::new(vmm_binary());
+        cmd.args(["--timeout", "120", "--vsock-uds"])
             .arg(&uds)
             .arg(guest_image())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start bulwark-vmm");
+            .stdout(Stdio::null());
+        if let Some(path) = artifact {
+            cmd.arg("--artifact-from-stdin")
+                .stdin(std::fs::File::open(path).unwrap());
+        }
+        let child = cmd.spawn().expect("start bulwark-vmm");
         Self { child, uds }
     }
 
@@ -80,27 +85,34 @@ fn refusal_of(r: &Response) -> &str {
     }
 }
 
-fn hello_request() -> Request {
-    // A directory of its own per call: tests run in parallel, and scratch_dir empties it.
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = scratch_dir(&format!("agent-hello-{n}"));
-    let artifact = dir.join("hello.cwasm");
-    let out = Command::new(workspace_binary("bulwark", "BULWARK_CLI"))
-        .arg("compile")
+/// `examples/hello.wat` compiled by `bulwark compile` (with `--fuel` when `fuel`) into a file
+/// of the test's scratch directory `test`.
+fn hello_artifact(test: &str, fuel: bool) -> PathBuf {
+    let artifact = scratch_dir(test).join(if fuel {
+        "hello-fuel.cwasm"
+    } else {
+        "hello.cwasm"
+    });
+    let mut cmd = Command::new(workspace_binary("bulwark", "BULWARK_CLI"));
+    cmd.arg("compile")
         .arg(repo_root().join("examples/hello.wat"))
         .arg("-o")
-        .arg(&artifact)
-        .output()
-        .expect("run bulwark compile");
+        .arg(&artifact);
+    if fuel {
+        cmd.arg("--fuel");
+    }
+    let out = cmd.output().expect("run bulwark compile");
     assert!(out.status.success(), "{}", stderr(&out));
-    let bytes = std::fs::read(&artifact).unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
+    artifact
+}
+
+/// A call of the artifact at `path` (named by digest `[digest; 32]`).
+fn request_for(path: &Path, digest: u8) -> Request {
     Request {
         version: PROTOCOL_VERSION,
-        artifact: Artifact::Inline {
-            digest: [1; 32],
-            bytes,
+        artifact: Artifact {
+            digest: [digest; 32],
+            size: std::fs::metadata(path).unwrap().len(),
         },
         args: vec!["hello".into()],
         env: Vec::new(),
@@ -117,7 +129,9 @@ fn bad_requests_are_refused_and_the_agent_keeps_serving() {
     if !kvm_available() {
         return;
     }
-    let vm = AgentVm::start("agent-bad-requests");
+    let hello = hello_artifact("agent-bad-requests-artifact", false);
+    let hello_request = || request_for(&hello, 1);
+    let vm = AgentVm::start("agent-bad-requests", Some(&hello));
 
     // A length over the cap is refused before anything is allocated or read.
     let mut s = vm.connect();
@@ -148,13 +162,17 @@ fn bad_requests_are_refused_and_the_agent_keeps_serving() {
         refusal_of(&e)
     );
 
-    // A cached artifact this VM never got.
-    let mut cached = hello_request();
-    cached.artifact = Artifact::Cached { digest: [9; 32] };
+    // An artifact of another size than the one this VM has mapped.
+    let mut other = hello_request();
+    other.artifact.size += 1;
     let mut s = vm.connect();
-    s.write_all(&frame::encode(&cached).unwrap()).unwrap();
+    s.write_all(&frame::encode(&other).unwrap()).unwrap();
     let e = answer(&mut s);
-    assert!(refusal_of(&e).contains("cached"), "{}", refusal_of(&e));
+    assert!(
+        refusal_of(&e).contains("bytes mapped"),
+        "{}",
+        refusal_of(&e)
+    );
 
     // A shared tree that tries to leave its directory.
     let mut escape = hello_request();
@@ -176,46 +194,50 @@ fn bad_requests_are_refused_and_the_agent_keeps_serving() {
     s.write_all(&[0; 10]).unwrap();
     drop(s);
 
-    // After all that, a real call works, and so does the cached artifact it left behind.
-    let hello = hello_request();
-    let mut s = vm.connect();
-    s.write_all(&frame::encode(&hello).unwrap()).unwrap();
-    let r = answer(&mut s);
+    // After all that, a real call works, and the module it loaded is kept for the next.
+    let r = call(&vm, &hello_request());
     assert_eq!(r.outcome, Outcome::Exited(0));
     assert_eq!(r.stdout, b"hello from a Bulwark micro-VM\n");
-    let mut again = hello_request();
-    again.artifact = Artifact::Cached { digest: [1; 32] };
-    let mut s = vm.connect();
-    s.write_all(&frame::encode(&again).unwrap()).unwrap();
-    let r = answer(&mut s);
+    let r = call(&vm, &hello_request());
     assert_eq!(r.outcome, Outcome::Exited(0));
     assert_eq!(
         r.timings.load_us, 0,
-        "a cached artifact is not loaded again"
+        "a loaded artifact is not loaded again"
     );
+
+    // The VM runs only the module it has mapped, and only in the variant it was loaded as.
+    let r = call(&vm, &request_for(&hello, 2));
+    assert!(
+        refusal_of(&r).contains("another module"),
+        "{}",
+        refusal_of(&r)
+    );
+    let mut metered = hello_request();
+    metered.limits.fuel = Some(1000);
+    let r = call(&vm, &metered);
+    assert!(
+        refusal_of(&r).contains("loaded as unmetered"),
+        "{}",
+        refusal_of(&r)
+    );
+    let r = call(&vm, &hello_request());
+    assert_eq!(r.outcome, Outcome::Exited(0));
 }
 
-/// `examples/hello.wat` compiled by `bulwark compile`, with `--fuel` when `fuel`.
-fn hello_artifact(fuel: bool) -> Vec<u8> {
-    let dir = scratch_dir(if fuel {
-        "agent-hello-fuel"
-    } else {
-        "agent-hello-unmetered"
-    });
-    let artifact = dir.join("hello.cwasm");
-    let mut cmd = Command::new(workspace_binary("bulwark", "BULWARK_CLI"));
-    cmd.arg("compile")
-        .arg(repo_root().join("examples/hello.wat"))
-        .arg("-o")
-        .arg(&artifact);
-    if fuel {
-        cmd.arg("--fuel");
+/// A VM started without an artifact refuses calls, and says why.
+#[test]
+fn a_vm_without_an_artifact_refuses_calls() {
+    if !kvm_available() {
+        return;
     }
-    let out = cmd.output().expect("run bulwark compile");
-    assert!(out.status.success(), "{}", stderr(&out));
-    let bytes = std::fs::read(&artifact).unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
-    bytes
+    let hello = hello_artifact("agent-no-artifact-file", false);
+    let vm = AgentVm::start("agent-no-artifact", None);
+    let r = call(&vm, &request_for(&hello, 1));
+    assert!(
+        refusal_of(&r).contains("no artifact mapped"),
+        "{}",
+        refusal_of(&r)
+    );
 }
 
 /// Sends `request` on a new connection and returns the answer.
@@ -233,52 +255,43 @@ fn artifacts_run_only_in_the_engine_of_their_metering_variant() {
     if !kvm_available() {
         return;
     }
-    let vm = AgentVm::start("agent-metering");
-    let unmetered = hello_artifact(false);
-    let metered = hello_artifact(true);
-    assert_ne!(unmetered, metered);
-    let request = |bytes: &[u8], digest: u8, fuel: Option<u64>| {
-        let mut r = hello_request();
-        r.artifact = Artifact::Inline {
-            digest: [digest; 32],
-            bytes: bytes.to_vec(),
-        };
+    let unmetered = hello_artifact("agent-metering-unmetered-artifact", false);
+    let metered = hello_artifact("agent-metering-metered-artifact", true);
+    assert_ne!(
+        std::fs::read(&unmetered).unwrap(),
+        std::fs::read(&metered).unwrap()
+    );
+    let with_fuel = |path: &Path, fuel: Option<u64>| {
+        let mut r = request_for(path, 1);
         r.limits.fuel = fuel;
         r
     };
 
-    // The wrong variant either way: refused.
-    let r = call(&vm, &request(&unmetered, 2, Some(1_000_000)));
+    // A VM with the unmetered artifact: a call with a fuel budget is refused, one without runs
+    // and counts no fuel.
+    let vm = AgentVm::start("agent-metering-unmetered", Some(&unmetered));
+    let r = call(&vm, &with_fuel(&unmetered, Some(1_000_000)));
     assert!(
         refusal_of(&r).contains("fuel-metered"),
         "{}",
         refusal_of(&r)
     );
     assert_eq!(r.fuel_consumed, None);
-    let r = call(&vm, &request(&metered, 3, None));
-    assert!(refusal_of(&r).contains("unmetered"), "{}", refusal_of(&r));
-
-    // The right variants run, and only the metered call counts fuel.
-    let r = call(&vm, &request(&metered, 4, Some(1_000_000)));
-    assert_eq!(r.outcome, Outcome::Exited(0));
-    assert_eq!(r.stdout, b"hello from a Bulwark micro-VM\n");
-    assert!(r.fuel_consumed.is_some_and(|f| f > 0), "{r:?}");
-    let r = call(&vm, &request(&metered, 5, Some(10)));
-    assert_eq!(r.outcome, Outcome::OutOfFuel);
-    assert_eq!(r.fuel_consumed, Some(10));
-    let r = call(&vm, &request(&unmetered, 6, None));
+    let r = call(&vm, &with_fuel(&unmetered, None));
     assert_eq!(r.outcome, Outcome::Exited(0));
     assert_eq!(r.stdout, b"hello from a Bulwark micro-VM\n");
     assert_eq!(r.fuel_consumed, None);
+    drop(vm);
 
-    // The VM's artifact cache keeps the variants apart too: digest 6 is cached unmetered only.
-    let mut cached = hello_request();
-    cached.artifact = Artifact::Cached { digest: [6; 32] };
-    cached.limits.fuel = Some(1_000_000);
-    let r = call(&vm, &cached);
-    assert!(refusal_of(&r).contains("cached"), "{}", refusal_of(&r));
-    cached.limits.fuel = None;
-    let r = call(&vm, &cached);
+    // A VM with the metered artifact: the other way round, and fuel is counted and enforced.
+    let vm = AgentVm::start("agent-metering-metered", Some(&metered));
+    let r = call(&vm, &with_fuel(&metered, None));
+    assert!(refusal_of(&r).contains("unmetered"), "{}", refusal_of(&r));
+    let r = call(&vm, &with_fuel(&metered, Some(1_000_000)));
     assert_eq!(r.outcome, Outcome::Exited(0));
-    assert_eq!(r.timings.load_us, 0);
+    assert_eq!(r.stdout, b"hello from a Bulwark micro-VM\n");
+    assert!(r.fuel_consumed.is_some_and(|f| f > 0), "{r:?}");
+    let r = call(&vm, &with_fuel(&metered, Some(10)));
+    assert_eq!(r.outcome, Outcome::OutOfFuel);
+    assert_eq!(r.fuel_consumed, Some(10));
 }

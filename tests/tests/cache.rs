@@ -108,6 +108,66 @@ fn swapped_or_patched_guest_entries_are_recompiled_never_run() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A module's digest and an entry's check are remembered (host-cli/src/memo.rs) only while the
+/// file is unchanged: a module rewritten in place, same size and inode, runs as what it now
+/// says, and an entry patched in place after its check was remembered is checked again, found
+/// wrong, and recompiled.
+#[test]
+fn remembered_checks_do_not_outlive_a_change_to_the_file() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("cache-memo");
+    let cache = dir.join("cache");
+    let a = dir.join("a.wat");
+    std::fs::write(&a, tool(LINE_A)).unwrap();
+    let prints = |line: &str, what: &str| {
+        let out = run(&a, &cache);
+        assert_eq!(out.status.code(), Some(0), "{what}: {}", stderr(&out));
+        assert_eq!(stdout(&out), line, "{what}");
+    };
+    prints(LINE_A, "first run");
+    // Only files that last changed a while ago are remembered (memo::SETTLED is 2 s).
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    prints(LINE_A, "a settled module and entry");
+    let records = std::fs::read_dir(cache.join("memo")).unwrap().count();
+    assert_eq!(records, 2, "the module's digest and the entry's check");
+    prints(LINE_A, "from remembered checks");
+
+    // Rewritten in place: same inode, same size, new contents.
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let before = inode(&a);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&a)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, tool(LINE_B).as_bytes()))
+        .unwrap();
+    assert_eq!(inode(&a), before);
+    prints(LINE_B, "the module rewritten in place");
+
+    // Back to A, whose entry (checked and remembered) is now patched in place.
+    std::fs::write(&a, tool(LINE_A)).unwrap();
+    let entry_a = guest_entries(&cache)
+        .into_iter()
+        .find(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            bytes.windows(10).any(|w| w == b"hello from")
+        })
+        .unwrap();
+    let good = std::fs::read(&entry_a).unwrap();
+    let at = good.windows(10).position(|w| w == b"hello from").unwrap();
+    let mut patched = good.clone();
+    patched[at..at + 10].copy_from_slice(b"HACKED! AB");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&entry_a)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &patched))
+        .unwrap();
+    prints(LINE_A, "A after its remembered entry was patched");
+    assert_eq!(std::fs::read(&entry_a).unwrap(), good, "A's entry healed");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// The entries (guest or `-host`) in `cache`.
 fn entries(cache: &Path, host: bool) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(cache.join("artifacts"))

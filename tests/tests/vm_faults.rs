@@ -1,6 +1,9 @@
 //! Guest faults on a real VM: each is reported in one line with its cause, and the VMM exits
 //! non-zero without panicking.
 
+// The helpers below fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bulwark_abi::layout;
 use bulwark_tests::*;
 use bulwark_vmm::outcome::code;
@@ -91,6 +94,69 @@ fn cpl3_code_cannot_write_the_exception_stubs() {
     assert_eq!(
         hex_after(&err, "faulting address 0x"),
         layout::EXCEPTION_STUBS,
+        "{err}"
+    );
+}
+
+/// Runs `mode` with `artifact` mapped into the artifact window.
+fn run_with_artifact(mode: &str, artifact: &std::path::Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(vmm_binary())
+        .args([
+            "--guest-test",
+            mode,
+            "--timeout",
+            "30",
+            "--artifact-from-stdin",
+        ])
+        .arg(guest_image())
+        .stdin(std::fs::File::open(artifact).unwrap())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line:\n{err}");
+    (out.status.code(), err)
+}
+
+/// A guest that writes to its artifact (as one that escaped Wasm could try) faults, and the
+/// file behind the window is unchanged.
+#[test]
+fn the_artifact_window_is_read_only_for_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("fault-write-artifact");
+    let artifact = dir.join("artifact");
+    let bytes: Vec<u8> = (0..=250u8).cycle().take(10_000).collect();
+    std::fs::write(&artifact, &bytes).unwrap();
+    let (status, err) = run_with_artifact("write-artifact", &artifact);
+    assert_eq!(status, Some(code::GUEST_CRASH.into()), "{err}");
+    assert!(err.contains("CPU exception 14"), "{err}");
+    // Present, write, from user mode.
+    assert_eq!(hex_after(&err, "error code 0x"), 0x7, "{err}");
+    assert_eq!(
+        hex_after(&err, "faulting address 0x"),
+        layout::ARTIFACT_START,
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&artifact).unwrap(), bytes);
+}
+
+/// Past the artifact's last 4 KiB page there is no memory, though its 2 MiB guest page is
+/// mapped: a read there ends the VM as an access no device serves, never reaches the file.
+#[test]
+fn a_read_past_the_artifact_ends_the_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch_dir("fault-read-past-artifact");
+    let artifact = dir.join("artifact");
+    std::fs::write(&artifact, vec![7u8; 5000]).unwrap();
+    let (status, err) = run_with_artifact("read-past-artifact", &artifact);
+    assert_eq!(status, Some(code::GUEST_CRASH.into()), "{err}");
+    assert_eq!(
+        hex_after(&err, "MMIO address 0x"),
+        layout::ARTIFACT_START + 8192,
         "{err}"
     );
 }

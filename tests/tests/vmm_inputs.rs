@@ -216,3 +216,51 @@ fn a_parent_pid_that_is_not_the_parent_is_refused() {
         "--parent-pid 1: the parent is gone",
     );
 }
+
+/// The artifact comes in as standard input: anything but a regular file that holds the whole
+/// range is refused as a configuration error, before the guest runs.
+#[test]
+fn an_unusable_artifact_descriptor_is_a_config_error() {
+    let dir = scratch_dir("vmm-artifact-inputs");
+    let short = dir.join("short");
+    std::fs::write(&short, [1u8; 100]).unwrap();
+    let cases: [(std::fs::File, &[&str], &str); 4] = [
+        (
+            std::fs::File::open(&dir).unwrap(),
+            &[],
+            "is a directory, not a regular file",
+        ),
+        (
+            std::fs::File::open("/dev/null").unwrap(),
+            &[],
+            "is a device, not a regular file",
+        ),
+        (
+            std::fs::File::open(&short).unwrap(),
+            &["--artifact-len", "101"],
+            "artifact range 0+101 is unusable",
+        ),
+        (
+            std::fs::File::open(&short).unwrap(),
+            &["--artifact-offset", "10"],
+            "artifact range 10+90 is unusable",
+        ),
+    ];
+    for (stdin, extra, needle) in cases {
+        let out = std::process::Command::new(vmm_binary())
+            .arg("--artifact-from-stdin")
+            .args(extra)
+            .arg(guest_image())
+            .stdin(stdin)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(code::CONFIG.into()),
+            "{needle}: {err}"
+        );
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}

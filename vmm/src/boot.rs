@@ -111,6 +111,7 @@ pub fn plan(
         payload_size,
         tsc_khz,
         vsock_cid: 0,
+        artifact_size: 0,
     };
     Ok((info, bytes))
 }

@@ -5,6 +5,7 @@
 //! control registers, CPUID), loads its ELF image and serves its devices. It knows nothing of
 //! WebAssembly or of the agent protocol.
 
+pub mod artifact;
 pub mod boot;
 pub mod confine;
 pub mod cpu;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bulwark_abi::boot::TestMode;
 use std::sync::Arc;
 
+use bulwark_vmm::artifact::ArtifactFile;
 use bulwark_vmm::confine::{Probe, confine_process};
 use bulwark_vmm::cpu::probe::CpuProbe;
 use bulwark_vmm::vm::Unconfined;
@@ -17,7 +18,7 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0-63  the guest's own exit status (larger statuses are reported as 63)
   2     the command line could not be parsed
-  64    an option's value is unusable (--mem-mib too small, payload or console file)
+  64    an option's value is unusable (--mem-mib too small, payload, artifact or console file)
   65    the guest image is missing, not an x86_64 ELF executable, or does not fit guest RAM
   66    /dev/kvm is missing, not accessible, or refused to set up the VM
   70    the guest crashed: CPU exception (vector and RIP reported), triple fault, KVM internal
@@ -44,6 +45,25 @@ struct Args {
     /// A file loaded into guest RAM for the guest (the precompiled Wasm self-test module).
     #[arg(long, value_name = "FILE")]
     payload: Option<PathBuf>,
+
+    /// Map a precompiled module read-only into the guest's artifact window, from the file that
+    /// is this process's standard input (a regular file the caller opened; the VMM opens no
+    /// path for it). The guest loads it in place: `bulwark run` passes its cache entry so.
+    #[arg(long)]
+    artifact_from_stdin: bool,
+
+    /// Where the artifact starts in that file (a multiple of 4096).
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = 0,
+        requires = "artifact_from_stdin"
+    )]
+    artifact_offset: u64,
+
+    /// The artifact's length. Default: the rest of the file.
+    #[arg(long, value_name = "BYTES", requires = "artifact_from_stdin")]
+    artifact_len: Option<u64>,
 
     /// Where the guest's serial console goes: a file, or - for standard output. Default: discarded.
     #[arg(long, value_name = "PATH|-")]
@@ -146,6 +166,10 @@ enum GuestTest {
     VsockConnect,
     /// Write to the CPL0 exception stubs from CPL3 (must be a page fault).
     WriteStubs,
+    /// Write to the artifact window (must be a page fault; needs --artifact-from-stdin).
+    WriteArtifact,
+    /// Read just past the artifact's memory slot (must be an unclaimed MMIO access).
+    ReadPastArtifact,
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -172,6 +196,21 @@ fn peak_rss_kib() -> Option<i64> {
     ok.then(|| unsafe { usage.assume_init() }.ru_maxrss)
 }
 
+/// The artifact range of the file on standard input (checked again when it is mapped).
+fn artifact_from_stdin(offset: u64, len: Option<u64>) -> std::io::Result<ArtifactFile> {
+    use std::os::fd::AsFd;
+    let file = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    let len = match len {
+        Some(len) => len,
+        None => file.metadata()?.len().saturating_sub(offset),
+    };
+    Ok(ArtifactFile {
+        file: Arc::new(file),
+        offset,
+        len,
+    })
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     let args = Args::parse();
@@ -186,6 +225,15 @@ fn main() -> ExitCode {
     let mut config = VmConfig::new(args.guest);
     config.mem_mib = args.mem_mib;
     config.payload = args.payload;
+    if args.artifact_from_stdin {
+        match artifact_from_stdin(args.artifact_offset, args.artifact_len) {
+            Ok(a) => config.artifact = Some(a),
+            Err(e) => {
+                eprintln!("bulwark-vmm: --artifact-from-stdin: {e}");
+                return ExitCode::from(bulwark_vmm::outcome::code::CONFIG);
+            }
+        }
+    }
     config.console = match args.console {
         None => Console::None,
         Some(p) if p.as_os_str() == "-" => Console::Stdout,
@@ -210,6 +258,8 @@ fn main() -> ExitCode {
         Some(GuestTest::VsockEcho) => TestMode::VsockEcho,
         Some(GuestTest::VsockConnect) => TestMode::VsockConnect,
         Some(GuestTest::WriteStubs) => TestMode::WriteStubs,
+        Some(GuestTest::WriteArtifact) => TestMode::WriteArtifact,
+        Some(GuestTest::ReadPastArtifact) => TestMode::ReadPastArtifact,
     };
 
     let result = Vm::build(&config).and_then(|vm| {

@@ -59,7 +59,19 @@ pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
             ranges.push((GuestAddress(start), len));
         }
     }
-    GuestMemory::from_ranges(&ranges).map_err(|source| MemoryError::Allocate { mib, source })
+    let mem = GuestMemory::from_ranges(&ranges)
+        .map_err(|source| MemoryError::Allocate { mib, source })?;
+    for region in mem.iter() {
+        let Ok(host) = mem.get_host_address(region.start_addr()) else {
+            continue;
+        };
+        let len = usize::try_from(region.len()).unwrap_or(0);
+        // SAFETY: [host, host + len) is this region's anonymous mapping, alive while `mem` is;
+        // MADV_HUGEPAGE only changes how the kernel backs it, never its contents. A kernel
+        // without transparent huge pages refuses it, and RAM stays in 4 KiB pages.
+        let _ = unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
+    }
+    Ok(mem)
 }
 
 /// Registers every region of `mem` with the VM, one KVM slot per region.

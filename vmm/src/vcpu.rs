@@ -47,6 +47,8 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     /// Guest RAM (for reading the exception frame).
     pub mem: GuestMemory,
+    /// The artifact window's mapping, kept alive while the vCPU can run.
+    pub artifact: Option<crate::artifact::ArtifactMapping>,
     /// Port-I/O devices.
     pub pio: Bus,
     /// MMIO devices.

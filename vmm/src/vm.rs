@@ -20,6 +20,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
+use crate::artifact::{ArtifactError, ArtifactFile, ArtifactMapping};
 use crate::boot::{self, BootError};
 use crate::cpu::{self, CpuError};
 use crate::devices::bus::{Bus, BusError};
@@ -57,6 +58,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// A blob loaded at [`bulwark_abi::layout::PAYLOAD_START`] for the guest.
     pub payload: Option<PathBuf>,
+    /// The precompiled module mapped read-only at [`bulwark_abi::layout::ARTIFACT_START`].
+    pub artifact: Option<ArtifactFile>,
     /// Where the serial console goes.
     pub console: Console,
     /// Most console bytes recorded.
@@ -87,6 +90,7 @@ impl VmConfig {
             guest,
             mem_mib: 256,
             payload: None,
+            artifact: None,
             console: Console::None,
             console_limit: DEFAULT_CONSOLE_LIMIT,
             timeout: None,
@@ -136,6 +140,9 @@ pub enum VmError {
     /// The vsock device refused its configuration.
     #[error("vsock device: {0}")]
     VsockDevice(#[from] DeviceFault),
+    /// The artifact could not be mapped.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
     /// The vCPU failed while running.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -160,6 +167,8 @@ impl VmError {
             | Self::Console { .. }
             | Self::Vsock(_)
             | Self::Config(_) => code::CONFIG,
+            Self::Artifact(ArtifactError::Register(_)) => code::KVM,
+            Self::Artifact(_) => code::CONFIG,
             Self::Kvm(_) | Self::Cpu(_) => code::KVM,
             Self::Bus(_)
             | Self::Vcpu(_)
@@ -295,6 +304,12 @@ impl Vm {
         let image = loader::read(&config.guest, mem_size)?;
         let (mut info, payload) =
             boot::plan(mem_size, config.payload.as_deref(), config.test_mode, 0)?;
+        let artifact = config
+            .artifact
+            .as_ref()
+            .map(ArtifactMapping::map)
+            .transpose()?;
+        info.artifact_size = artifact.as_ref().map_or(0, ArtifactMapping::len);
         let sink = SharedSink::new(console_sink(config)?);
         if config.cid <= bulwark_abi::vsock::HOST_CID || config.cid >= u64::from(u32::MAX) {
             return Err(VmError::Config(format!(
@@ -325,13 +340,19 @@ impl Vm {
         // through `Vcpu::run`, and the `Vcpu` it is moved into holds a clone of `mem` (its
         // `mem` field), which keeps the mapping alive for as long as the vCPU exists.
         unsafe { memory::register(&vm_fd, &mem) }?;
+        if let Some(artifact) = &artifact {
+            let readonly = kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem);
+            // SAFETY: registered once, for this new VM; the mapping moves into the `Vcpu`
+            // below (its `artifact` field), which outlives every run of the VM's only vCPU.
+            unsafe { artifact.register(&vm_fd, readonly) }?;
+        }
         let vcpu_fd = vm_fd.create_vcpu(0).map_err(kvm_error("KVM_CREATE_VCPU"))?;
 
         loader::load(&mem, &image)?;
         info.tsc_khz = vcpu_fd.get_tsc_khz().map_or(0, u64::from);
         info.vsock_cid = if vsock.is_some() { config.cid } else { 0 };
         boot::write(&mem, &info, &payload)?;
-        cpu::paging::write(&mem, mem_size)?;
+        cpu::paging::write(&mem, mem_size, info.artifact_size)?;
         cpu::gdt::write(&mem)?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -386,6 +407,7 @@ impl Vm {
             vcpu: Vcpu {
                 fd: vcpu_fd,
                 mem: mem.clone(),
+                artifact,
                 pio,
                 mmio,
                 stop: Arc::clone(&stop),

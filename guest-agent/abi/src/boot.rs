@@ -24,6 +24,12 @@ pub enum TestMode {
     /// Write to the exception stubs' page from CPL3 (the VMM must report a page fault: the
     /// page is supervisor-only and read-only).
     WriteStubs = 6,
+    /// Write to the artifact window (the VMM must report a page fault: the window is mapped
+    /// read-only, and the file behind it must stay unchanged).
+    WriteArtifact = 7,
+    /// Read the first byte past the artifact's last 4 KiB page, inside its last 2 MiB guest
+    /// page (no memory is behind it: the VMM must report an unclaimed MMIO access).
+    ReadPastArtifact = 8,
 }
 
 impl TestMode {
@@ -37,6 +43,8 @@ impl TestMode {
             4 => Some(Self::VsockEcho),
             5 => Some(Self::VsockConnect),
             6 => Some(Self::WriteStubs),
+            7 => Some(Self::WriteArtifact),
+            8 => Some(Self::ReadPastArtifact),
             _ => None,
         }
     }
@@ -71,6 +79,10 @@ pub struct BootInfo {
     /// The guest's vsock CID if the VM has a virtio-vsock device at
     /// [`VIRTIO_VSOCK_MMIO`](crate::layout::VIRTIO_VSOCK_MMIO), else 0.
     pub vsock_cid: u64,
+    /// Bytes of the precompiled module mapped read-only at
+    /// [`ARTIFACT_START`](crate::layout::ARTIFACT_START) (0: none). Past them, up to the next
+    /// 4 KiB, the window reads as zeros; past that nothing is behind it.
+    pub artifact_size: u64,
 }
 
 impl BootInfo {
@@ -80,7 +92,7 @@ impl BootInfo {
     /// Serializes the block as it lies in guest memory (little-endian, `repr(C)` order).
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
         let mut out = [0u8; Self::SIZE];
-        let fields: [&[u8]; 11] = [
+        let fields: [&[u8]; 12] = [
             &self.magic.to_le_bytes(),
             &self.abi_version.to_le_bytes(),
             &self.test_mode.to_le_bytes(),
@@ -92,6 +104,7 @@ impl BootInfo {
             &self.payload_size.to_le_bytes(),
             &self.tsc_khz.to_le_bytes(),
             &self.vsock_cid.to_le_bytes(),
+            &self.artifact_size.to_le_bytes(),
         ];
         let mut at = 0;
         for f in fields {
@@ -131,6 +144,9 @@ impl BootInfo {
         if self.vsock_cid != 0 && !(3..0xffff_ffff).contains(&self.vsock_cid) {
             return Err("reserved vsock CID");
         }
+        if self.artifact_size > ARTIFACT_MAX_SIZE {
+            return Err("artifact larger than its window");
+        }
         Ok(())
     }
 }
@@ -154,6 +170,7 @@ mod tests {
             payload_size: 4096,
             tsc_khz: 2_000_000,
             vsock_cid: 3,
+            artifact_size: 70 << 20,
         }
     }
 
@@ -161,7 +178,7 @@ mod tests {
     fn bytes_match_the_repr_c_layout() {
         let info = sample();
         let bytes = info.to_bytes();
-        assert_eq!(bytes.len(), 80);
+        assert_eq!(bytes.len(), 88);
         // SAFETY: BootInfo is repr(C), plain integers, and `bytes` is exactly its size.
         let back: BootInfo = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
         assert_eq!(back, info);
@@ -198,5 +215,8 @@ mod tests {
         let mut b = sample();
         b.vsock_cid = 2;
         assert_eq!(b.validate(), Err("reserved vsock CID"));
+        let mut b = sample();
+        b.artifact_size = ARTIFACT_MAX_SIZE + 1;
+        assert_eq!(b.validate(), Err("artifact larger than its window"));
     }
 }

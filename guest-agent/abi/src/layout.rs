@@ -15,6 +15,7 @@
 //!                                  low RAM (at most LOW_RAM_END, 3 GiB)
 //! 0xd000_0000  MMIO        256 MiB device registers; an access no device claims is fatal
 //! 0x1_0000_0000 HIGH RAM    ...    RAM past the first 3 GiB, if any: the high heap
+//! 0x4_4000_0000 ARTIFACT   1 GiB  user read-only: the precompiled module, mapped from its file
 //! ```
 //!
 //! RAM of `mem_size` bytes is `0..min(mem_size, LOW_RAM_END)` and, for the rest,
@@ -32,8 +33,8 @@ pub const PML4: u64 = 0x1000;
 pub const PDPT: u64 = 0x2000;
 /// Guest-physical address of the first of `PD_COUNT` page directories, one per GiB, back to back.
 pub const PD_START: u64 = 0x10000;
-/// Number of page directories: they map guest-physical 0 up to the end of the largest high RAM.
-pub const PD_COUNT: u64 = (HIGH_RAM_START + MAX_RAM_SIZE - LOW_RAM_END) >> 30;
+/// Number of page directories: they map guest-physical 0 up to the end of the artifact window.
+pub const PD_COUNT: u64 = (ARTIFACT_START + ARTIFACT_MAX_SIZE) >> 30;
 /// Guest-physical address of the GDT.
 pub const GDT: u64 = 0x8000;
 /// Guest-physical address of the 64-bit TSS, followed by its I/O permission bitmap.
@@ -92,6 +93,13 @@ pub const HIGH_RAM_START: u64 = 4 << 30;
 /// Largest guest RAM, low and high together (a 4 GiB linear memory, and then some, fits).
 pub const MAX_RAM_SIZE: u64 = 16 << 30;
 
+/// Start of the artifact window, just past the largest high RAM: the VMM maps the call's
+/// precompiled module here, read-only, straight from its file (a memory slot of its own), and
+/// the guest loads it in place. Nothing of it is copied, and none of it crosses vsock.
+pub const ARTIFACT_START: u64 = HIGH_RAM_START + MAX_RAM_SIZE - LOW_RAM_END;
+/// Largest artifact the window holds.
+pub const ARTIFACT_MAX_SIZE: u64 = 1 << 30;
+
 /// Start of the MMIO window (mapped uncached, user-accessible, with no RAM behind it).
 pub const MMIO_START: u64 = 0xd000_0000;
 /// Size of the MMIO window.
@@ -144,6 +152,7 @@ const _: () = assert!(MMIO_START % (1 << 30) + MMIO_SIZE <= 1 << 30);
 const _: () = assert!(MMIO_START + MMIO_SIZE <= PD_COUNT << 30);
 const _: () = assert!(LOW_RAM_END <= MMIO_START);
 const _: () = assert!(MMIO_START + MMIO_SIZE <= HIGH_RAM_START);
+const _: () = assert!(ARTIFACT_START.is_multiple_of(1 << 30));
 const _: () =
     assert!(HIGH_RAM_START.is_multiple_of(1 << 30) && MAX_RAM_SIZE.is_multiple_of(1 << 30));
 const _: () =
@@ -168,6 +177,7 @@ mod tests {
             LOW_RAM_END,
             MMIO_START,
             HIGH_RAM_START,
+            ARTIFACT_START,
         ];
         for w in starts.windows(2) {
             assert!(w[0] <= w[1], "{:#x} > {:#x}", w[0], w[1]);
@@ -224,6 +234,7 @@ mod tests {
         assert!(!is_ram(6 << 30, 5 << 30) && !is_ram(HIGH_RAM_START, 512 << 20));
         // The page directories reach the end of the largest RAM.
         let [_, (start, len)] = ram_ranges(MAX_RAM_SIZE);
-        assert_eq!(start + len, PD_COUNT << 30);
+        assert_eq!(start + len, ARTIFACT_START);
+        assert_eq!(ARTIFACT_START + ARTIFACT_MAX_SIZE, PD_COUNT << 30);
     }
 }

@@ -27,5 +27,6 @@ pub mod vsock;
 /// Version of the guest ABI described by this crate. The VMM writes it into boot info; a guest
 /// built against another version refuses to run. Version 2: the exception stubs have a page of
 /// their own (`layout::IMAGE_USER_START`). Version 3: RAM past 3 GiB goes above 4 GiB
-/// (`layout::ram_ranges`, `BootInfo::high_ram_size`).
-pub const ABI_VERSION: u32 = 3;
+/// (`layout::ram_ranges`, `BootInfo::high_ram_size`). Version 4: the artifact window
+/// (`layout::ARTIFACT_START`, `BootInfo::artifact_size`).
+pub const ABI_VERSION: u32 = 4;

@@ -14,28 +14,23 @@ use crate::tree::{Entry, SharedDir};
 pub const AGENT_PORT: u32 = 52;
 /// Version of this protocol; a request of another version is refused
 /// ([`Outcome::Refused`]). Version 3: [`Outcome::Refused`] and [`Outcome::AgentFailed`] replace
-/// the one `Error` outcome.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// the one `Error` outcome. Version 4: the artifact is mapped by the VMM, never sent
+/// ([`Artifact`]).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Most shared directories one call may carry ([`Request::dirs`]): the agent refuses a request
 /// with more, and the host refuses such a call before it starts a VM.
 pub const MAX_SHARED_DIRS: usize = 64;
 
-/// The module to run.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Artifact {
-    /// The precompiled artifact itself, with the SHA-256 of the module it came from.
-    Inline {
-        /// SHA-256 of the source module.
-        digest: [u8; 32],
-        /// The artifact `bulwark compile` produced.
-        #[serde(with = "serde_bytes")]
-        bytes: Vec<u8>,
-    },
-    /// An artifact this VM was already sent.
-    Cached {
-        /// SHA-256 of the source module.
-        digest: [u8; 32],
-    },
+/// The module to run: the artifact the VMM mapped into this VM's artifact window
+/// (`bulwark_abi::layout::ARTIFACT_START`, its length in the boot info). No artifact bytes cross
+/// vsock: the request only names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// SHA-256 of the source module (the agent keeps the loaded module under it).
+    pub digest: [u8; 32],
+    /// The artifact's length in bytes; the agent refuses the call unless the window holds
+    /// exactly this many.
+    pub size: u64,
 }
 
 /// Per-call limits.

@@ -7,7 +7,8 @@
 
 use alloc::vec::Vec;
 
-/// Largest request frame the agent accepts (the module artifact dominates it).
+/// Largest request frame the agent accepts (standard input and the shared directories dominate
+/// it: the artifact is mapped, not sent).
 pub const MAX_REQUEST_FRAME: u32 = 320 << 20;
 /// Largest response frame the host accepts (the host keeps its output and directory limits
 /// below it).
@@ -147,7 +148,10 @@ mod tests {
     fn frames_round_trip_and_lengths_are_capped() {
         let req = Request {
             version: crate::call::PROTOCOL_VERSION,
-            artifact: Artifact::Cached { digest: [7; 32] },
+            artifact: Artifact {
+                digest: [7; 32],
+                size: 4096,
+            },
             args: alloc::vec!["tool".into(), "--x".into()],
             env: alloc::vec![("K".into(), "V".into())],
             stdin: alloc::vec![1, 2, 3],

@@ -28,8 +28,8 @@ pub const HUGE: u64 = 1 << 7;
 const ENTRIES: u64 = 512;
 
 /// The page-directory entry that maps the 2 MiB page at guest-physical `addr`, for a guest with
-/// `mem_size` bytes of RAM.
-pub fn pd_entry(addr: u64, mem_size: u64) -> u64 {
+/// `mem_size` bytes of RAM and an artifact of `artifact_size` bytes.
+pub fn pd_entry(addr: u64, mem_size: u64, artifact_size: u64) -> u64 {
     let page = |flags| addr | flags | HUGE | PRESENT;
     if (layout::SYSTEM_START..layout::SYSTEM_START + layout::PAGE_SIZE).contains(&addr) {
         page(WRITABLE)
@@ -44,13 +44,17 @@ pub fn pd_entry(addr: u64, mem_size: u64) -> u64 {
         page(WRITABLE | USER)
     } else if (layout::MMIO_START..layout::MMIO_START + layout::MMIO_SIZE).contains(&addr) {
         page(WRITABLE | USER | WRITE_THROUGH | CACHE_DISABLE)
+    } else if (layout::ARTIFACT_START..layout::ARTIFACT_START + artifact_size).contains(&addr) {
+        // Read-only: the guest runs the module's code from here and never writes it.
+        page(USER)
     } else {
         0
     }
 }
 
-/// Writes the PML4, the PDPT and the page directories for a guest with `mem_size` bytes of RAM.
-pub fn write(mem: &GuestMemory, mem_size: u64) -> Result<(), CpuError> {
+/// Writes the PML4, the PDPT and the page directories for a guest with `mem_size` bytes of RAM
+/// and an artifact of `artifact_size` bytes.
+pub fn write(mem: &GuestMemory, mem_size: u64, artifact_size: u64) -> Result<(), CpuError> {
     let put = |at: u64, value: u64| {
         mem.write_obj(value, GuestAddress(at))
             .map_err(|source| CpuError::Write {
@@ -63,7 +67,11 @@ pub fn write(mem: &GuestMemory, mem_size: u64) -> Result<(), CpuError> {
         let pd_addr = layout::PD_START + pd * 0x1000;
         let mut entries = [0u64; 512];
         for (i, entry) in (0..ENTRIES).zip(entries.iter_mut()) {
-            *entry = pd_entry(((pd * ENTRIES) + i) * layout::PAGE_SIZE, mem_size);
+            *entry = pd_entry(
+                ((pd * ENTRIES) + i) * layout::PAGE_SIZE,
+                mem_size,
+                artifact_size,
+            );
         }
         // A GiB with nothing mapped in it gets no page directory at all.
         let pdpt_entry = if entries.iter().any(|&e| e != 0) {
@@ -86,6 +94,27 @@ pub fn write(mem: &GuestMemory, mem_size: u64) -> Result<(), CpuError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_artifact_window_is_user_read_only_and_as_long_as_the_artifact() {
+        let mem = crate::memory::create(MEM >> 20).unwrap();
+        // 3 MiB and a byte: two 2 MiB pages.
+        write(&mem, MEM, (3 << 20) + 1).unwrap();
+        for a in [layout::ARTIFACT_START, layout::ARTIFACT_START + (3 << 20)] {
+            let e = walk(&mem, a).unwrap();
+            assert_eq!(
+                e & !0xfff,
+                a & !(layout::PAGE_SIZE - 1),
+                "identity at {a:#x}"
+            );
+            assert_eq!(e & 0xfff, PRESENT | USER | HUGE, "read-only at {a:#x}");
+        }
+        assert_eq!(walk(&mem, layout::ARTIFACT_START + (4 << 20)), None);
+        let end = layout::ARTIFACT_START + layout::ARTIFACT_MAX_SIZE;
+        write(&mem, MEM, layout::ARTIFACT_MAX_SIZE).unwrap();
+        assert!(walk(&mem, end - layout::PAGE_SIZE).is_some());
+        assert_eq!(walk(&mem, end), None, "nothing past the window");
+    }
+
     const MEM: u64 = 256 << 20;
 
     /// Walks the tables in guest memory like the CPU does, for a 2 MiB-page mapping.
@@ -107,7 +136,7 @@ mod tests {
     #[test]
     fn tables_identity_map_ram_with_region_attributes() {
         let mem = crate::memory::create(MEM >> 20).unwrap();
-        write(&mem, MEM).unwrap();
+        write(&mem, MEM, 0).unwrap();
         let flags = |a| walk(&mem, a).map(|e| e & 0xfff);
         assert_eq!(
             flags(0),
@@ -155,7 +184,7 @@ mod tests {
     fn ram_past_3_gib_is_mapped_above_4_gib_and_nothing_in_between() {
         let size = 5u64 << 30;
         let mem = crate::memory::create(size >> 20).unwrap();
-        write(&mem, size).unwrap();
+        write(&mem, size, 0).unwrap();
         let user_ram = Some(PRESENT | WRITABLE | USER | HUGE);
         let flags = |a| walk(&mem, a).map(|e| e & 0xfff);
         assert_eq!(flags(layout::LOW_RAM_END - layout::PAGE_SIZE), user_ram);
@@ -173,6 +202,11 @@ mod tests {
             assert_eq!(flags(a), user_ram);
         }
         assert_eq!(flags(6 << 30), None, "nothing past high RAM");
+        assert_eq!(
+            flags(layout::ARTIFACT_START),
+            None,
+            "no artifact, no window"
+        );
         // A GiB with nothing in it has no page directory.
         let pdpte = mem
             .read_obj::<u64>(GuestAddress(layout::PDPT + 7 * 8))
