@@ -290,7 +290,13 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     let call_started = Instant::now();
     let outcome = vm.call(&request, deadline);
     timings.call_us = local::micros(call_started.elapsed());
-    drop(vm);
+    if matches!(outcome, Ok(Some(_))) && !interrupt::requested() {
+        // The answer is in and `bulwark run` exits right after this: the VMM is killed, not
+        // waited for. Any other end waits until the VMM is gone.
+        vm.end_without_waiting();
+    } else {
+        drop(vm);
+    }
     if interrupt::requested() {
         return Result::Interrupted;
     }

@@ -40,6 +40,8 @@ pub struct Vm {
     child: Child,
     dir: PathBuf,
     uds: PathBuf,
+    /// Killed by [`Vm::end_without_waiting`]: not to be waited for.
+    abandoned: bool,
 }
 
 /// The socket's file name in the VM's private directory.
@@ -97,7 +99,12 @@ impl Vm {
             }
         };
         crate::interrupt::watch_vmm(child.id());
-        let vm = Self { child, dir, uds };
+        let vm = Self {
+            child,
+            dir,
+            uds,
+            abandoned: false,
+        };
         Ok(vm)
     }
 
@@ -174,6 +181,9 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_micros(200));
         };
+        // Connected: the path has done its work (a guest may not open connections to the host
+        // here), so its directory goes now, and nothing is left behind when the call ends.
+        let _ = std::fs::remove_dir_all(&self.dir);
         let remaining = || {
             deadline
                 .saturating_duration_since(Instant::now())
@@ -222,8 +232,24 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// Kills the VMM and returns at once, without waiting for it to be torn down (its guest
+    /// memory unmapped, its KVM VM destroyed: about a millisecond): for a process that exits
+    /// right after the call, whose end lets the init process reap the VMM. The socket's
+    /// directory is removed.
+    pub fn end_without_waiting(mut self) {
+        crate::interrupt::forget_vmm();
+        let _ = self.child.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        self.abandoned = true;
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
+        if self.abandoned {
+            return;
+        }
         crate::interrupt::forget_vmm();
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -15,6 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bulwark_abi::boot::TestMode;
+use bulwark_abi::virtio::vsock::{
+    F_STREAM as VSOCK_F_STREAM, QUEUE_COUNT as VSOCK_QUEUE_COUNT, QUEUE_SIZE as VSOCK_QUEUE_SIZE,
+};
 use bulwark_abi::{layout, ports};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
@@ -335,6 +338,7 @@ impl Vm {
         // Guest memory before the VM: on an error below, locals drop in reverse order, so the
         // VM's descriptor is closed before its memory is unmapped.
         let mem = memory::create(config.mem_mib)?;
+        memory::prefer_huge_pages(&mem, info.heap_start);
         let vm_fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
         // SAFETY: registered once, for this new VM. Its only vCPU, created next, can run only
         // through `Vcpu::run`, and the `Vcpu` it is moved into holds a clone of `mem` (its
@@ -394,7 +398,12 @@ impl Vm {
         )?;
         let mut mmio = Bus::new();
         if let Some(vsock) = vsock {
-            let transport = MmioTransport::new(vsock, mem.clone())?;
+            let mut transport = MmioTransport::new(vsock, mem.clone())?;
+            // Set up before the guest starts: the guest makes no set-up exits (layout.rs).
+            let rings: Vec<_> = (0..VSOCK_QUEUE_COUNT as u64)
+                .map(layout::virtqueue_rings)
+                .collect();
+            transport.settle(VSOCK_F_STREAM, VSOCK_QUEUE_SIZE, &rings)?;
             mmio.insert(
                 layout::VIRTIO_VSOCK_MMIO,
                 layout::VIRTIO_MMIO_SIZE,

@@ -77,7 +77,8 @@ pub struct BootInfo {
     /// TSC frequency in kHz, as KVM reports it for the vCPU (0 if unknown).
     pub tsc_khz: u64,
     /// The guest's vsock CID if the VM has a virtio-vsock device at
-    /// [`VIRTIO_VSOCK_MMIO`](crate::layout::VIRTIO_VSOCK_MMIO), else 0.
+    /// [`VIRTIO_VSOCK_MMIO`](crate::layout::VIRTIO_VSOCK_MMIO), else 0. The device is already
+    /// set up, its rings at [`VIRTQUEUES`](crate::layout::VIRTQUEUES).
     pub vsock_cid: u64,
     /// Bytes of the precompiled module mapped read-only at
     /// [`ARTIFACT_START`](crate::layout::ARTIFACT_START) (0: none). Past them, up to the next

@@ -11,7 +11,8 @@
 //! 0x0060_0000  IMAGE       26 MiB  the rest of the guest ELF (code, data, bss)
 //! 0x0200_0000  STACK_GUARD  2 MiB  not mapped: a stack overflow faults instead of corrupting
 //! 0x0220_0000  STACK        4 MiB  the guest stack, growing down from STACK_TOP
-//! 0x0260_0000  PAYLOAD      ...    an optional blob the VMM loads, then the heap up to the end of
+//! 0x0260_0000  VIRTQUEUES   2 MiB  the vsock device's rings, set up by the VMM before the guest
+//! 0x0280_0000  PAYLOAD      ...    an optional blob the VMM loads, then the heap up to the end of
 //!                                  low RAM (at most LOW_RAM_END, 3 GiB)
 //! 0xd000_0000  MMIO        256 MiB device registers; an access no device claims is fatal
 //! 0x1_0000_0000 HIGH RAM    ...    RAM past the first 3 GiB, if any: the high heap
@@ -79,8 +80,23 @@ pub const STACK_BOTTOM: u64 = STACK_GUARD + PAGE_SIZE;
 /// Initial RSP: the top of the guest stack.
 pub const STACK_TOP: u64 = STACK_BOTTOM + (4 << 20);
 
+/// Where the vsock device's virtqueues live. The VMM sets the device up before the guest starts
+/// (features VERSION_1 and F_STREAM, [`QUEUE_SIZE`](crate::virtio::vsock::QUEUE_SIZE) entries
+/// per queue, rings at [`virtqueue_rings`], DRIVER_OK), as a driver would: each register write
+/// is an exit the guest saves (49 of them, ~1 ms on kvm_pvm). The guest finds the rings zeroed.
+pub const VIRTQUEUES: u64 = STACK_TOP;
+/// Bytes between the rings of one queue and the next.
+pub const VIRTQUEUE_STRIDE: u64 = 0x3000;
+
+/// The guest-physical addresses (descriptor table, available ring, used ring) of virtqueue
+/// `index`: one 4 KiB page each, which holds a ring of up to 256 entries.
+pub const fn virtqueue_rings(index: u64) -> (u64, u64, u64) {
+    let base = VIRTQUEUES + index * VIRTQUEUE_STRIDE;
+    (base, base + 0x1000, base + 0x2000)
+}
+
 /// Where the VMM loads the optional payload blob; the heap starts at the next 2 MiB boundary after it.
-pub const PAYLOAD_START: u64 = STACK_TOP;
+pub const PAYLOAD_START: u64 = VIRTQUEUES + PAGE_SIZE;
 
 /// Smallest heap the guest is given; a smaller RAM size is refused by the VMM.
 pub const MIN_HEAP_SIZE: u64 = 16 << 20;
@@ -157,6 +173,10 @@ const _: () =
     assert!(HIGH_RAM_START.is_multiple_of(1 << 30) && MAX_RAM_SIZE.is_multiple_of(1 << 30));
 const _: () =
     assert!(EXCEPTION_STUBS + EXCEPTION_VECTORS * EXCEPTION_STUB_STRIDE <= IMAGE_USER_START);
+// The rings fit their pages, and all queues fit the virtqueue region.
+const _: () = assert!(16 * crate::virtio::vsock::QUEUE_SIZE as u64 <= 0x1000);
+const _: () = assert!(6 + 8 * crate::virtio::vsock::QUEUE_SIZE as u64 <= 0x1000);
+const _: () = assert!(VIRTQUEUE_STRIDE * crate::virtio::vsock::QUEUE_COUNT as u64 <= PAGE_SIZE);
 
 #[cfg(test)]
 mod tests {
@@ -173,6 +193,7 @@ mod tests {
             STACK_GUARD,
             STACK_BOTTOM,
             STACK_TOP,
+            VIRTQUEUES,
             PAYLOAD_START,
             LOW_RAM_END,
             MMIO_START,

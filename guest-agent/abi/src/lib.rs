@@ -28,5 +28,6 @@ pub mod vsock;
 /// built against another version refuses to run. Version 2: the exception stubs have a page of
 /// their own (`layout::IMAGE_USER_START`). Version 3: RAM past 3 GiB goes above 4 GiB
 /// (`layout::ram_ranges`, `BootInfo::high_ram_size`). Version 4: the artifact window
-/// (`layout::ARTIFACT_START`, `BootInfo::artifact_size`).
+/// (`layout::ARTIFACT_START`, `BootInfo::artifact_size`); the vsock device is set up by the VMM
+/// before the guest starts (`layout::VIRTQUEUES`).
 pub const ABI_VERSION: u32 = 4;

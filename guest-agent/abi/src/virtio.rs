@@ -116,4 +116,8 @@ pub mod vsock {
     pub const QUEUE_MAX_SIZE: u16 = 256;
     /// Offset in the configuration space of the guest's CID (a little-endian u64).
     pub const CONFIG_GUEST_CID: u64 = 0;
+    /// Size of each queue as the VMM sets the device up before the guest starts (see
+    /// [`crate::layout::VIRTQUEUES`]).
+    pub const QUEUE_SIZE: u16 = 64;
+    const _: () = assert!(QUEUE_SIZE <= QUEUE_MAX_SIZE && QUEUE_SIZE.is_power_of_two());
 }

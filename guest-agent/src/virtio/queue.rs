@@ -4,7 +4,7 @@
 //! exit, but the ring memory is still shared with it, so every access to device-visible fields
 //! is volatile and ordered with fences.
 
-use alloc::alloc::{Layout, alloc_zeroed};
+use bulwark_abi::layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{Ordering, fence};
 
@@ -39,39 +39,25 @@ pub struct Queue {
     last_used: u16,
 }
 
-/// The queue memory could not be allocated.
-#[derive(Debug)]
-pub struct OutOfMemory;
-
 impl Queue {
-    /// Allocates the rings of a queue of `size` entries (a power of two), zeroed.
-    pub fn new(size: u16) -> Result<Self, OutOfMemory> {
-        let n = usize::from(size);
-        let desc = zeroed(16 * n, 16)?.cast();
-        let avail = zeroed(6 + 2 * n, 2)?.cast();
-        let used = zeroed(6 + 8 * n, 4)?.cast();
-        Ok(Self {
+    /// The queue of `size` entries (a power of two, at most 256) whose rings the VMM set up at
+    /// the fixed addresses of virtqueue `index` ([`layout::virtqueue_rings`]): zeroed RAM the
+    /// guest uses for nothing else.
+    pub fn settled(index: u64, size: u16) -> Self {
+        let (desc, avail, used) = layout::virtqueue_rings(index);
+        let ptr = |addr: u64| {
+            // SAFETY: the addresses lie in the VIRTQUEUES region of guest RAM, which is never
+            // zero; its pages are mapped user-writable by the VMM.
+            unsafe { NonNull::new_unchecked(addr as *mut u8) }
+        };
+        Self {
             size,
-            desc,
-            avail,
-            used,
+            desc: ptr(desc).cast(),
+            avail: ptr(avail).cast(),
+            used: ptr(used).cast(),
             avail_idx: 0,
             last_used: 0,
-        })
-    }
-
-    /// Number of entries.
-    pub fn size(&self) -> u16 {
-        self.size
-    }
-
-    /// Guest-physical (= virtual) addresses of the descriptor table, avail and used rings.
-    pub fn addresses(&self) -> (u64, u64, u64) {
-        (
-            self.desc.as_ptr() as u64,
-            self.avail.as_ptr() as u64,
-            self.used.as_ptr() as u64,
-        )
+        }
     }
 
     /// Sets descriptor `index` to a single buffer `[addr, addr + len)`.
@@ -125,11 +111,4 @@ impl Queue {
         let id = u16::try_from(id).ok().filter(|&i| i < self.size)?;
         Some(Used { id, len })
     }
-}
-
-/// Zeroed heap memory that lives as long as the guest (queues are never freed).
-pub fn zeroed(size: usize, align: usize) -> Result<NonNull<u8>, OutOfMemory> {
-    let layout = Layout::from_size_align(size.max(1), align.max(4096)).map_err(|_| OutOfMemory)?;
-    // SAFETY: the layout has a non-zero size.
-    NonNull::new(unsafe { alloc_zeroed(layout) }).ok_or(OutOfMemory)
 }

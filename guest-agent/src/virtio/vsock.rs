@@ -17,10 +17,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use bulwark_abi::layout;
 use bulwark_abi::ports;
-use bulwark_abi::virtio::vsock::{
-    CONFIG_GUEST_CID, DEVICE_ID, EVENT_QUEUE, F_STREAM, QUEUE_COUNT, QUEUE_MAX_SIZE, RX_QUEUE,
-    TX_QUEUE,
-};
+use bulwark_abi::virtio::vsock::{EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use bulwark_abi::vsock::{
     HEADER_LEN, HEADER_SIZE, HOST_CID, Header, MAX_PACKET_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND,
     TYPE_STREAM, op,
@@ -53,9 +50,6 @@ fn area(a: &'static BufferArea) -> NonNull<u8> {
     unsafe { NonNull::new_unchecked(a.0.get().cast::<u8>()) }
 }
 
-/// Size of each of the driver's queues (the device offers up to `QUEUE_MAX_SIZE`).
-const QUEUE_SIZE: u16 = 64;
-const _: () = assert!(QUEUE_SIZE <= QUEUE_MAX_SIZE);
 const HEADER: usize = HEADER_SIZE;
 /// A buffer: one packet, header and the most data a packet carries.
 const BUF_LEN: u32 = HEADER_LEN + MAX_PACKET_DATA;
@@ -137,26 +131,21 @@ pub struct Vsock {
 }
 
 impl Vsock {
-    /// Sets up the device the VMM placed at `layout::VIRTIO_VSOCK_MMIO` for CID `cid`.
+    /// The driver of the device the VMM placed at `layout::VIRTIO_VSOCK_MMIO` for CID `cid`
+    /// and set up before the guest started (rings at `layout::VIRTQUEUES`): no register is
+    /// touched here, so starting the driver costs no VM exit. Only the receive buffers are
+    /// posted (the device reads them when it has a packet to deliver).
     pub fn init(cid: u64) -> Result<Self, SetupError> {
-        let oom = |_| SetupError::NotFound;
         let transport = Transport::new(layout::VIRTIO_VSOCK_MMIO);
-        let rx = Queue::new(QUEUE_SIZE).map_err(oom)?;
-        let tx = Queue::new(QUEUE_SIZE).map_err(oom)?;
-        let event = Queue::new(QUEUE_SIZE).map_err(oom)?;
         if AREAS_TAKEN.swap(true, Ordering::Relaxed) {
             return Err(SetupError::AlreadySetUp);
         }
+        // The event queue is the device's; the guest only has to leave its rings alone.
+        const _: () = assert!(RX_QUEUE == 0 && TX_QUEUE == 1 && EVENT_QUEUE == 2);
+        let rx = Queue::settled(u64::from(RX_QUEUE), QUEUE_SIZE);
+        let tx = Queue::settled(u64::from(TX_QUEUE), QUEUE_SIZE);
         let rx_bufs = area(&RX_AREA);
         let tx_bufs = area(&TX_AREA);
-        // The transport numbers the queues by their place in this list.
-        const _: () = assert!(RX_QUEUE == 0 && TX_QUEUE == 1 && EVENT_QUEUE == 2);
-        let queues: [&Queue; QUEUE_COUNT] = [&rx, &tx, &event];
-        transport.setup(DEVICE_ID, F_STREAM, &queues)?;
-        let device_cid = transport.config_u64(CONFIG_GUEST_CID);
-        if device_cid != cid {
-            return Err(SetupError::NotFound);
-        }
         let mut vsock = Self {
             transport,
             cid,

@@ -45,6 +45,69 @@ impl<D: VirtioDevice> MmioTransport<D> {
         })
     }
 
+    /// Sets the device up as a driver would, before the guest starts: accepts `features` (with
+    /// VERSION_1), gives queue `i` `size` entries and the rings `rings[i]` (descriptor table,
+    /// available ring, used ring), and sets DRIVER_OK. It goes through the same register
+    /// writes and checks as the guest's own would, so the guest finds a live device and makes
+    /// no set-up exits; it may still reset the device and set it up again.
+    pub fn settle(
+        &mut self,
+        features: u64,
+        size: u16,
+        rings: &[(u64, u64, u64)],
+    ) -> Result<(), DeviceFault> {
+        // The queue's own checks would quietly keep its old size for a bad one.
+        if rings.len() != self.queue_sizes.len()
+            || !size.is_power_of_two()
+            || self.queue_sizes.iter().any(|&max| size > max)
+        {
+            return Err(DeviceFault(format!(
+                "cannot set up {} queues of {size} entries (the device has {} of at most {:?})",
+                rings.len(),
+                self.queue_sizes.len(),
+                self.queue_sizes
+            )));
+        }
+        let accepted = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        let (features_low, features_high) = halves(features | VIRTIO_F_VERSION_1);
+        let mut writes = vec![
+            (reg::STATUS, 0),
+            (reg::STATUS, status::ACKNOWLEDGE | status::DRIVER),
+            (reg::DRIVER_FEATURES_SEL, 0),
+            (reg::DRIVER_FEATURES, features_low),
+            (reg::DRIVER_FEATURES_SEL, 1),
+            (reg::DRIVER_FEATURES, features_high),
+            (reg::STATUS, accepted),
+        ];
+        for (index, &(desc, avail, used)) in (0u32..).zip(rings) {
+            writes.extend([(reg::QUEUE_SEL, index), (reg::QUEUE_NUM, u32::from(size))]);
+            for (low_reg, high_reg, address) in [
+                (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, desc),
+                (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, avail),
+                (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, used),
+            ] {
+                let (low, high) = halves(address);
+                writes.extend([(low_reg, low), (high_reg, high)]);
+            }
+            writes.push((reg::QUEUE_READY, 1));
+        }
+        writes.push((reg::STATUS, accepted | status::DRIVER_OK));
+        for (offset, value) in writes {
+            match self.write_register(offset, value) {
+                Some(Ok(_)) => {}
+                Some(Err(fault)) => return Err(fault),
+                None => return Err(DeviceFault(format!("no register at {offset:#x}"))),
+            }
+        }
+        if self.status != accepted | status::DRIVER_OK {
+            return Err(DeviceFault(format!(
+                "the device refused its set-up (status {:#x})",
+                self.status
+            )));
+        }
+        Ok(())
+    }
+
     fn device_features(&self) -> u64 {
         lock(&self.device).features() | VIRTIO_F_VERSION_1
     }
@@ -215,6 +278,15 @@ fn new_queues(sizes: &[u16]) -> Result<Vec<Queue>, DeviceFault> {
         .collect()
 }
 
+/// The low and high 32 bits of `value`, as a pair of 32-bit registers takes it.
+fn halves(value: u64) -> (u32, u32) {
+    let [b0, b1, b2, b3, b4, b5, b6, b7] = value.to_le_bytes();
+    (
+        u32::from_le_bytes([b0, b1, b2, b3]),
+        u32::from_le_bytes([b4, b5, b6, b7]),
+    )
+}
+
 /// A register value as the (low, high) halves `Queue`'s address setters take.
 fn split(low: bool, value: u32) -> (Option<u32>, Option<u32>) {
     if low {
@@ -277,5 +349,70 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             }
             None => Err(bad),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::vsock::VsockDevice;
+    use bulwark_abi::layout;
+    use bulwark_abi::virtio::vsock::{F_STREAM, QUEUE_COUNT, QUEUE_SIZE};
+    use vm_memory::GuestAddress;
+
+    fn transport(name: &str) -> MmioTransport<VsockDevice> {
+        let dir = std::env::temp_dir().join(format!("bulwark-mmio-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let device = VsockDevice::new(3, &dir.join("v.sock")).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        MmioTransport::new(Arc::new(Mutex::new(device)), mem).unwrap()
+    }
+
+    fn read(t: &mut MmioTransport<VsockDevice>, offset: u64) -> u32 {
+        let mut v = [0u8; 4];
+        t.read(offset, &mut v).unwrap();
+        u32::from_le_bytes(v)
+    }
+
+    #[test]
+    fn settle_leaves_the_device_live_as_a_driver_would() {
+        let mut t = transport("settle");
+        let rings: Vec<_> = (0..QUEUE_COUNT as u64)
+            .map(layout::virtqueue_rings)
+            .collect();
+        t.settle(F_STREAM, QUEUE_SIZE, &rings).unwrap();
+        let live = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        assert_eq!(read(&mut t, reg::STATUS), live);
+        // The queues belong to the device now: a driver can no longer change them.
+        t.write(reg::QUEUE_SEL, &0u32.to_le_bytes()).unwrap();
+        assert_eq!(read(&mut t, reg::QUEUE_READY), 0, "handed to the device");
+        // The guest may still reset the device and set it up itself.
+        t.write(reg::STATUS, &0u32.to_le_bytes()).unwrap();
+        assert_eq!(read(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn settle_refuses_rings_outside_guest_ram_or_oversized_queues() {
+        let mut t = transport("settle-bad");
+        let outside = vec![(1 << 40, 1 << 40, 1 << 40); QUEUE_COUNT];
+        assert!(t.settle(F_STREAM, QUEUE_SIZE, &outside).is_err());
+        let mut t = transport("settle-big");
+        let rings: Vec<_> = (0..QUEUE_COUNT as u64)
+            .map(layout::virtqueue_rings)
+            .collect();
+        assert!(
+            t.settle(F_STREAM, 1024, &rings).is_err(),
+            "over QUEUE_MAX_SIZE"
+        );
+        assert!(
+            t.settle(F_STREAM, 48, &rings).is_err(),
+            "not a power of two"
+        );
+        assert!(
+            t.settle(F_STREAM, QUEUE_SIZE, &rings[..2]).is_err(),
+            "a queue short"
+        );
+        assert!(t.settle(F_STREAM, QUEUE_SIZE, &rings).is_ok());
     }
 }
