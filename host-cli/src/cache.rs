@@ -243,6 +243,13 @@ impl Cache {
                 &read
             }
         };
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprintln!(
+                "bulwark: compiling {} for {} (once: later calls use the cache)...",
+                module.path.display(),
+                target.name()
+            );
+        }
         let artifact = compile_in_child(bytes, &module.path, target, metering, deadline)?;
         // Only on a miss, off the path of a cached call: the directory may hold many entries.
         remove_stale_temp_files(&self.artifacts);

@@ -44,6 +44,8 @@ struct Timings {
     vm_start_us: u64,
     call_us: u64,
     total_us: u64,
+    /// The VMM's peak resident set (its VmHWM) when the answer was in, with `--json`.
+    vmm_peak_rss_kib: Option<u64>,
 }
 
 /// What happened, for printing.
@@ -208,8 +210,16 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         Isolation::Vm => Target::Guest,
         Isolation::Wasm => Target::Host,
     };
-    // The call's deadline started with `bulwark run`: compiling counts against it.
-    let deadline = started + args.timeout;
+    // The call's deadline started with `bulwark run`: compiling counts against it. A pinned
+    // runtime (`bulwark python`, `bulwark js`) is a known, trusted build compiled once per
+    // machine (CPython: ~30 s): that compile has its own limit, and the call's clock starts
+    // after it.
+    let runtime = args.pinned_sha256.is_some();
+    let compile_deadline = if runtime {
+        Instant::now() + cache::COMPILE_TIMEOUT
+    } else {
+        started + args.timeout
+    };
     // Fuel metering is compiled in only for calls that give a fuel budget; the guest (or
     // `local`) picks the engine of the same variant from `limits.fuel`.
     let metering = bulwark_engine::Metering::of(args.fuel);
@@ -219,9 +229,14 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         &hex(&digest),
         target,
         metering,
-        deadline,
+        compile_deadline,
     );
     timings.compile_us = local::micros(started.elapsed());
+    let deadline = if runtime {
+        Instant::now() + args.timeout
+    } else {
+        compile_deadline
+    };
     let (artifact, _compiled) = match compiled {
         Ok(a) => a,
         // Ctrl-C reaches the compiler process too.
@@ -290,6 +305,9 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     let call_started = Instant::now();
     let outcome = vm.call(&request, deadline);
     timings.call_us = local::micros(call_started.elapsed());
+    if args.json {
+        timings.vmm_peak_rss_kib = vm.peak_rss_kib();
+    }
     if matches!(outcome, Ok(Some(_))) && !interrupt::requested() {
         // The answer is in and `bulwark run` exits right after this: the VMM is killed, not
         // waited for. Any other end waits until the VMM is gone.
@@ -624,6 +642,9 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
                 "total": t.total_us,
             },
         });
+        if let Some(kib) = t.vmm_peak_rss_kib {
+            obj["vmm_peak_rss_kib"] = kib.into();
+        }
         match &result {
             Result::Done(r, changes) => {
                 if !args.dirs.is_empty() {

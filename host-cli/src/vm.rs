@@ -233,6 +233,16 @@ impl Vm {
 }
 
 impl Vm {
+    /// The VMM's peak resident set size so far in KiB (`VmHWM` in its /proc status), if it can
+    /// be read: guest RAM the guest touched, the artifact pages it read, and the VMM's own.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// Kills the VMM and returns at once, without waiting for it to be torn down (its guest
     /// memory unmapped, its KVM VM destroyed: about a millisecond): for a process that exits
     /// right after the call, whose end lets the init process reap the VMM. The socket's

@@ -3,9 +3,10 @@
 //! after `make guest`). It measures and prints; it never asserts on time.
 //!
 //! 1. `bulwark run examples/hello.wat`, whole process (spawn to exit) with a warm compile cache,
-//!    `BULWARK_BENCH_RUNS` runs (default 20): min, median, max; then the same number of
-//!    `bulwark run --json` runs for the median of bulwark's own breakdown (compile, vm_start,
-//!    call, total).
+//!    `BULWARK_BENCH_RUNS` runs (default 20): min, median, max; beside it, interleaved, the same
+//!    call with `--isolation wasm` and a native process that prints the same line
+//!    (`/usr/bin/printf`); then the same number of `bulwark run --json` runs for the median of
+//!    bulwark's own breakdown (compile, vm_start, call, total) and of the VMM's peak RSS.
 //! 2. The same call with the VMM confined and with `--no-confine`, in pairs: the cost of the
 //!    confinement on a whole call.
 //! 3. The compute tool (`tests/tools/compute`: SHA-256 rounds and a sort over
@@ -19,7 +20,8 @@
 //!
 //! 4. Language runtimes (`build/runtimes`): CPython `-c 'print(1+1)'` and QuickJS
 //!    `-e 'console.log(1+1)'`, whole process in the VM and with `--isolation wasm`,
-//!    `BULWARK_BENCH_COMPUTE_RUNS` runs each, interleaved, with the VM call's `--json` breakdown.
+//!    `BULWARK_BENCH_COMPUTE_RUNS` runs each, interleaved, with the VM call's `--json` breakdown
+//!    and the VMM's peak RSS.
 //!
 //! A `bulwark run` that fails panics with its output.
 //!
@@ -147,22 +149,43 @@ fn bench_hello(cache: &std::path::Path, runs: usize) {
     let (_, out) = bulwark_run(cache, &plain); // warm-up: fills the compile cache
     assert_eq!(stdout(&out), expected, "hello.wat printed something else");
 
-    let walls: Vec<f64> = (0..runs)
-        .map(|_| {
-            let (wall, out) = bulwark_run(cache, &plain);
-            assert_eq!(stdout(&out), expected, "hello.wat printed something else");
-            ms(wall)
-        })
-        .collect();
+    let wasm = ["--isolation".to_owned(), "wasm".to_owned(), hello.clone()];
+    let (_, out) = bulwark_run(cache, &wasm); // warm-up: the host artifact
+    assert_eq!(
+        stdout(&out),
+        expected,
+        "hello.wat printed something else in wasm"
+    );
+    let (mut walls, mut wasm_walls, mut native_walls) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (wall, out) = bulwark_run(cache, &plain);
+        assert_eq!(stdout(&out), expected, "hello.wat printed something else");
+        walls.push(ms(wall));
+        let (wall, out) = bulwark_run(cache, &wasm);
+        assert_eq!(
+            stdout(&out),
+            expected,
+            "hello.wat printed something else in wasm"
+        );
+        wasm_walls.push(ms(wall));
+        let (wall, out) = timed(
+            Command::new("/usr/bin/printf").arg(expected),
+            "native printf",
+        );
+        assert_eq!(stdout(&out), expected);
+        native_walls.push(ms(wall));
+    }
 
     let json_args = ["--json".to_owned(), hello];
     let keys = ["compile", "vm_start", "call", "total"];
     let mut breakdown: Vec<Vec<f64>> = vec![Vec::new(); keys.len()];
     let mut json_walls = Vec::new();
+    let mut rss = Vec::new();
     for _ in 0..runs {
         let (wall, out) = bulwark_run(cache, &json_args);
         json_walls.push(ms(wall));
         let json = stdout(&out);
+        rss.push(vmm_rss_mib(&json));
         for (key, samples) in keys.iter().zip(&mut breakdown) {
             let us = json_timing_us(&json, key)
                 .unwrap_or_else(|| panic!("no timings_us.{key} in `bulwark run --json`: {json}"));
@@ -171,9 +194,19 @@ fn bench_hello(cache: &std::path::Path, runs: usize) {
     }
 
     let (min, med, max) = summary(walls);
-    println!("bulwark run examples/hello.wat, warm compile cache, {runs} runs (+1 warm-up)");
+    let (wmin, wmed, wmax) = summary(wasm_walls);
+    let (nmin, nmed, nmax) = summary(native_walls);
     println!(
-        "  whole process, spawn -> exit    min {min:7.2} ms  median {med:7.2} ms  max {max:7.2} ms   (target: median < 20 ms)"
+        "bulwark run examples/hello.wat, warm compile cache, {runs} runs (+1 warm-up), interleaved"
+    );
+    println!(
+        "  vm, whole process               min {min:7.2} ms  median {med:7.2} ms  max {max:7.2} ms   (target: median < 5 ms)"
+    );
+    println!(
+        "  --isolation wasm                min {wmin:7.2} ms  median {wmed:7.2} ms  max {wmax:7.2} ms"
+    );
+    println!(
+        "  native (/usr/bin/printf)        min {nmin:7.2} ms  median {nmed:7.2} ms  max {nmax:7.2} ms"
     );
     let medians: Vec<String> = keys
         .iter()
@@ -181,10 +214,24 @@ fn bench_hello(cache: &std::path::Path, runs: usize) {
         .map(|(key, samples)| format!("{key} {:.2} ms", median(samples)))
         .collect();
     println!(
-        "  --json timings_us, medians      {}   (whole process {:.2} ms)",
+        "  --json timings_us, medians      {}   (whole process {:.2} ms)  VMM peak RSS {:.1} MiB",
         medians.join("  "),
-        median(json_walls)
+        median(json_walls),
+        median(rss)
     );
+}
+
+/// The VMM's peak RSS in MiB from `bulwark run --json` output (`vmm_peak_rss_kib`).
+fn vmm_rss_mib(json: &str) -> f64 {
+    let pattern = "\"vmm_peak_rss_kib\":";
+    let at = json
+        .find(pattern)
+        .unwrap_or_else(|| panic!("no vmm_peak_rss_kib in `bulwark run --json`: {json}"));
+    let digits: String = json[at + pattern.len()..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse::<f64>().expect("a number of KiB") / 1024.0
 }
 
 /// The cost of the VMM's confinement on a whole tool call: `bulwark run examples/hello.wat`
@@ -326,25 +373,38 @@ fn bench_compute(cache: &std::path::Path, runs: usize) {
     } else {
         Vec::new()
     };
+    let fuel = ["--fuel".to_owned(), "1000000000000".to_owned()];
+    let vm_args: Vec<String> = vm_flags
+        .into_iter()
+        .chain(limits.clone())
+        .chain(vm_ram)
+        .collect();
     modes.push(bulwark_mode(
         if isolation {
             "bulwark run --isolation vm"
         } else {
             "bulwark run (VM, default)"
         },
-        vm_flags
-            .into_iter()
-            .chain(limits.clone())
-            .chain(vm_ram)
-            .collect(),
+        vm_args.clone(),
     ));
+    let wasm_args: Vec<String> = ["--isolation".to_owned(), "wasm".to_owned()]
+        .into_iter()
+        .chain(limits)
+        .collect();
     if isolation {
         modes.push(bulwark_mode(
             "bulwark run --isolation wasm",
-            ["--isolation".to_owned(), "wasm".to_owned()]
-                .into_iter()
-                .chain(limits)
-                .collect(),
+            wasm_args.clone(),
+        ));
+    }
+    modes.push(bulwark_mode(
+        "  vm with --fuel",
+        vm_args.into_iter().chain(fuel.clone()).collect(),
+    ));
+    if isolation {
+        modes.push(bulwark_mode(
+            "  wasm with --fuel",
+            wasm_args.into_iter().chain(fuel).collect(),
         ));
     }
 
@@ -410,9 +470,13 @@ fn bench_compute(cache: &std::path::Path, runs: usize) {
             "  --isolation wasm: skipped, this bulwark has no --isolation option yet (vm/wasm ratio not measured)"
         );
     }
-    ratio(1, 0, "vm / native", "");
+    ratio(1, 0, "vm / native", "   (target: <= 1.5)");
     if isolation {
         ratio(2, 0, "wasm / native", "");
+        ratio(3, 0, "vm --fuel / native", "");
+        ratio(4, 0, "wasm --fuel / native", "");
+    } else {
+        ratio(2, 0, "vm --fuel / native", "");
     }
 }
 
@@ -424,12 +488,12 @@ fn bench_compute(cache: &std::path::Path, runs: usize) {
 fn bench_runtimes(runs: usize) {
     let cases = [
         (
-            "python -c 'print(1+1)'",
+            "python -c 'print(1+1)'   (targets: vm median <= 50 ms, vm/wasm <= 1.2, VMM RSS <= 64 MiB)",
             "runtimes/python.wasm",
             ["-c", "print(1+1)"],
         ),
         (
-            "quickjs -e 'console.log(1+1)'",
+            "quickjs -e 'console.log(1+1)'   (target: vm median <= 15 ms)",
             "runtimes/quickjs.wasm",
             ["-e", "console.log(1+1)"],
         ),
@@ -478,8 +542,10 @@ fn bench_runtimes(runs: usize) {
         }
         let keys = ["call", "guest_load", "guest_instantiate", "guest_run"];
         let mut breakdown: Vec<Vec<f64>> = vec![Vec::new(); keys.len()];
+        let mut rss = Vec::new();
         for _ in 0..runs {
             let json = run("vm", &module, &args, true).1;
+            rss.push(vmm_rss_mib(&json));
             for (key, samples) in keys.iter().zip(&mut breakdown) {
                 let us = json_timing_us(&json, key).unwrap_or_else(|| {
                     panic!("no timings_us.{key} in `bulwark run --json`: {json}")
@@ -498,7 +564,11 @@ fn bench_runtimes(runs: usize) {
             .zip(breakdown)
             .map(|(key, samples)| format!("{key} {:.1} ms", median(samples)))
             .collect();
-        println!("    vm --json medians: {}", medians.join("  "));
+        println!(
+            "    vm --json medians: {}  VMM peak RSS {:.1} MiB",
+            medians.join("  "),
+            median(rss)
+        );
     }
 }
 

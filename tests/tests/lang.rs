@@ -420,3 +420,37 @@ fn a_script_that_cannot_be_read_is_refused_before_any_call() {
         "{json}"
     );
 }
+
+/// A pinned runtime is compiled once per machine on its own clock: with an empty compile cache,
+/// `bulwark js --timeout 400ms` compiles QuickJS (1.4 MB of Wasm: over a second on two cores)
+/// and then runs the call, while `bulwark run` of the same module gives up when its 400 ms
+/// call deadline, which includes compiling, passes.
+#[test]
+fn a_pinned_runtime_compiles_outside_the_call_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let runtimes = runtimes();
+    let fresh = |name: &str| scratch_dir(name).join("cache");
+    let out = Command::new(bulwark_binary())
+        .args(["js", "--timeout", "400ms", "-e", "console.log(6 * 7)"])
+        .env("BULWARK_CACHE_DIR", fresh("lang-own-clock-js"))
+        .env("BULWARK_RUNTIMES", &runtimes)
+        .env("BULWARK_GUEST", guest_image())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start bulwark: {e}"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "42\n");
+    let out = Command::new(bulwark_binary())
+        .args(["run", "--timeout", "400ms"])
+        .arg(runtimes.join("quickjs.wasm"))
+        .args(["--std", "-e", "console.log(6 * 7)"])
+        .env("BULWARK_CACHE_DIR", fresh("lang-own-clock-run"))
+        .env("BULWARK_GUEST", guest_image())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start bulwark: {e}"));
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    assert!(stderr(&out).contains("took too long"), "{}", stderr(&out));
+}
