@@ -46,10 +46,10 @@ pub fn kind_name(t: std::fs::FileType) -> &'static str {
     }
 }
 
-/// Opens `path` once (non-blocking, so a FIFO cannot stall the open), checks the descriptor is
-/// a regular file of at most `max` bytes, and reads it, never more than `max` bytes even if it
-/// grows meanwhile.
-pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, InputFileError> {
+/// Opens `path` once (non-blocking, so a FIFO cannot stall the open) and checks the descriptor
+/// is a regular file of at most `max` bytes. Returns the file and its size; a caller that reads
+/// it must still bound what it reads (the file can change size meanwhile).
+pub fn open_regular(path: &Path, max: u64) -> Result<(File, u64), InputFileError> {
     let file = File::options()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
@@ -64,7 +64,14 @@ pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, InputFileError> {
             max,
         });
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    Ok((file, meta.len()))
+}
+
+/// Opens `path` once as [`open_regular`] does and reads it, never more than `max` bytes even if
+/// it grows meanwhile.
+pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, InputFileError> {
+    let (file, len) = open_regular(path, max)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
     file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
         return Err(InputFileError::TooLarge {
@@ -103,6 +110,8 @@ mod tests {
         );
         let e = read_regular(&dir, 1 << 20).unwrap_err();
         assert!(matches!(e, InputFileError::NotRegular("directory")), "{e}");
+        let e = open_regular(&fifo, 1 << 20).unwrap_err();
+        assert!(matches!(e, InputFileError::NotRegular("FIFO")), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -113,6 +122,12 @@ mod tests {
         std::fs::write(&f, vec![1u8; 100]).unwrap();
         assert_eq!(read_regular(&f, 100).unwrap().len(), 100);
         let e = read_regular(&f, 99).unwrap_err();
+        assert!(
+            matches!(e, InputFileError::TooLarge { size: 100, max: 99 }),
+            "{e}"
+        );
+        assert_eq!(open_regular(&f, 100).unwrap().1, 100);
+        let e = open_regular(&f, 99).unwrap_err();
         assert!(
             matches!(e, InputFileError::TooLarge { size: 100, max: 99 }),
             "{e}"

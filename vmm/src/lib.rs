@@ -14,6 +14,7 @@ pub mod files;
 pub mod loader;
 pub mod memory;
 pub mod outcome;
+pub mod stats;
 pub mod vcpu;
 pub mod vm;
 

@@ -16,6 +16,7 @@ use crate::devices::bus::Bus;
 use crate::devices::{BadAccess, DeviceRequest};
 use crate::memory::GuestMemory;
 use crate::outcome::VmExit;
+use crate::stats::{VcpuStats, VcpuStatsReader};
 
 /// Errors that end the vCPU without a guest-caused reason.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,8 @@ pub struct VcpuTimes {
     pub stopped: Instant,
     /// VM exits served (each costs tens of microseconds on kvm_pvm).
     pub exits: u64,
+    /// KVM's own counters when the guest stopped: all exits, page faults.
+    pub kvm: VcpuStats,
 }
 
 /// One vCPU with the devices it serves.
@@ -57,6 +60,8 @@ pub struct Vcpu {
     pub stop: Arc<AtomicBool>,
     /// The timeout the main thread enforces, for the report.
     pub timeout: Option<Duration>,
+    /// KVM's statistics for this vCPU, read once when the guest stops (`None`: not available).
+    pub stats: Option<VcpuStatsReader>,
 }
 
 /// What serving one exit decided.
@@ -147,12 +152,19 @@ impl Vcpu {
                 }
             }
         };
+        let stopped = Instant::now();
+        let kvm = self
+            .stats
+            .take()
+            .and_then(|stats| stats.read().ok())
+            .unwrap_or_default();
         Ok((
             exit,
             VcpuTimes {
                 entered,
-                stopped: Instant::now(),
+                stopped,
                 exits,
+                kvm,
             },
         ))
     }

@@ -339,6 +339,7 @@ impl Vm {
         // VM's descriptor is closed before its memory is unmapped.
         let mem = memory::create(config.mem_mib)?;
         memory::prefer_huge_pages(&mem, info.heap_start);
+        loader::load(&mem, &image)?;
         let vm_fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
         // SAFETY: registered once, for this new VM. Its only vCPU, created next, can run only
         // through `Vcpu::run`, and the `Vcpu` it is moved into holds a clone of `mem` (its
@@ -351,8 +352,9 @@ impl Vm {
             unsafe { artifact.register(&vm_fd, readonly) }?;
         }
         let vcpu_fd = vm_fd.create_vcpu(0).map_err(kvm_error("KVM_CREATE_VCPU"))?;
+        // KVM's counters for --timings; a kernel without them runs the VM all the same.
+        let stats = crate::stats::VcpuStatsReader::open(&vcpu_fd).ok();
 
-        loader::load(&mem, &image)?;
         info.tsc_khz = vcpu_fd.get_tsc_khz().map_or(0, u64::from);
         info.vsock_cid = if vsock.is_some() { config.cid } else { 0 };
         boot::write(&mem, &info, &payload)?;
@@ -421,6 +423,7 @@ impl Vm {
                 mmio,
                 stop: Arc::clone(&stop),
                 timeout: config.timeout,
+                stats,
             },
             vm_fd,
             mem,
