@@ -329,8 +329,8 @@ pub struct RunOptions {
     #[arg(long, value_name = "MIB")]
     pub mem_mib: Option<u64>,
 
-    /// Print one JSON object (outcome, stdout, stderr, timings in microseconds) instead of the
-    /// tool's output.
+    /// Print one JSON object (outcome, stdout, stderr, timings in microseconds; in a VM also the
+    /// VMM's peak RSS and KVM's counts of VM exits and page faults) instead of the tool's output.
     #[arg(long)]
     pub json: bool,
 

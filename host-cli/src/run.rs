@@ -46,6 +46,8 @@ struct Timings {
     total_us: u64,
     /// The VMM's peak resident set (its VmHWM) when the answer was in, with `--json`.
     vmm_peak_rss_kib: Option<u64>,
+    /// KVM's counts for the VM, with `--json`.
+    vmm: vm::VmmReport,
 }
 
 /// What happened, for printing.
@@ -294,7 +296,7 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
     };
     let vm_started = Instant::now();
-    let mut vm = match vm::Vm::start(mem_mib, &artifact, deadline) {
+    let mut vm = match vm::Vm::start(mem_mib, &artifact, deadline, args.json) {
         Ok(vm) => vm,
         Err(e) => return failed(code::BULWARK, e),
     };
@@ -308,7 +310,10 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
     if args.json {
         timings.vmm_peak_rss_kib = vm.peak_rss_kib();
     }
-    if matches!(outcome, Ok(Some(_))) && !interrupt::requested() {
+    if args.json && matches!(outcome, Ok(Some(_))) && !interrupt::requested() {
+        // Measuring: the VMM is stopped with SIGTERM and says what KVM counted.
+        timings.vmm = vm.stop_with_report();
+    } else if matches!(outcome, Ok(Some(_))) && !interrupt::requested() {
         // The answer is in and `bulwark run` exits right after this: the VMM is killed, not
         // waited for. Any other end waits until the VMM is gone.
         vm.end_without_waiting();
@@ -644,6 +649,12 @@ fn report(args: &RunArgs, result: Result, t: &Timings) -> ExitCode {
         });
         if let Some(kib) = t.vmm_peak_rss_kib {
             obj["vmm_peak_rss_kib"] = kib.into();
+        }
+        if let Some(exits) = t.vmm.exits {
+            obj["vm_exits"] = exits.into();
+        }
+        if let Some(faults) = t.vmm.page_faults {
+            obj["vm_page_faults"] = faults.into();
         }
         match &result {
             Result::Done(r, changes) => {

@@ -6,7 +6,8 @@
 //!    `BULWARK_BENCH_RUNS` runs (default 20): min, median, max; beside it, interleaved, the same
 //!    call with `--isolation wasm` and a native process that prints the same line
 //!    (`/usr/bin/printf`); then the same number of `bulwark run --json` runs for the median of
-//!    bulwark's own breakdown (compile, vm_start, call, total) and of the VMM's peak RSS.
+//!    bulwark's own breakdown (compile, vm_start, call, total), the VMM's peak RSS, and KVM's
+//!    counts of VM exits and page faults (first touches) per call.
 //! 2. The same call with the VMM confined and with `--no-confine`, in pairs: the cost of the
 //!    confinement on a whole call.
 //! 3. The compute tool (`tests/tools/compute`: SHA-256 rounds and a sort over
@@ -20,8 +21,8 @@
 //!
 //! 4. Language runtimes (`build/runtimes`): CPython `-c 'print(1+1)'` and QuickJS
 //!    `-e 'console.log(1+1)'`, whole process in the VM and with `--isolation wasm`,
-//!    `BULWARK_BENCH_COMPUTE_RUNS` runs each, interleaved, with the VM call's `--json` breakdown
-//!    and the VMM's peak RSS.
+//!    `BULWARK_BENCH_COMPUTE_RUNS` runs each, interleaved, with the VM call's `--json` breakdown,
+//!    the VMM's peak RSS, and KVM's counts of VM exits and page faults.
 //!
 //! A `bulwark run` that fails panics with its output.
 //!
@@ -185,7 +186,7 @@ fn bench_hello(cache: &std::path::Path, runs: usize) {
         let (wall, out) = bulwark_run(cache, &json_args);
         json_walls.push(ms(wall));
         let json = stdout(&out);
-        rss.push(vmm_rss_mib(&json));
+        rss.push(vmm_figures(&json));
         for (key, samples) in keys.iter().zip(&mut breakdown) {
             let us = json_timing_us(&json, key)
                 .unwrap_or_else(|| panic!("no timings_us.{key} in `bulwark run --json`: {json}"));
@@ -214,24 +215,44 @@ fn bench_hello(cache: &std::path::Path, runs: usize) {
         .map(|(key, samples)| format!("{key} {:.2} ms", median(samples)))
         .collect();
     println!(
-        "  --json timings_us, medians      {}   (whole process {:.2} ms)  VMM peak RSS {:.1} MiB",
+        "  --json timings_us, medians      {}   (whole process {:.2} ms)",
         medians.join("  "),
         median(json_walls),
-        median(rss)
     );
+    println!("  --json, medians                 {}", vmm_line(&rss));
 }
 
-/// The VMM's peak RSS in MiB from `bulwark run --json` output (`vmm_peak_rss_kib`).
-fn vmm_rss_mib(json: &str) -> f64 {
-    let pattern = "\"vmm_peak_rss_kib\":";
+/// The number under top-level `key` of `bulwark run --json` output.
+fn json_number(json: &str, key: &str) -> f64 {
+    let pattern = format!("\"{key}\":");
     let at = json
-        .find(pattern)
-        .unwrap_or_else(|| panic!("no vmm_peak_rss_kib in `bulwark run --json`: {json}"));
+        .find(&pattern)
+        .unwrap_or_else(|| panic!("no {key} in `bulwark run --json`: {json}"));
     let digits: String = json[at + pattern.len()..]
         .chars()
         .take_while(char::is_ascii_digit)
         .collect();
-    digits.parse::<f64>().expect("a number of KiB") / 1024.0
+    digits.parse::<f64>().expect("a number")
+}
+
+/// The VMM's figures from `bulwark run --json`: peak RSS in MiB, VM exits, page faults.
+fn vmm_figures(json: &str) -> [f64; 3] {
+    [
+        json_number(json, "vmm_peak_rss_kib") / 1024.0,
+        json_number(json, "vm_exits"),
+        json_number(json, "vm_page_faults"),
+    ]
+}
+
+/// "VMM peak RSS .. MiB, .. VM exits, .. page faults" from medians of [`vmm_figures`].
+fn vmm_line(samples: &[[f64; 3]]) -> String {
+    let m = |i: usize| median(samples.iter().map(|s| s[i]).collect());
+    format!(
+        "VMM peak RSS {:.1} MiB, {:.0} VM exits, {:.0} page faults (KVM's counts)",
+        m(0),
+        m(1),
+        m(2)
+    )
 }
 
 /// The cost of the VMM's confinement on a whole tool call: `bulwark run examples/hello.wat`
@@ -545,7 +566,7 @@ fn bench_runtimes(runs: usize) {
         let mut rss = Vec::new();
         for _ in 0..runs {
             let json = run("vm", &module, &args, true).1;
-            rss.push(vmm_rss_mib(&json));
+            rss.push(vmm_figures(&json));
             for (key, samples) in keys.iter().zip(&mut breakdown) {
                 let us = json_timing_us(&json, key).unwrap_or_else(|| {
                     panic!("no timings_us.{key} in `bulwark run --json`: {json}")
@@ -564,11 +585,8 @@ fn bench_runtimes(runs: usize) {
             .zip(breakdown)
             .map(|(key, samples)| format!("{key} {:.1} ms", median(samples)))
             .collect();
-        println!(
-            "    vm --json medians: {}  VMM peak RSS {:.1} MiB",
-            medians.join("  "),
-            median(rss)
-        );
+        println!("    vm --json medians: {}", medians.join("  "));
+        println!("    vm --json medians: {}", vmm_line(&rss));
     }
 }
 

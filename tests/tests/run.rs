@@ -179,6 +179,21 @@ fn json_output_carries_the_outcome_and_timings() {
     ] {
         assert!(text.contains(key), "{key} in {text}");
     }
+    // What the VMM and KVM counted: present, and more than nothing.
+    for key in ["vm_exits", "vm_page_faults", "vmm_peak_rss_kib"] {
+        let pattern = format!("\"{key}\":");
+        let at = text
+            .find(&pattern)
+            .unwrap_or_else(|| panic!("no {key} in {text}"));
+        let digits: String = text[at + pattern.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        assert!(
+            digits.parse::<u64>().is_ok_and(|n| n > 0),
+            "{key} in {text}"
+        );
+    }
 }
 
 fn write_temp(name: &str, bytes: &[u8]) -> PathBuf {

@@ -208,3 +208,28 @@ fn smap_stops_cpl0_writing_a_user_page() {
     // The exception stack is in a user page: pushing the #UD frame faults, twice: #DF.
     assert!(err.contains("CPU exception 8"), "{err}");
 }
+
+/// SIGTERM stops a running guest as a timeout does, with its own report and exit code (143),
+/// and `--timings` still prints the figures, KVM's own counts among them.
+#[test]
+fn sigterm_stops_the_guest_with_a_report() {
+    if !kvm_available() {
+        return;
+    }
+    let child = std::process::Command::new(vmm_binary())
+        .args(["--timings", "--guest-test", "spin", "--timeout", "30"])
+        .arg(guest_image())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let the guest start spinning (a SIGTERM before the VM runs just ends the process).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(code::TERMINATED.into()), "{err}");
+    assert!(err.contains("stopped by SIGTERM"), "{err}");
+    assert!(err.contains("exits counted by KVM"), "{err}");
+}

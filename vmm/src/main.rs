@@ -25,6 +25,7 @@ Exit codes:
         error, or an access to an I/O port or MMIO address no device serves
   71    a KVM call failed while the guest ran
   124   the --timeout ran out
+  143   SIGTERM stopped the guest (with --timings, the report is printed first)
 
 Every way a guest ends other than status 0 is reported on stderr in one line.";
 

@@ -23,6 +23,8 @@ pub mod code {
     pub const VMM_FAILURE: u8 = 71;
     /// The `--timeout` ran out.
     pub const TIMEOUT: u8 = 124;
+    /// SIGTERM stopped the guest (128 + the signal's number, the shell's convention).
+    pub const TERMINATED: u8 = 143;
 }
 
 /// Why the guest stopped running.
@@ -94,6 +96,11 @@ pub enum VmExit {
         /// RIP when it happened.
         rip: u64,
     },
+    /// SIGTERM asked the VMM to stop, and the vCPU was stopped.
+    Terminated {
+        /// RIP where the vCPU was stopped.
+        rip: u64,
+    },
     /// The wall-clock `--timeout` ran out and the vCPU was stopped.
     Timeout {
         /// The timeout.
@@ -109,6 +116,7 @@ impl VmExit {
         match self {
             Self::Exited { status } => (*status).min(exit_status::MAX) as u8,
             Self::Timeout { .. } => code::TIMEOUT,
+            Self::Terminated { .. } => code::TERMINATED,
             _ => code::GUEST_CRASH,
         }
     }
@@ -169,6 +177,9 @@ impl fmt::Display for VmExit {
                     "guest crashed: unexpected KVM exit {exit} at RIP {rip:#x}"
                 )
             }
+            Self::Terminated { rip } => {
+                write!(f, "stopped by SIGTERM, the vCPU at RIP {rip:#x}")
+            }
             Self::Timeout { after, rip } => write!(
                 f,
                 "guest timed out: still running after {:.3} s (--timeout), stopped at RIP {rip:#x}",
@@ -224,6 +235,11 @@ mod tests {
                 },
                 124,
                 "after 0.500 s",
+            ),
+            (
+                VmExit::Terminated { rip: 4 },
+                143,
+                "stopped by SIGTERM, the vCPU at RIP 0x4",
             ),
         ];
         for (exit, code, text) in cases {

@@ -93,6 +93,9 @@ impl Vcpu {
         let exit = loop {
             if self.stop.load(Ordering::Acquire) {
                 let rip = self.rip()?;
+                if crate::vm::terminate_requested() {
+                    break VmExit::Terminated { rip };
+                }
                 break VmExit::Timeout {
                     after: self.timeout.unwrap_or_default(),
                     rip,

@@ -232,6 +232,23 @@ fn console_sink(config: &VmConfig) -> Result<CappedSink, VmError> {
 /// Does nothing: the signal only has to interrupt `KVM_RUN`.
 extern "C" fn interrupt_vcpu(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// Set by SIGTERM: stop the guest and end as after a timeout, with the report.
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+
+/// The SIGTERM handler: only sets [`TERMINATE`] (async-signal-safe); the main thread, which
+/// looks at it every [`TERMINATE_POLL`], stops the vCPU.
+extern "C" fn request_termination(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    TERMINATE.store(true, Ordering::Release);
+}
+
+/// How often the main thread looks for a SIGTERM while the guest runs.
+const TERMINATE_POLL: Duration = Duration::from_millis(10);
+
+/// Whether SIGTERM asked this VMM to stop.
+pub fn terminate_requested() -> bool {
+    TERMINATE.load(Ordering::Acquire)
+}
+
 /// A VM that is built and ready to run: guest memory loaded, CPU state set, devices in place.
 ///
 /// Fields drop in order: the vCPU (and its file descriptor) first, then the VM file descriptor,
@@ -414,6 +431,8 @@ impl Vm {
         }
         register_signal_handler(SIGRTMIN(), interrupt_vcpu)
             .map_err(|e| VmError::Thread(format!("cannot install the vCPU kick signal: {e}")))?;
+        register_signal_handler(libc::SIGTERM, request_termination)
+            .map_err(|e| VmError::Thread(format!("cannot install the SIGTERM handler: {e}")))?;
         Ok(Self {
             vcpu: Vcpu {
                 fd: vcpu_fd,
@@ -482,13 +501,25 @@ impl Vm {
             .map_err(|e| VmError::Thread(format!("cannot start the vCPU thread: {e}")))?;
         let confined = confine.main_thread();
         let _ = go_tx.send(confined.is_ok());
-        let timed_out = timeout.is_some_and(|timeout| {
-            matches!(
-                done_rx.recv_timeout(timeout),
-                Err(mpsc::RecvTimeoutError::Timeout)
-            )
-        });
-        if timed_out {
+        // Wait for the guest to end, its timeout to pass, or a SIGTERM.
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let stop = loop {
+            let wait = deadline.map_or(TERMINATE_POLL, |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+                    .min(TERMINATE_POLL)
+            });
+            match done_rx.recv_timeout(wait) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break false,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if terminate_requested()
+                        || deadline.is_some_and(|d| std::time::Instant::now() >= d)
+                    {
+                        break true;
+                    }
+                }
+            }
+        };
+        if stop {
             handle.stop(&thread);
         }
         let (result, vcpu) = thread
