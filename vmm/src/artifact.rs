@@ -7,6 +7,11 @@
 //! the guest when KVM supports that: a guest write then becomes an MMIO exit that no device
 //! serves, which ends the VM. The VMM itself never reads the mapping, so a file truncated under
 //! it cannot fault the VMM: KVM fails the guest's access instead (the VM ends with a KVM error).
+//!
+//! `bulwark run`'s cache puts the artifact 2 MiB into its file. The kernel places a file mapping
+//! at a 2 MiB-aligned address when the file system keeps large page-cache folios (ext4 does from
+//! Linux 6.16), so offset and address agree modulo 2 MiB, whole 2 MiB folios are mapped at once,
+//! and KVM maps the guest's 2 MiB pages of the window whole: one page fault per 2 MiB touched.
 
 use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
