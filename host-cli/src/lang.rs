@@ -360,23 +360,13 @@ fn locate(name: &str) -> anyhow::Result<PathBuf> {
         }
         return Ok(path);
     }
-    let exe = std::env::current_exe().context("cannot find the bulwark executable")?;
-    let dir = exe.parent().context("the executable has no directory")?;
-    let candidates = [
-        dir.join("runtimes").join(name),
-        dir.join("../../build/runtimes").join(name),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .with_context(|| {
-            format!(
-                "cannot find the runtime {name} (looked in {} and {}); {GET_RUNTIMES}, or set {RUNTIMES_ENV} to a directory holding it",
-                candidates[0].display(),
-                candidates[1].display()
-            )
-        })
+    crate::vm::beside_executable(&Path::new("runtimes").join(name))?.map_err(|[a, b]| {
+        anyhow::anyhow!(
+            "cannot find the runtime {name} (looked in {} and {}); {GET_RUNTIMES}, or set {RUNTIMES_ENV} to a directory holding it",
+            a.display(),
+            b.display()
+        )
+    })
 }
 
 /// Checks that the runtime at `path`, whose SHA-256 is `actual`, is the pinned build

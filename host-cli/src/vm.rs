@@ -19,20 +19,25 @@ pub fn locate(env: &str, name: &str) -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
+    beside_executable(Path::new(name))?.map_err(|[a, b]| {
+        anyhow::anyhow!(
+            "cannot find {name} (looked in {} and {}); run `make guest` or set {env}",
+            a.display(),
+            b.display()
+        )
+    })
+}
+
+/// `rel` beside the running executable, else under `build/` of the checkout whose
+/// `target/<profile>/` holds it: the first of the two that is a file, or both places looked in.
+pub fn beside_executable(rel: &Path) -> anyhow::Result<Result<PathBuf, [PathBuf; 2]>> {
     let exe = std::env::current_exe().context("cannot find the bulwark executable")?;
     let dir = exe.parent().context("the executable has no directory")?;
-    let candidates = [dir.join(name), dir.join("../../build").join(name)];
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .with_context(|| {
-            format!(
-                "cannot find {name} (looked in {} and {}); run `make guest` or set {env}",
-                candidates[0].display(),
-                candidates[1].display()
-            )
-        })
+    let candidates = [dir.join(rel), dir.join("../../build").join(rel)];
+    Ok(match candidates.iter().find(|p| p.is_file()) {
+        Some(found) => Ok(found.clone()),
+        None => Err(candidates),
+    })
 }
 
 /// A running VM with a private directory for its vsock socket; killed and cleaned up on drop.

@@ -170,6 +170,18 @@ pub fn bulwark_binary() -> PathBuf {
 /// Runs `bulwark run ARGS` with `stdin` as standard input, a compile cache private to this test
 /// binary, and the built guest image when there is one (only `--isolation vm` needs it).
 pub fn bulwark_run(args: &[&str], stdin: &[u8]) -> Output {
+    bulwark_command("run", args, stdin, &[])
+}
+
+/// Runs `bulwark COMMAND ARGS` from the repository root with `stdin` as standard input, `env`
+/// added to its environment, a compile cache private to this test binary, and the built guest
+/// image when there is one (only `--isolation vm` needs it).
+pub fn bulwark_command(
+    command: &str,
+    args: &[&str],
+    stdin: &[u8],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Output {
     use std::io::Write;
     use std::process::Stdio;
     let mut cmd = Command::new(bulwark_binary());
@@ -179,9 +191,11 @@ pub fn bulwark_run(args: &[&str], stdin: &[u8]) -> Output {
     }
     let cache = std::env::temp_dir().join(format!("bulwark-test-cache-{}", std::process::id()));
     let mut child = cmd
-        .arg("run")
+        .arg(command)
         .args(args)
+        .current_dir(repo_root())
         .env("BULWARK_CACHE_DIR", cache)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

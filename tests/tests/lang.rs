@@ -44,31 +44,12 @@ struct Call {
 /// Runs `bulwark <command> ARGS` (from the repository root, with the built runtimes, the guest
 /// image and a compile cache private to this test binary) with `stdin`.
 fn bulwark(command: &str, args: &[&str], stdin: &[u8], runtimes: &Path) -> std::process::Output {
-    use std::io::Write;
-    let mut cmd = Command::new(bulwark_binary());
-    let guest = build_dir().join("bulwark-guest.elf");
-    if guest.is_file() {
-        cmd.env("BULWARK_GUEST", guest);
-    }
-    let cache = std::env::temp_dir().join(format!("bulwark-test-cache-{}", std::process::id()));
-    let mut child = cmd
-        .arg(command)
-        .args(args)
-        .current_dir(repo_root())
-        .env("BULWARK_CACHE_DIR", cache)
-        .env("BULWARK_RUNTIMES", runtimes)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start bulwark: {e}"));
-    if let Some(mut input) = child.stdin.take() {
-        // A program that exits without reading all of stdin closes the pipe: not an error here.
-        let _ = input.write_all(stdin);
-    }
-    child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("bulwark did not finish: {e}"))
+    bulwark_command(
+        command,
+        args,
+        stdin,
+        &[("BULWARK_RUNTIMES", runtimes.as_os_str())],
+    )
 }
 
 /// The runtimes `make guest` fetched.
@@ -151,6 +132,15 @@ fn python(isolation: Isolation) -> Vec<Call> {
         "piped",
     );
     assert_ok(&c, "['-c', 'a', '-b', '--timeout'] hi piped\n");
+    calls.push(c);
+
+    // The program's exit status is bulwark's.
+    let c = py(&["-c", "print('bye'); raise SystemExit(3)"], "");
+    assert_eq!(
+        (c.code, c.stdout.as_str(), c.stderr.as_str()),
+        (Some(3), "bye\n", ""),
+        "SystemExit(3): exit code, stdout, stderr"
+    );
     calls.push(c);
 
     // A script file outside any --dir: shared at /script/NAME; its stdin is still the program's.
@@ -280,6 +270,15 @@ fn js(isolation: Isolation) -> Vec<Call> {
         "piped",
     );
     assert_ok(&c, "[\"a\",\"-b\",\"--std\"] hi piped\n");
+    calls.push(c);
+
+    // The program's exit status is bulwark's.
+    let c = js(&["-e", "std.out.puts('bye\\n'); std.exit(5)"], "");
+    assert_eq!(
+        (c.code, c.stdout.as_str(), c.stderr.as_str()),
+        (Some(5), "bye\n", ""),
+        "std.exit(5): exit code, stdout, stderr"
+    );
     calls.push(c);
 
     // A script file: scriptArgs[0] is its guest path.
