@@ -233,7 +233,7 @@ fn an_unusable_artifact_descriptor_is_a_config_error() {
         (
             std::fs::File::open("/dev/null").unwrap(),
             &[],
-            "is a device, not a regular file",
+            "is a character device, not a regular file",
         ),
         (
             std::fs::File::open(&short).unwrap(),

@@ -14,7 +14,6 @@
 //! and KVM maps the guest's 2 MiB pages of the window whole: one page fault per 2 MiB touched.
 
 use std::fs::File;
-use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
 
 use bulwark_abi::layout;
@@ -80,17 +79,10 @@ impl ArtifactMapping {
     /// Checks `artifact` (a regular file holding the whole range) and maps it read-only.
     pub fn map(artifact: &ArtifactFile) -> Result<Self, ArtifactError> {
         let meta = artifact.file.metadata().map_err(ArtifactError::Stat)?;
-        let kind = meta.file_type();
-        if !kind.is_file() {
-            return Err(ArtifactError::NotRegular(if kind.is_dir() {
-                "directory"
-            } else if kind.is_fifo() {
-                "FIFO"
-            } else if kind.is_socket() {
-                "socket"
-            } else {
-                "device"
-            }));
+        if !meta.file_type().is_file() {
+            return Err(ArtifactError::NotRegular(crate::files::kind_name(
+                meta.file_type(),
+            )));
         }
         let (offset, len, file_len) = (artifact.offset, artifact.len, meta.len());
         let bad = || ArtifactError::BadRange {
