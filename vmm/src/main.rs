@@ -214,6 +214,11 @@ fn artifact_from_stdin(offset: u64, len: Option<u64>) -> std::io::Result<Artifac
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    // One malloc arena for both threads. A second thread's arena, when it shrinks, makes glibc
+    // read /proc/sys/vm/overcommit_memory the first time, and the confined vCPU thread may not
+    // open files: seccomp killed the VMM in the middle of a large vsock transfer.
+    // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let args = Args::parse();
     if let Some(parent) = args.parent_pid
         && let Err(e) = bulwark_confine::die_with_parent(parent)
