@@ -8,8 +8,9 @@
 //! 2. no_new_privs, not dumpable, and rlimits: no core dumps, a cap on open files;
 //! 3. Landlock: no file-system access, no TCP, abstract Unix sockets and signals scoped;
 //! 4. per thread, a seccomp allow-list: the vCPU thread may run the guest and serve its devices
-//!    (KVM_RUN and two register reads, the vsock sockets, memory, futexes); the main thread may
-//!    wait, kick the vCPU and exit. Anything else kills the process with SIGSYS.
+//!    (KVM_RUN, register reads, the register writes that deliver a trap to the guest, the vsock
+//!    sockets, memory, futexes); the main thread may wait, kick the vCPU and exit. Anything else
+//!    kills the process with SIGSYS.
 //!
 //! The main thread also caps processes at zero once the vCPU thread exists.
 
@@ -42,6 +43,18 @@ mod kvm_ioctl {
         KVM_GET_SREGS,
         kvm_bindings::KVMIO,
         0x83,
+        kvm_bindings::kvm_sregs
+    );
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_SET_REGS,
+        kvm_bindings::KVMIO,
+        0x82,
+        kvm_bindings::kvm_regs
+    );
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_SET_SREGS,
+        kvm_bindings::KVMIO,
+        0x84,
         kvm_bindings::kvm_sregs
     );
 }
@@ -218,6 +231,8 @@ fn vcpu_allow_list(guest_connections: bool) -> Result<Vec<SyscallRules>, confine
             kvm_ioctl::KVM_RUN(),
             kvm_ioctl::KVM_GET_REGS(),
             kvm_ioctl::KVM_GET_SREGS(),
+            kvm_ioctl::KVM_SET_REGS(),
+            kvm_ioctl::KVM_SET_SREGS(),
             libc::FIONBIO,
         ],
     )?);

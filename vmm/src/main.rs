@@ -171,6 +171,11 @@ enum GuestTest {
     WriteArtifact,
     /// Read just past the artifact's memory slot (must be an unclaimed MMIO access).
     ReadPastArtifact,
+    /// Map 64 KiB of a linear-memory window and read past it (the page fault must be delivered
+    /// to the guest's trap entry, which exits with status 0).
+    WindowTrap,
+    /// Write to the window page tables from CPL3 (must be a page fault).
+    WriteWindowTables,
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -266,6 +271,8 @@ fn main() -> ExitCode {
         Some(GuestTest::WriteStubs) => TestMode::WriteStubs,
         Some(GuestTest::WriteArtifact) => TestMode::WriteArtifact,
         Some(GuestTest::ReadPastArtifact) => TestMode::ReadPastArtifact,
+        Some(GuestTest::WindowTrap) => TestMode::WindowTrap,
+        Some(GuestTest::WriteWindowTables) => TestMode::WriteWindowTables,
     };
 
     let result = Vm::build(&config).and_then(|vm| {

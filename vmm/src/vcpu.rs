@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bulwark_abi::exception::ExceptionFrame;
+use bulwark_abi::{layout, ports, window};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -62,6 +63,10 @@ pub struct Vcpu {
     pub timeout: Option<Duration>,
     /// KVM's statistics for this vCPU, read once when the guest stops (`None`: not available).
     pub stats: Option<VcpuStatsReader>,
+    /// Where the guest asked for [`ports::TRAP_VECTORS`] to be delivered (none yet: fatal).
+    pub trap_entry: Option<u64>,
+    /// The exception delivered last, reported if the guest says it was not a Wasm trap.
+    pub delivered: Option<VmExit>,
 }
 
 /// What serving one exit decided.
@@ -118,8 +123,30 @@ impl Vcpu {
                 Step::Continue | Step::Request(DeviceRequest::None) => {}
                 Step::Request(DeviceRequest::Exit(status)) => break VmExit::Exited { status },
                 Step::Request(DeviceRequest::ExceptionReported(vector)) => {
-                    break self.exception(vector)?;
+                    if let Some(exit) = self.exception(vector)? {
+                        break exit;
+                    }
                 }
+                Step::Request(DeviceRequest::TrapEntry(addr)) => {
+                    if !(layout::IMAGE_USER_START..layout::IMAGE_END).contains(&addr) {
+                        break VmExit::DeviceBroken {
+                            detail: format!(
+                                "trap entry {addr:#x} is outside the guest image's CPL3 code"
+                            ),
+                            rip: self.rip()?,
+                        };
+                    }
+                    self.trap_entry = Some(addr);
+                }
+                Step::Request(DeviceRequest::TrapUnhandled) => match self.delivered.take() {
+                    Some(exit) => break exit,
+                    None => {
+                        break VmExit::DeviceBroken {
+                            detail: "an unhandled trap was reported but none was delivered".into(),
+                            rip: self.rip()?,
+                        };
+                    }
+                },
                 Step::Request(DeviceRequest::DeviceBroken(detail)) => {
                     break VmExit::DeviceBroken {
                         detail,
@@ -190,27 +217,60 @@ impl Vcpu {
         unsafe { run.__bindgen_anon_1.internal.suberror }
     }
 
-    /// Builds the report for an exception the stub announced: the frame is at the stub's RSP.
-    /// The frame is guest data: it is only read if it lies in RAM, and only trusted for the
-    /// report if its vector matches the one the stub wrote.
-    fn exception(&self, vector: u32) -> Result<VmExit, VcpuError> {
+    /// Serves an exception the stub announced: the frame is at the stub's RSP. Returns the
+    /// report that ends the VM, or `None` when the exception was delivered to the guest's trap
+    /// entry (see [`bulwark_abi::window`]). The frame is guest data: it is only read if it lies
+    /// in RAM, and only trusted if its vector matches the one the stub wrote.
+    fn exception(&mut self, vector: u32) -> Result<Option<VmExit>, VcpuError> {
         let kvm = |what| move |source| VcpuError::Kvm { what, source };
-        let rsp = self.fd.get_regs().map_err(kvm("KVM_GET_REGS"))?.rsp;
-        let cr2 = self.fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?.cr2;
+        let mut regs = self.fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+        let mut sregs = self.fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
         let mut raw = [0u8; ExceptionFrame::SIZE];
         let frame = self
             .mem
-            .read_slice(&mut raw, GuestAddress(rsp))
+            .read_slice(&mut raw, GuestAddress(regs.rsp))
             .ok()
             .map(|()| ExceptionFrame::from_bytes(&raw))
             .filter(|f| f.vector == u64::from(vector));
-        Ok(VmExit::Exception {
+        let report = VmExit::Exception {
             vector: u64::from(vector),
             error_code: frame.map_or(0, |f| f.error_code),
             rip: frame.map(|f| f.rip),
-            cr2: (vector == 14).then_some(cr2),
-        })
+            cr2: (vector == 14).then_some(sregs.cr2),
+        };
+        let (Some(entry), Some(frame)) = (self.trap_entry, frame) else {
+            return Ok(Some(report));
+        };
+        let Some(rsp) = deliverable(vector, &frame) else {
+            return Ok(Some(report));
+        };
+        // Resume at CPL3 at the entry, as an `iretq` would (the stub's CPL0 stack is simply
+        // left; the next exception starts at its top again).
+        let page_fault = vector == 14;
+        regs.rdi = frame.rip;
+        regs.rsi = regs.rbp;
+        regs.rdx = u64::from(page_fault);
+        regs.rcx = if page_fault { sregs.cr2 } else { 0 };
+        regs.r8 = u64::from(vector);
+        regs.rsp = rsp;
+        regs.rip = entry;
+        regs.rflags = crate::cpu::regs::RFLAGS;
+        sregs.cs = crate::cpu::gdt::user_code_segment();
+        sregs.ss = crate::cpu::gdt::user_data_segment();
+        self.fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+        self.delivered = Some(report);
+        Ok(None)
     }
+}
+
+/// The stack pointer to deliver exception `vector` with, if it can be delivered: one of
+/// [`ports::TRAP_VECTORS`], raised at CPL3, on the guest stack with at least
+/// [`window::TRAP_STACK_MIN`] bytes left below it.
+fn deliverable(vector: u32, frame: &ExceptionFrame) -> Option<u64> {
+    let stack = layout::STACK_BOTTOM + window::TRAP_STACK_MIN..=layout::STACK_TOP;
+    (ports::TRAP_VECTORS.contains(&vector) && frame.cs & 3 == 3 && stack.contains(&frame.rsp))
+        .then(|| (frame.rsp - window::TRAP_STACK_GAP) & !15)
 }
 
 /// Serves one exit against the buses.
@@ -253,5 +313,41 @@ fn serve(exit: VcpuExit<'_>, pio: &mut Bus, mmio: &mut Bus) -> Step {
         }
         VcpuExit::Intr => Step::Continue,
         other => Step::Unexpected(format!("{other:?}").chars().take(120).collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(cs: u64, rsp: u64) -> ExceptionFrame {
+        ExceptionFrame {
+            vector: 14,
+            cs,
+            rsp,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_cpl3_traps_on_the_guest_stack_are_delivered() {
+        let top = layout::STACK_TOP;
+        let user = u64::from(crate::cpu::gdt::USER_CS);
+        let kernel = u64::from(crate::cpu::gdt::KERNEL_CS);
+        assert_eq!(
+            deliverable(14, &frame(user, top - 8)),
+            Some((top - 8 - window::TRAP_STACK_GAP) & !15)
+        );
+        assert_eq!(deliverable(0, &frame(user, top)).map(|s| s % 16), Some(0));
+        assert!(deliverable(6, &frame(user, top - 0x1234)).is_some());
+        // Other vectors, CPL0, a stack that is nearly used up, or not the guest stack at all.
+        assert_eq!(deliverable(13, &frame(user, top)), None);
+        assert_eq!(deliverable(8, &frame(user, top)), None);
+        assert_eq!(deliverable(14, &frame(kernel, top)), None);
+        let low = layout::STACK_BOTTOM + window::TRAP_STACK_MIN;
+        assert!(deliverable(14, &frame(user, low)).is_some());
+        assert_eq!(deliverable(14, &frame(user, low - 8)), None);
+        assert_eq!(deliverable(14, &frame(user, top + 8)), None);
+        assert_eq!(deliverable(14, &frame(user, layout::window_start(0))), None);
     }
 }

@@ -25,6 +25,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::artifact::{ArtifactError, ArtifactFile, ArtifactMapping};
 use crate::boot::{self, BootError};
+use crate::cpu::windows::Windows;
 use crate::cpu::{self, CpuError};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::control::Control;
@@ -413,6 +414,7 @@ impl Vm {
                 Arc::clone(&stop),
                 mem.clone(),
                 sink,
+                Windows::new(mem.clone(), mem_size, info.heap_start),
             )),
         )?;
         let mut mmio = Bus::new();
@@ -443,6 +445,8 @@ impl Vm {
                 stop: Arc::clone(&stop),
                 timeout: config.timeout,
                 stats,
+                trap_entry: None,
+                delivered: None,
             },
             vm_fd,
             mem,

@@ -30,6 +30,13 @@ pub enum TestMode {
     /// Read the first byte past the artifact's last 4 KiB page, inside its last 2 MiB guest
     /// page (no memory is behind it: the VMM must report an unclaimed MMIO access).
     ReadPastArtifact = 8,
+    /// Register a trap entry, map 64 KiB of window 0, write and read it, then read the byte
+    /// past it: the VMM must deliver the page fault to the entry, which prints it and exits
+    /// with status 0.
+    WindowTrap = 9,
+    /// Write to the window page tables from CPL3 (the VMM must report a page fault: the region
+    /// is supervisor-only).
+    WriteWindowTables = 10,
 }
 
 impl TestMode {
@@ -45,6 +52,8 @@ impl TestMode {
             6 => Some(Self::WriteStubs),
             7 => Some(Self::WriteArtifact),
             8 => Some(Self::ReadPastArtifact),
+            9 => Some(Self::WindowTrap),
+            10 => Some(Self::WriteWindowTables),
             _ => None,
         }
     }

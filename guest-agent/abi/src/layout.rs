@@ -12,11 +12,15 @@
 //! 0x0200_0000  STACK_GUARD  2 MiB  not mapped: a stack overflow faults instead of corrupting
 //! 0x0220_0000  STACK        4 MiB  the guest stack, growing down from STACK_TOP
 //! 0x0260_0000  VIRTQUEUES   2 MiB  the vsock device's rings, set up by the VMM before the guest
-//! 0x0280_0000  PAYLOAD      ...    an optional blob the VMM loads, then the heap up to the end of
+//! 0x0280_0000  WINDOW_TABLES 16 MiB supervisor-only: the page tables of the linear-memory
+//!                                  windows, written by the VMM alone
+//! 0x0380_0000  PAYLOAD      ...    an optional blob the VMM loads, then the heap up to the end of
 //!                                  low RAM (at most LOW_RAM_END, 3 GiB)
 //! 0xd000_0000  MMIO        256 MiB device registers; an access no device claims is fatal
 //! 0x1_0000_0000 HIGH RAM    ...    RAM past the first 3 GiB, if any: the high heap
 //! 0x4_4000_0000 ARTIFACT   1 GiB  user read-only: the precompiled module, mapped from its file
+//! 0x80_0000_0000 WINDOWS   1 TiB  virtual only: WINDOW_COUNT linear-memory windows, 8 GiB each,
+//!                                  mapped onto heap RAM by the VMM on the guest's request
 //! ```
 //!
 //! RAM of `mem_size` bytes is `0..min(mem_size, LOW_RAM_END)` and, for the rest,
@@ -95,8 +99,42 @@ pub const fn virtqueue_rings(index: u64) -> (u64, u64, u64) {
     (base, base + 0x1000, base + 0x2000)
 }
 
+/// Start of the supervisor-only region that holds the page tables of the linear-memory windows
+/// ([`WINDOWS_START`]). Only the VMM writes it (on a [`CONTROL_MAP_WINDOW`] request): code at
+/// CPL3 can neither read nor write it, so a Wasm escape cannot map anything itself.
+///
+/// [`CONTROL_MAP_WINDOW`]: crate::ports::CONTROL_MAP_WINDOW
+pub const WINDOW_TABLES: u64 = VIRTQUEUES + PAGE_SIZE;
+/// Size of the window-table region: the [`WINDOW_PDPTS`] page-directory-pointer tables, then a
+/// pool of 4 KiB pages for page directories and page tables, taken in order.
+pub const WINDOW_TABLES_SIZE: u64 = 16 << 20;
+/// Number of PML4 slots (512 GiB each) the windows span; their PDPTs are the first pages of
+/// [`WINDOW_TABLES`], written before the guest starts.
+pub const WINDOW_PDPTS: u64 = WINDOW_COUNT * WINDOW_STRIDE / (1 << 39);
+/// First PML4 slot of the windows.
+pub const WINDOW_PML4_SLOT: u64 = WINDOWS_START >> 39;
+
+/// Guest-virtual start of the linear-memory windows: past everything identity-mapped, in the
+/// second 512 GiB of the address space. Nothing is behind a window until the VMM maps it.
+pub const WINDOWS_START: u64 = 1 << 39;
+/// Distance between two windows: [`WINDOW_MAX_SIZE`] that can be mapped, then a guard of the
+/// same size that never is.
+pub const WINDOW_STRIDE: u64 = 8 << 30;
+/// Largest mapped part of a window: the 4 GiB a 32-bit linear memory can reach.
+pub const WINDOW_MAX_SIZE: u64 = 4 << 30;
+/// Bytes past a window's mapped part that are never mapped (the guard compiled code relies on).
+pub const WINDOW_GUARD_SIZE: u64 = WINDOW_STRIDE - WINDOW_MAX_SIZE;
+/// Number of windows a VM has over its life (one per linear memory ever created; a window is
+/// never unmapped or reused).
+pub const WINDOW_COUNT: u64 = 128;
+
+/// Guest-virtual address of window `index` (no check that `index < WINDOW_COUNT`).
+pub const fn window_start(index: u64) -> u64 {
+    WINDOWS_START + index * WINDOW_STRIDE
+}
+
 /// Where the VMM loads the optional payload blob; the heap starts at the next 2 MiB boundary after it.
-pub const PAYLOAD_START: u64 = VIRTQUEUES + PAGE_SIZE;
+pub const PAYLOAD_START: u64 = WINDOW_TABLES + WINDOW_TABLES_SIZE;
 
 /// Smallest heap the guest is given; a smaller RAM size is refused by the VMM.
 pub const MIN_HEAP_SIZE: u64 = 16 << 20;
@@ -177,6 +215,14 @@ const _: () =
 const _: () = assert!(16 * crate::virtio::vsock::QUEUE_SIZE as u64 <= 0x1000);
 const _: () = assert!(6 + 8 * crate::virtio::vsock::QUEUE_SIZE as u64 <= 0x1000);
 const _: () = assert!(VIRTQUEUE_STRIDE * crate::virtio::vsock::QUEUE_COUNT as u64 <= PAGE_SIZE);
+// The windows lie past the identity-mapped first 512 GiB, within whole PML4 slots, and their
+// PDPTs leave most of the table region to the pool.
+const _: () = assert!(WINDOWS_START.is_multiple_of(1 << 39) && WINDOW_PML4_SLOT >= 1);
+const _: () = assert!((WINDOW_COUNT * WINDOW_STRIDE).is_multiple_of(1 << 39));
+const _: () = assert!(WINDOW_PML4_SLOT + WINDOW_PDPTS <= 256);
+const _: () = assert!(WINDOW_STRIDE.is_multiple_of(1 << 30) && WINDOW_MAX_SIZE < WINDOW_STRIDE);
+const _: () = assert!(WINDOW_PDPTS * 0x1000 < WINDOW_TABLES_SIZE / 2);
+const _: () = assert!(WINDOW_TABLES_SIZE.is_multiple_of(PAGE_SIZE));
 
 #[cfg(test)]
 mod tests {
@@ -194,6 +240,7 @@ mod tests {
             STACK_BOTTOM,
             STACK_TOP,
             VIRTQUEUES,
+            WINDOW_TABLES,
             PAYLOAD_START,
             LOW_RAM_END,
             MMIO_START,

@@ -28,8 +28,22 @@ pub const CONTROL_WAIT_LIMIT: u16 = CONTROL_BASE + 16;
 pub const CONTROL_CONSOLE: u16 = CONTROL_BASE + 12;
 /// Largest console record, in bytes of text.
 pub const MAX_CONSOLE_RECORD: u32 = 4096;
+/// `out` a 32-bit CPL3 address here to have CPU exceptions [`TRAP_VECTORS`] delivered to it
+/// (see [`crate::window`] for the registers it finds). Until then every exception is fatal.
+pub const CONTROL_TRAP_ENTRY: u16 = CONTROL_BASE + 20;
+/// `out` any 32-bit value here when a delivered exception was not a Wasm trap: the VMM then
+/// ends the VM with the exception it delivered, as if it had never been delivered.
+pub const CONTROL_TRAP_UNHANDLED: u16 = CONTROL_BASE + 24;
+/// `out` the 32-bit guest-physical address of a [`MapRequest`](crate::window::MapRequest)
+/// here to map part of a linear-memory window onto heap RAM.
+pub const CONTROL_MAP_WINDOW: u16 = CONTROL_BASE + 28;
 /// Number of ports in the control block.
-pub const CONTROL_PORT_COUNT: u16 = 20;
+pub const CONTROL_PORT_COUNT: u16 = 32;
+
+/// CPU exception vectors that the VMM delivers to the guest's [`CONTROL_TRAP_ENTRY`] when they
+/// arise at CPL3: divide error, invalid opcode (`ud2`) and page fault, the three ways compiled
+/// Wasm traps when wasmtime runs with signal-based traps.
+pub const TRAP_VECTORS: [u32; 3] = [0, 6, 14];
 
 /// Bits of the value read from [`CONTROL_WAIT`].
 pub mod wait_result {

@@ -7,6 +7,7 @@ pub mod gdt;
 pub mod paging;
 pub mod probe;
 pub mod regs;
+pub mod windows;
 
 /// Errors from building CPU state.
 #[derive(Debug, thiserror::Error)]

@@ -38,6 +38,11 @@ pub fn pd_entry(addr: u64, mem_size: u64, artifact_size: u64) -> u64 {
     } else if addr == layout::EXCEPTION_STUBS {
         // Supervisor-only and read-only: CPL3 code can neither rewrite nor run the CPL0 stubs.
         page(0)
+    } else if (layout::WINDOW_TABLES..layout::WINDOW_TABLES + layout::WINDOW_TABLES_SIZE)
+        .contains(&addr)
+    {
+        // Supervisor-only: only the VMM writes the windows' page tables (cpu::windows).
+        page(WRITABLE)
     } else if (layout::STACK_GUARD..layout::STACK_BOTTOM).contains(&addr) {
         0
     } else if layout::is_ram(addr, mem_size) {
@@ -63,6 +68,19 @@ pub fn write(mem: &GuestMemory, mem_size: u64, artifact_size: u64) -> Result<(),
             })
     };
     put(layout::PML4, layout::PDPT | PRESENT | WRITABLE | USER)?;
+    // The windows' PDPTs, empty: cpu::windows fills them in on the guest's requests.
+    for i in 0..layout::WINDOW_PDPTS {
+        let pdpt = layout::WINDOW_TABLES + i * 0x1000;
+        mem.write_slice(&[0u8; 0x1000], GuestAddress(pdpt))
+            .map_err(|source| CpuError::Write {
+                what: "page tables",
+                source,
+            })?;
+        put(
+            layout::PML4 + (layout::WINDOW_PML4_SLOT + i) * 8,
+            pdpt | PRESENT | WRITABLE | USER,
+        )?;
+    }
     for pd in 0..layout::PD_COUNT {
         let pd_addr = layout::PD_START + pd * 0x1000;
         let mut entries = [0u64; 512];
@@ -176,7 +194,7 @@ mod tests {
         assert_eq!(
             walk(&mem, 1 << 39),
             None,
-            "only the first 512 GiB slot is used"
+            "nothing is mapped in the windows at boot"
         );
     }
 

@@ -1,5 +1,5 @@
-//! The control port block: the guest's exit status, the exception stub's report, and the wait
-//! register the guest sleeps on.
+//! The control port block: the guest's exit status, the exception stub's report, the wait
+//! register the guest sleeps on, and the linear-memory windows' map requests and trap entry.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,7 @@ use super::serial::SharedSink;
 use super::virtio::mmio::lock;
 use super::virtio::vsock::VsockDevice;
 use super::{BadAccess, BusDevice, DeviceRequest};
+use crate::cpu::windows::Windows;
 use crate::memory::GuestMemory;
 
 const EXIT: u64 = (ports::CONTROL_EXIT - ports::CONTROL_BASE) as u64;
@@ -20,6 +21,9 @@ const EXCEPTION: u64 = (ports::CONTROL_EXCEPTION - ports::CONTROL_BASE) as u64;
 const WAIT: u64 = (ports::CONTROL_WAIT - ports::CONTROL_BASE) as u64;
 const CONSOLE: u64 = (ports::CONTROL_CONSOLE - ports::CONTROL_BASE) as u64;
 const WAIT_LIMIT: u64 = (ports::CONTROL_WAIT_LIMIT - ports::CONTROL_BASE) as u64;
+const TRAP_ENTRY: u64 = (ports::CONTROL_TRAP_ENTRY - ports::CONTROL_BASE) as u64;
+const TRAP_UNHANDLED: u64 = (ports::CONTROL_TRAP_UNHANDLED - ports::CONTROL_BASE) as u64;
+const MAP_WINDOW: u64 = (ports::CONTROL_MAP_WINDOW - ports::CONTROL_BASE) as u64;
 
 /// The control device at [`ports::CONTROL_BASE`].
 pub struct Control {
@@ -29,16 +33,20 @@ pub struct Control {
     console: SharedSink,
     /// Bound of the next wait, in microseconds (0: none).
     wait_limit_us: u32,
+    /// The linear-memory windows' page tables.
+    windows: Windows,
 }
 
 impl Control {
     /// A control block whose wait register sleeps on `vsock` (if the VM has one) until it has
-    /// something for the guest or `stop` is set, and whose console records go to `console`.
+    /// something for the guest or `stop` is set, whose console records go to `console`, and
+    /// whose map requests go to `windows`.
     pub fn new(
         vsock: Option<Arc<Mutex<VsockDevice>>>,
         stop: Arc<AtomicBool>,
         mem: GuestMemory,
         console: SharedSink,
+        windows: Windows,
     ) -> Self {
         Self {
             vsock,
@@ -46,6 +54,7 @@ impl Control {
             mem,
             console,
             wait_limit_us: 0,
+            windows,
         }
     }
 
@@ -120,6 +129,12 @@ impl BusDevice for Control {
                 self.wait_limit_us = us;
                 Ok(DeviceRequest::None)
             }
+            (TRAP_ENTRY, Ok(addr)) => Ok(DeviceRequest::TrapEntry(u64::from(addr))),
+            (TRAP_UNHANDLED, Ok(_)) => Ok(DeviceRequest::TrapUnhandled),
+            (MAP_WINDOW, Ok(addr)) => Ok(match self.windows.serve(u64::from(addr)) {
+                Ok(()) => DeviceRequest::None,
+                Err(e) => DeviceRequest::DeviceBroken(format!("map request: {e}")),
+            }),
             _ => Err(BadAccess {
                 device: self.name(),
                 what: "write",
@@ -152,7 +167,8 @@ mod tests {
         let out = Captured::default();
         let sink = SharedSink::new(CappedSink::new(Box::new(out.clone()), 1 << 20));
         let mem = crate::memory::create(4).unwrap();
-        (Control::new(None, Arc::default(), mem, sink), out)
+        let windows = Windows::new(mem.clone(), 4 << 20, 4 << 20);
+        (Control::new(None, Arc::default(), mem, sink, windows), out)
     }
 
     #[test]
@@ -189,6 +205,17 @@ mod tests {
             c.write(4, &14u32.to_le_bytes()),
             Ok(DeviceRequest::ExceptionReported(14))
         );
+        assert_eq!(
+            c.write(TRAP_ENTRY, &0x60_0000u32.to_le_bytes()),
+            Ok(DeviceRequest::TrapEntry(0x60_0000))
+        );
+        assert_eq!(
+            c.write(TRAP_UNHANDLED, &0u32.to_le_bytes()),
+            Ok(DeviceRequest::TrapUnhandled)
+        );
+        // A map request outside RAM ends the VM, never the VMM.
+        let bad = c.write(MAP_WINDOW, &u32::MAX.to_le_bytes()).unwrap();
+        assert!(matches!(bad, DeviceRequest::DeviceBroken(m) if m.contains("outside guest RAM")));
         assert!(c.write(0, &[1]).is_err(), "byte-sized exit");
         assert!(c.write(2, &0u32.to_le_bytes()).is_err(), "unknown offset");
         assert!(c.read(0, &mut [0; 4]).is_err());

@@ -16,6 +16,11 @@ pub enum DeviceRequest {
     ExceptionReported(u32),
     /// The guest broke a device (malformed queue, protocol violation); the VM must stop.
     DeviceBroken(String),
+    /// The guest asked for exceptions to be delivered to this CPL3 address.
+    TrapEntry(u64),
+    /// The guest's trap entry did not handle the exception it was given: the VM must stop
+    /// with that exception.
+    TrapUnhandled,
 }
 
 /// A guest access a device refuses (wrong size or offset): fatal for the VM.
