@@ -174,7 +174,6 @@ impl Agent {
         };
         response.timings.load_us = load_us;
         let limits = bulwark_engine::store_limits(req.limits.max_memory);
-        crate::linear_memory::set_call_budget(req.limits.max_memory);
         let ctx = Ctx::new(CtxParams {
             wasi: bulwark_wasi::Params {
                 args: req.args,

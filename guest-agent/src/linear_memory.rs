@@ -1,166 +1,243 @@
-//! Linear memories for tools, allocated so that growing one never copies it.
+//! Linear memories for tools: each in a window of its own, with guard pages behind it.
 //!
-//! Without virtual memory, wasmtime's own linear memory is a `Vec` that grows by doubling its
-//! capacity: growing a 200 MiB memory by one page asks the heap for 400 MiB more while the old
-//! 200 MiB is still live, so a tool ran out of VM RAM at about a third of its `--max-memory`.
-//! Here each memory reserves its whole allowance up front (its type's maximum, at most what is
-//! left of the call's memory budget) and grows inside that block: nothing moves, nothing is
-//! copied, and a tool gets every byte of `--max-memory` the VM's RAM holds, as under
-//! `--isolation wasm`. Reserving touches no page: only the bytes a memory grows into are
-//! zeroed (guest RAM is committed by the host on first touch).
+//! wasmtime runs with signal-based traps, a 4 GiB reservation and a guard after it
+//! (`bulwark_engine::shared_config`), so compiled code does not bounds-check accesses to a
+//! 32-bit memory: an access past the memory's size must fault. Each memory therefore gets a
+//! window of guest-virtual space (`bulwark_abi::layout::window_start`) of which exactly its
+//! size (to the 4 KiB page; Wasm pages are 64 KiB) is mapped onto heap RAM, by the VMM on a
+//! [`MapRequest`] (the guest cannot write page tables). The rest of the window is never mapped.
 //!
-//! When the heap cannot give the whole allowance at once, the memory falls back to exact-size
-//! blocks that are reallocated on growth (the old contents are copied).
+//! Growing maps more of the window: nothing moves and nothing is copied. RAM is taken from
+//! the heap in 2 MiB-aligned blocks (mapped with 2 MiB pages where whole) as the memory grows;
+//! a memory's last block is mapped with 4 KiB pages as far as its size reaches, and later
+//! growth maps the rest of it first. Only the bytes a memory grows into are zeroed.
+//!
+//! A mapping is never removed while the VM lives, so a window and the RAM behind it are never
+//! reused: a dropped memory's RAM stays with its window. A VM serves one call, so this costs
+//! nothing in practice; it bounds a VM to `WINDOW_COUNT` memories over its life.
 
-use alloc::alloc::{Layout, alloc, dealloc, realloc};
+use alloc::alloc::{Layout, alloc};
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
+use bulwark_abi::layout::{self, PAGE_SIZE, WINDOW_COUNT, WINDOW_MAX_SIZE, WINDOW_STRIDE};
+use bulwark_abi::ports;
+use bulwark_abi::window::{MAP_NO_TABLE_SPACE, MAP_OK, MAP_PENDING, MapRequest};
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
-/// Alignment of a linear memory's block: a 4 KiB page, as wasmtime asks of host memories.
-const ALIGN: usize = 4096;
+/// 4 KiB: the granularity of a mapping.
+const SMALL: u64 = 0x1000;
 
-/// Bytes of linear memory the running call may reserve, all its memories together.
-static BUDGET: AtomicUsize = AtomicUsize::new(0);
-/// Bytes reserved by the memories that are alive.
-static RESERVED: AtomicUsize = AtomicUsize::new(0);
+/// The next window to hand out; windows are never reused.
+static NEXT_WINDOW: AtomicU64 = AtomicU64::new(0);
 
-/// Sets the linear-memory budget of the call about to run (its `--max-memory`). The store's
-/// limiter still decides every growth; this only sizes the reservations.
-pub fn set_call_budget(bytes: u64) {
-    BUDGET.store(
-        usize::try_from(bytes).unwrap_or(usize::MAX),
-        Ordering::Relaxed,
-    );
+/// Why a map request did not map.
+#[derive(Debug)]
+pub enum MapError {
+    /// The VMM's pool of window page tables is used up: nothing was mapped.
+    NoTableSpace,
+}
+
+/// Asks the VMM to map `len` bytes of `window` from `offset` onto the RAM at `phys` (all 4 KiB
+/// aligned, as `MapRequest` requires: the VMM ends the VM on anything malformed).
+pub fn map(window: u32, offset: u64, len: u64, phys: u64) -> Result<(), MapError> {
+    let request = MapRequest {
+        window,
+        status: MAP_PENDING,
+        offset,
+        len,
+        phys,
+    };
+    let at = core::ptr::from_ref(&request);
+    // The guest stack lies in low RAM, below 4 GiB: the address fits the 32-bit port write.
+    let addr = u32::try_from(at as usize).unwrap_or(u32::MAX);
+    // SAFETY: an `out` to the map register, granted by the TSS I/O bitmap. The VMM reads the
+    // request and writes its `status` field while the guest is stopped in this instruction;
+    // the asm is not `nomem`, so the compiler neither defers the request's stores past it nor
+    // caches `status` across it.
+    unsafe {
+        core::arch::asm!("out dx, eax", in("dx") ports::CONTROL_MAP_WINDOW, in("eax") addr, options(nostack));
+    }
+    // SAFETY: `at` points to `request`, alive and aligned; the read is volatile because the
+    // VMM wrote the field behind the compiler's back.
+    let status = unsafe { core::ptr::addr_of!((*at).status).read_volatile() };
+    match status {
+        MAP_OK => Ok(()),
+        MAP_NO_TABLE_SPACE => Err(MapError::NoTableSpace),
+        // The VMM answers nothing else; should it, treat it as no space (nothing used).
+        _ => Err(MapError::NoTableSpace),
+    }
 }
 
 /// Makes the guest's linear memories (see the module docs).
 pub struct GuestMemoryCreator;
 
-// SAFETY: every memory made here is a block of the global allocator that only its
-// `GuestMemory` owns, aligned to a page, zero-filled up to its size (new_memory and grow_to
-// zero what they add), and no guard is needed because the engine has no guard pages and no
-// reservation (bulwark_engine::shared_config), so compiled code checks every access against
-// the memory's current size.
+// SAFETY: a memory made here is a window whose first `byte_size()` bytes (rounded up to 4 KiB)
+// are mapped, zero-filled RAM owned by it alone, and after which nothing is mapped up to the
+// window's end: at least `reserved_size_in_bytes + guard_size_in_bytes` bytes from its base
+// (checked below against WINDOW_STRIDE). Its base never moves, and it never grows past
+// `reserved_size_in_bytes`, which is its capacity.
 unsafe impl MemoryCreator for GuestMemoryCreator {
     fn new_memory(
         &self,
         _ty: MemoryType,
         minimum: usize,
-        maximum: Option<usize>,
-        _reserved_size_in_bytes: Option<usize>,
+        _maximum: Option<usize>,
+        reserved_size_in_bytes: Option<usize>,
         guard_size_in_bytes: usize,
     ) -> Result<Box<dyn LinearMemory>, String> {
-        if guard_size_in_bytes != 0 {
+        let reserved = reserved_size_in_bytes.map_or(WINDOW_MAX_SIZE, |r| r as u64);
+        let guard = guard_size_in_bytes as u64;
+        if reserved > WINDOW_MAX_SIZE || reserved.saturating_add(guard) > WINDOW_STRIDE {
             return Err(format!(
-                "a linear memory with a {guard_size_in_bytes}-byte guard cannot be made here"
+                "a linear memory with a {reserved}-byte reservation and a {guard}-byte guard \
+                 does not fit a {WINDOW_STRIDE}-byte window"
             ));
         }
-        let left = BUDGET
-            .load(Ordering::Relaxed)
-            .saturating_sub(RESERVED.load(Ordering::Relaxed));
-        let wanted = maximum.unwrap_or(usize::MAX).min(left).max(minimum);
-        // The whole allowance if the heap has it, else exactly the minimum.
-        let memory = GuestMemory::with_capacity(minimum, wanted)
-            .or_else(|| GuestMemory::with_capacity(minimum, minimum))
-            .ok_or_else(|| format!("out of VM memory for a {minimum}-byte linear memory"))?;
+        let window = NEXT_WINDOW.fetch_add(1, Ordering::Relaxed);
+        if window >= WINDOW_COUNT {
+            return Err(format!(
+                "out of linear-memory windows: a VM has {WINDOW_COUNT} over its life"
+            ));
+        }
+        let mut memory = WindowMemory {
+            window: window as u32,
+            base: layout::window_start(window),
+            size: 0,
+            mapped: 0,
+            tail: 0,
+            capacity: reserved,
+        };
+        memory
+            .grow_to(minimum)
+            .map_err(|e| format!("cannot make a {minimum}-byte linear memory: {e}"))?;
         Ok(Box::new(memory))
     }
 }
 
-/// One linear memory: `size` bytes in use at `base`, inside a block of `capacity` bytes.
-struct GuestMemory {
-    base: *mut u8,
-    size: usize,
-    capacity: usize,
+/// One linear memory in its window.
+struct WindowMemory {
+    /// Index of the window.
+    window: u32,
+    /// Guest-virtual address of the window (and of the memory's first byte).
+    base: u64,
+    /// Bytes in use.
+    size: u64,
+    /// Bytes of the window mapped (a multiple of 4 KiB, at least `size`).
+    mapped: u64,
+    /// Guest-physical address of the 2 MiB block behind the window's block that holds byte
+    /// `mapped`, when `mapped` is not 2 MiB aligned.
+    tail: u64,
+    /// Largest size: the reservation wasmtime asked for.
+    capacity: u64,
 }
 
-// SAFETY: the block is owned by this value alone; wasmtime serialises all access to a memory
-// through its store, and the guest has one thread.
-unsafe impl Send for GuestMemory {}
-// SAFETY: as for Send: shared references never write through `base`.
-unsafe impl Sync for GuestMemory {}
-
-impl GuestMemory {
-    /// A memory of `size` zeroed bytes in a block of `capacity` bytes, or `None` when the heap
-    /// cannot give the block.
-    fn with_capacity(size: usize, capacity: usize) -> Option<Self> {
-        // A zero-size block cannot be allocated: keep one page.
-        let capacity = capacity.max(size).max(ALIGN);
-        let layout = Layout::from_size_align(capacity, ALIGN).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let base = unsafe { alloc(layout) };
-        if base.is_null() {
-            return None;
+impl WindowMemory {
+    /// Takes heap RAM for `blocks` 2 MiB blocks in one run, 2 MiB aligned; fewer (at least
+    /// one) when the heap has no such run. Returns the address and the blocks taken.
+    fn take_blocks(blocks: u64) -> Option<(u64, u64)> {
+        let mut n = blocks;
+        while n > 0 {
+            let bytes = usize::try_from(n * PAGE_SIZE).ok()?;
+            let layout = Layout::from_size_align(bytes, PAGE_SIZE as usize).ok()?;
+            // SAFETY: the layout has a non-zero size. The block is never freed: it stays
+            // behind its window for the VM's life (module docs).
+            let block = unsafe { alloc(layout) };
+            if !block.is_null() {
+                return Some((block as u64, n));
+            }
+            n /= 2;
         }
-        // SAFETY: `size <= capacity`, so the range is inside the block just allocated.
-        unsafe { base.write_bytes(0, size) };
-        RESERVED.fetch_add(capacity, Ordering::Relaxed);
-        Some(Self {
-            base,
-            size,
-            capacity,
-        })
+        None
     }
 
-    fn layout(&self) -> Layout {
-        // The same size and alignment `with_capacity` or `grow_to` allocated with.
-        Layout::from_size_align(self.capacity, ALIGN).unwrap_or(Layout::new::<u8>())
+    /// Maps the window up to `end` (4 KiB aligned, above `mapped`).
+    fn map_to(&mut self, end: u64) -> wasmtime::Result<()> {
+        let in_block = self.mapped % PAGE_SIZE;
+        // The rest of the last block first needs no new page table, so it cannot fail; but
+        // new blocks are mapped first, so that a refusal leaves nothing mapped past `size`.
+        let tail_end = if in_block == 0 {
+            self.mapped
+        } else {
+            (self.mapped - in_block + PAGE_SIZE).min(end)
+        };
+        let mut at = tail_end;
+        let mut new_tail = self.tail;
+        while at < end {
+            let blocks = (end - at).div_ceil(PAGE_SIZE);
+            let (phys, got) = Self::take_blocks(blocks)
+                .ok_or_else(|| wasmtime::format_err!("out of VM memory growing a linear memory"))?;
+            let upto = (at + got * PAGE_SIZE).min(end);
+            map(self.window, at, upto - at, phys).map_err(|_| {
+                wasmtime::format_err!("out of window page tables growing a linear memory")
+            })?;
+            // The block that holds `upto`, if the run ends inside it.
+            new_tail = phys + ((upto - at) & !(PAGE_SIZE - 1));
+            at = upto;
+        }
+        if tail_end > self.mapped {
+            map(
+                self.window,
+                self.mapped,
+                tail_end - self.mapped,
+                self.tail + in_block,
+            )
+            .map_err(|_| wasmtime::format_err!("the VMM refused the rest of a mapped block"))?;
+        }
+        self.tail = new_tail;
+        self.mapped = end;
+        Ok(())
     }
 }
 
-// SAFETY: `base` points to `capacity` bytes owned by this memory, of which the first `size`
-// are initialised (zeroed, then written only by the tool); growth within the capacity keeps
-// `base`, and growth past it moves the contents to a new block before `base` is updated.
-unsafe impl LinearMemory for GuestMemory {
+// SAFETY: `base` is the window's address; its first `mapped` bytes are RAM owned by this memory
+// alone, of which `size` are in use and zeroed when they came into use; the base never moves.
+unsafe impl LinearMemory for WindowMemory {
     fn byte_size(&self) -> usize {
-        self.size
+        self.size as usize
     }
 
     fn byte_capacity(&self) -> usize {
-        self.capacity
+        self.capacity as usize
     }
 
     fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
+        let new_size = new_size as u64;
         if new_size > self.capacity {
-            Layout::from_size_align(new_size, ALIGN)
-                .map_err(|_| wasmtime::format_err!("a {new_size}-byte memory is too large"))?;
-            // SAFETY: `base` was allocated with `self.layout()`, and the new size is non-zero
-            // and forms a valid layout with the same alignment (checked above).
-            let moved = unsafe { realloc(self.base, self.layout(), new_size) };
-            if moved.is_null() {
-                return Err(wasmtime::format_err!(
-                    "out of VM memory growing a linear memory to {new_size} bytes"
-                ));
-            }
-            RESERVED.fetch_add(new_size - self.capacity, Ordering::Relaxed);
-            self.base = moved;
-            self.capacity = new_size;
+            return Err(wasmtime::format_err!(
+                "a linear memory cannot grow past its {}-byte reservation",
+                self.capacity
+            ));
         }
-        if new_size > self.size {
-            // SAFETY: `size < new_size <= capacity`: the range is inside the block.
-            unsafe {
-                self.base
-                    .add(self.size)
-                    .write_bytes(0, new_size - self.size)
-            };
+        if new_size <= self.size {
+            return Ok(());
         }
+        let end = new_size.next_multiple_of(SMALL);
+        if end > self.mapped {
+            self.map_to(end)?;
+        }
+        // SAFETY: `[size, end)` lies in the window's mapped part (`mapped >= end`), which is
+        // this memory's RAM; nothing else refers to the bytes past `size`. Zeroing up to `end`
+        // leaves no stale byte in the mapped part past the size either.
+        unsafe { ((self.base + self.size) as *mut u8).write_bytes(0, (end - self.size) as usize) };
         self.size = new_size;
         Ok(())
     }
 
     fn as_ptr(&self) -> *mut u8 {
-        self.base
+        self.base as *mut u8
     }
 }
 
-impl Drop for GuestMemory {
-    fn drop(&mut self) {
-        RESERVED.fetch_sub(self.capacity, Ordering::Relaxed);
-        // SAFETY: `base` was allocated with this layout and is not used after this.
-        unsafe { dealloc(self.base, self.layout()) };
-    }
-}
+// SAFETY: the memory's RAM is owned by this value alone; wasmtime serialises all access to a
+// memory through its store, and the guest has one thread.
+unsafe impl Send for WindowMemory {}
+// SAFETY: as for Send: shared references never write through `base`.
+unsafe impl Sync for WindowMemory {}
+
+// The engine's reservation is exactly a window's mappable part, and its guard fits in the part
+// of the window that is never mapped.
+const _: () = assert!(bulwark_engine::MEMORY_RESERVATION == WINDOW_MAX_SIZE);
+const _: () = assert!(bulwark_engine::MEMORY_GUARD_SIZE <= layout::WINDOW_GUARD_SIZE);

@@ -19,6 +19,7 @@ mod linear_memory;
 mod runtime;
 mod server;
 mod services;
+mod traps;
 mod virtio;
 mod wasi;
 
@@ -94,6 +95,13 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
             // memory is behind it, so the VMM stops the VM here, which is what this mode is for.
             let value = unsafe { core::ptr::read_volatile(past as *const u8) };
             println!("a read past the artifact returned {value:#x}");
+        }
+        Some(TestMode::WindowTrap) => window_trap_test(),
+        Some(TestMode::WriteWindowTables) => {
+            // SAFETY: a write to the window page tables, which are mapped supervisor-only: the
+            // CPU faults here and the VMM stops the VM, which is what this test mode is for.
+            unsafe { core::ptr::write_volatile(layout::WINDOW_TABLES as *mut u64, 0x1234_0007) };
+            println!("the window page tables took a write from CPL3");
         }
         Some(TestMode::Spin) => loop {
             core::hint::spin_loop();
@@ -176,6 +184,42 @@ fn serve_calls(cid: u64, clock: clock::Clock, window: &'static [u8]) -> ! {
         clock.micros(t3 - t2)
     );
     server::serve(&mut vsock, &mut agent)
+}
+
+/// Test mode [`TestMode::WindowTrap`]: maps 64 KiB of a window, uses it, and reads past it;
+/// the page fault must come back to [`traps`], delivered by the VMM.
+fn window_trap_test() -> ! {
+    extern "C" fn hook(pc: usize, _fp: usize, page_fault: bool, addr: usize) {
+        println!("trap delivered: pc {pc:#x}, page fault {page_fault}, address {addr:#x}");
+        let expected = layout::window_start(1) + 0x1_0000;
+        control::exit(if page_fault && addr as u64 == expected {
+            exit_status::OK
+        } else {
+            exit_status::SELF_TEST_FAILED
+        })
+    }
+    traps::set_test_hook(hook);
+    let Ok(layout) = core::alloc::Layout::from_size_align(0x1_0000, 0x1000) else {
+        control::exit(exit_status::SELF_TEST_FAILED);
+    };
+    // SAFETY: a non-zero size; the block is never freed (it stays behind the window).
+    let ram = unsafe { alloc::alloc::alloc(layout) };
+    if ram.is_null() || linear_memory::map(1, 0, 0x1_0000, ram as u64).is_err() {
+        println!("window trap test: cannot map the window");
+        control::exit(exit_status::SELF_TEST_FAILED);
+    }
+    let base = layout::window_start(1) as *mut u64;
+    // SAFETY: the VMM just mapped the window's first 64 KiB onto `ram`, 64 KiB of our heap.
+    let seen = unsafe {
+        base.add(0x1_0000 / 8 - 1).write_volatile(0x5eed);
+        core::ptr::read_volatile(ram.add(0x1_0000 - 8).cast::<u64>())
+    };
+    println!("window write seen through the identity map: {seen:#x}");
+    // SAFETY: a read just past the mapped part: the CPU faults here, and the test hook ends
+    // the VM; this is what the test mode is for.
+    let value = unsafe { core::ptr::read_volatile(base.add(0x1_0000 / 8)) };
+    println!("a read past the window's mapped part returned {value:#x}");
+    control::exit(exit_status::SELF_TEST_FAILED)
 }
 
 /// Runs a vsock test service; never returns.

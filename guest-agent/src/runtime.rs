@@ -1,9 +1,10 @@
 //! wasmtime in the guest: the platform hooks it needs without an operating system, the engine,
 //! and the self-test.
 //!
-//! wasmtime's `custom` platform asks the embedder for thread-local storage only
-//! (`wasmtime_tls_get/set`); there is one thread, so two statics serve. Compiled code needs no
-//! `mprotect`: guest RAM is mapped executable, so publishing code is a no-op.
+//! wasmtime's `custom` platform asks the embedder for thread-local storage
+//! (`wasmtime_tls_get/set`; there is one thread, so two statics serve) and, with
+//! `custom-native-signals`, for trap delivery (`traps`). Compiled code needs no `mprotect`:
+//! guest RAM is mapped executable, so publishing code is a no-op.
 
 use alloc::format;
 use alloc::string::String;
@@ -107,7 +108,8 @@ pub fn config() -> Config {
 pub fn config_for(metering: Metering) -> Config {
     let mut config = bulwark_engine::shared_config(metering);
     config.with_custom_code_memory(Some(Arc::new(AlwaysExecutable)));
-    // Linear memories that grow in place (see linear_memory): wasmtime's own would copy.
+    // Linear memories in windows with guard pages (see linear_memory): wasmtime's own would
+    // need virtual memory.
     config.with_host_memory(Arc::new(crate::linear_memory::GuestMemoryCreator));
     // SAFETY: x86_64-unknown-none is a soft-float target; float arguments only cross between
     // Rust and compiled Wasm through libcalls, and the host compiles with

@@ -19,13 +19,23 @@ pub const MAX_MODULE_SIZE: u64 = 256 << 20;
 /// `--isolation wasm`'s engine on this host) and `metering` (fuel instrumentation compiled in,
 /// or not).
 pub fn compile_bytes(wasm: &[u8], target: Target, metering: Metering) -> anyhow::Result<Vec<u8>> {
+    compile_with(&compiler_engine(target, metering)?, wasm)
+}
+
+/// The compiler engine for `target` and `metering`. Creating it installs wasmtime's signal
+/// handlers (the settings have signal-based traps), which the confined compile worker could not
+/// do: it creates the engine before it confines itself.
+fn compiler_engine(target: Target, metering: Metering) -> anyhow::Result<wasmtime::Engine> {
     let config = match target {
         Target::Guest => bulwark_engine::compiler_config(metering)
             .map_err(|e| wasmtime_error("configuring the compiler", e))?,
         Target::Host => crate::local::host_config(metering),
     };
-    let engine = wasmtime::Engine::new(&config)
-        .map_err(|e| wasmtime_error("creating the compiler engine", e))?;
+    wasmtime::Engine::new(&config).map_err(|e| wasmtime_error("creating the compiler engine", e))
+}
+
+/// Compiles `wasm` with `engine`.
+fn compile_with(engine: &wasmtime::Engine, wasm: &[u8]) -> anyhow::Result<Vec<u8>> {
     engine
         .precompile_module(wasm)
         .map_err(|e| wasmtime_error("compiling", e))
@@ -371,10 +381,12 @@ pub fn run(args: &CompileArgs) -> anyhow::Result<()> {
 /// The compile worker: module on standard input, artifact on standard output, an error message
 /// on standard error (the caller names the module).
 fn worker(target: Target, metering: Metering) -> anyhow::Result<()> {
+    // Before confinement: creating the engine sets up wasmtime's signal handlers. No byte of
+    // the module has been read yet.
+    let engine = compiler_engine(target, metering)?;
     confine_compile_worker().context("cannot confine the compile worker")?;
     let wasm = read_module_stdin()?;
-    let artifact =
-        compile_bytes(&wasm, target, metering).context("is it a valid WebAssembly module?")?;
+    let artifact = compile_with(&engine, &wasm).context("is it a valid WebAssembly module?")?;
     write_stdout(&artifact)
 }
 

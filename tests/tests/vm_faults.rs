@@ -98,6 +98,54 @@ fn cpl3_code_cannot_write_the_exception_stubs() {
     );
 }
 
+#[test]
+fn cpl3_code_cannot_write_the_window_page_tables() {
+    if !kvm_available() {
+        return;
+    }
+    let (status, err) = run_test_mode("write-window-tables", "30");
+    assert_eq!(status, Some(code::GUEST_CRASH.into()), "{err}");
+    assert!(err.contains("CPU exception 14"), "{err}");
+    // Present, write, from user mode: only the VMM writes the windows' tables.
+    assert_eq!(hex_after(&err, "error code 0x"), 0x7, "{err}");
+    assert_eq!(
+        hex_after(&err, "faulting address 0x"),
+        layout::WINDOW_TABLES,
+        "{err}"
+    );
+}
+
+#[test]
+fn a_fault_past_a_mapped_window_is_delivered_to_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    // The guest maps 64 KiB of window 1 through the VMM, writes the last word through the
+    // window and reads it back through its own RAM, then reads the byte past the window's
+    // mapped part: the page fault comes back to its CPL3 trap entry with that address, and the
+    // guest exits with 0 only if it is exactly that address.
+    let out = run_vmm([
+        "--guest-test",
+        "window-trap",
+        "--console",
+        "-",
+        "--timeout",
+        "30",
+        guest_image().to_str().unwrap(),
+    ]);
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{console}{}", stderr(&out));
+    assert!(
+        console.contains("window write seen through the identity map: 0x5eed"),
+        "{console}"
+    );
+    let expected = layout::window_start(1) + 0x1_0000;
+    assert!(
+        console.contains(&format!("page fault true, address {expected:#x}")),
+        "{console}"
+    );
+}
+
 /// Runs `mode` with `artifact` mapped into the artifact window.
 fn run_with_artifact(mode: &str, artifact: &std::path::Path) -> (Option<i32>, String) {
     let out = std::process::Command::new(vmm_binary())

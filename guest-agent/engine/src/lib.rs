@@ -61,10 +61,10 @@ impl Metering {
 }
 
 /// [`Metering::settings_id`] of [`Metering::Fuel`].
-const SETTINGS_ID_FUEL: &str = "v2 no-components no-signals no-reservation no-guard no-cow no-relaxed-simd fuel sse3-ssse3-sse41-sse42-popcnt";
+const SETTINGS_ID_FUEL: &str = "v3 no-components signals reservation-4g guard-32m no-move no-cow no-relaxed-simd fuel sse3-ssse3-sse41-sse42-popcnt";
 
 /// [`Metering::settings_id`] of [`Metering::None`].
-const SETTINGS_ID_NO_FUEL: &str = "v2 no-components no-signals no-reservation no-guard no-cow no-relaxed-simd no-fuel sse3-ssse3-sse41-sse42-popcnt";
+const SETTINGS_ID_NO_FUEL: &str = "v3 no-components signals reservation-4g guard-32m no-move no-cow no-relaxed-simd no-fuel sse3-ssse3-sse41-sse42-popcnt";
 
 /// Target triple the host compiles for: the freestanding guest.
 pub const TARGET: &str = "x86_64-unknown-none";
@@ -80,19 +80,32 @@ pub const CPU_FLAGS: &[&str] = &[
     "has_popcnt",
 ];
 
-/// The settings both sides must share: no signal-based traps (the guest has no signals), no
-/// virtual-memory tricks (no reservation, guard pages or copy-on-write images: the guest has no
-/// `mmap`), no relaxed SIMD (its FMA lowering could need a float libcall), and fuel metering
-/// compiled in only for [`Metering::Fuel`].
+/// Bytes reserved for each linear memory: all a 32-bit memory can reach, so compiled code needs
+/// no bounds check on it (the guest gives each memory a window this large,
+/// `bulwark_abi::layout::WINDOW_MAX_SIZE`).
+pub const MEMORY_RESERVATION: u64 = 4 << 30;
+
+/// Bytes never mapped after each linear memory's reservation: a static offset up to this size
+/// needs no bounds check either (the guest's windows leave `WINDOW_GUARD_SIZE` unmapped).
+pub const MEMORY_GUARD_SIZE: u64 = 32 << 20;
+
+/// The settings both sides must share: signal-based traps (an access past a linear memory, a
+/// division by zero and `unreachable` fault, and the guest delivers the fault to wasmtime), a
+/// [`MEMORY_RESERVATION`] for every linear memory followed by a [`MEMORY_GUARD_SIZE`] guard, in
+/// which it grows without moving, no copy-on-write images, no relaxed SIMD (its FMA lowering
+/// could need a float libcall), and fuel metering compiled in only for [`Metering::Fuel`].
+///
+/// With these, Cranelift elides the bounds checks of 32-bit memories and keeps Spectre
+/// mitigations where checks remain (both need signals). They are wasmtime's defaults on
+/// 64-bit Linux, which `--isolation wasm` runs on unchanged.
 pub fn shared_config(metering: Metering) -> Config {
     let mut config = Config::new();
-    // Memories may move (wasmtime's default, left so): the guest's linear memories
-    // (guest-agent/src/linear_memory.rs) move when they outgrow what they could reserve.
     config
-        .signals_based_traps(false)
-        .memory_reservation(0)
-        .memory_guard_size(0)
+        .signals_based_traps(true)
+        .memory_reservation(MEMORY_RESERVATION)
+        .memory_guard_size(MEMORY_GUARD_SIZE)
         .memory_reservation_for_growth(0)
+        .memory_may_move(false)
         .memory_init_cow(false)
         .wasm_relaxed_simd(false)
         .consume_fuel(metering == Metering::Fuel);
