@@ -174,6 +174,7 @@ impl Agent {
         };
         response.timings.load_us = load_us;
         let limits = bulwark_engine::store_limits(req.limits.max_memory);
+        crate::linear_memory::set_call_budget(req.limits.max_memory);
         let ctx = Ctx::new(CtxParams {
             wasi: bulwark_wasi::Params {
                 args: req.args,
@@ -212,6 +213,9 @@ impl Agent {
         let t0 = clock::now();
         let mut store = Store::new(&runtime.engine, ctx);
         store.limiter(|ctx| &mut ctx.limits);
+        // The guest's epoch never advances (the host enforces the wall-clock deadline by
+        // ending the VM): the epoch checks compiled in never fire.
+        store.set_epoch_deadline(u64::MAX);
         // Only the metered engine has fuel to set.
         if let Some(fuel) = req.limits.fuel
             && let Err(e) = store.set_fuel(fuel)

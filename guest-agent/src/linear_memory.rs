@@ -7,10 +7,11 @@
 //! size (to the 4 KiB page; Wasm pages are 64 KiB) is mapped onto heap RAM, by the VMM on a
 //! [`MapRequest`] (the guest cannot write page tables). The rest of the window is never mapped.
 //!
-//! Growing maps more of the window: nothing moves and nothing is copied. RAM is taken from
-//! the heap in 2 MiB-aligned blocks (mapped with 2 MiB pages where whole) as the memory grows;
-//! a memory's last block is mapped with 4 KiB pages as far as its size reaches, and later
-//! growth maps the rest of it first. Only the bytes a memory grows into are zeroed.
+//! Growing maps more of the window: nothing moves and nothing is copied. A memory reserves its
+//! RAM as one 2 MiB-aligned run of the heap when it is made: all it may reach, within what is
+//! left of the call's budget (reserving touches no page). The window is mapped onto that run as
+//! the memory grows, with 2 MiB pages where whole and 4 KiB pages for a partly used last 2 MiB;
+//! a memory that outgrows its run takes another. Only the bytes a memory grows into are zeroed.
 //!
 //! A mapping is never removed while the VM lives, so a window and the RAM behind it are never
 //! reused: a dropped memory's RAM stays with its window. A VM serves one call, so this costs
@@ -71,6 +72,17 @@ pub fn map(window: u32, offset: u64, len: u64, phys: u64) -> Result<(), MapError
     }
 }
 
+/// Bytes of linear memory the running call may reserve, all its memories together.
+static BUDGET: AtomicU64 = AtomicU64::new(0);
+/// Bytes of RAM reserved by the call's memories so far.
+static RESERVED: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the linear-memory budget of the call about to run (its `--max-memory`). The store's
+/// limiter still decides every growth; this only sizes the RAM each memory reserves.
+pub fn set_call_budget(bytes: u64) {
+    BUDGET.store(bytes, Ordering::Relaxed);
+}
+
 /// Makes the guest's linear memories (see the module docs).
 pub struct GuestMemoryCreator;
 
@@ -84,7 +96,7 @@ unsafe impl MemoryCreator for GuestMemoryCreator {
         &self,
         _ty: MemoryType,
         minimum: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
         reserved_size_in_bytes: Option<usize>,
         guard_size_in_bytes: usize,
     ) -> Result<Box<dyn LinearMemory>, String> {
@@ -102,12 +114,24 @@ unsafe impl MemoryCreator for GuestMemoryCreator {
                 "out of linear-memory windows: a VM has {WINDOW_COUNT} over its life"
             ));
         }
+        // The RAM to reserve at once: all the memory may reach, within what is left of the
+        // call's budget. One run of heap RAM keeps the window on 2 MiB pages and wastes no
+        // allocator padding; more runs are taken if the memory outgrows it.
+        let left = BUDGET
+            .load(Ordering::Relaxed)
+            .saturating_sub(RESERVED.load(Ordering::Relaxed));
+        let allowance = maximum
+            .map_or(reserved, |m| m as u64)
+            .min(reserved)
+            .min(left)
+            .max(minimum as u64);
         let mut memory = WindowMemory {
             window: window as u32,
             base: layout::window_start(window),
             size: 0,
             mapped: 0,
-            tail: 0,
+            run: (0, 0, 0),
+            allowance,
             capacity: reserved,
         };
         memory
@@ -127,73 +151,75 @@ struct WindowMemory {
     size: u64,
     /// Bytes of the window mapped (a multiple of 4 KiB, at least `size`).
     mapped: u64,
-    /// Guest-physical address of the 2 MiB block behind the window's block that holds byte
-    /// `mapped`, when `mapped` is not 2 MiB aligned.
-    tail: u64,
+    /// The run of heap RAM the window is mapped onto from here on: its guest-physical start,
+    /// and the window offsets where it starts and ends (2 MiB aligned).
+    run: (u64, u64, u64),
+    /// Bytes of RAM the first run should hold.
+    allowance: u64,
     /// Largest size: the reservation wasmtime asked for.
     capacity: u64,
 }
 
 impl WindowMemory {
-    /// Takes heap RAM for `blocks` 2 MiB blocks in one run, 2 MiB aligned; fewer (at least
-    /// one) when the heap has no such run. Returns the address and the blocks taken.
-    fn take_blocks(blocks: u64) -> Option<(u64, u64)> {
-        let mut n = blocks;
-        while n > 0 {
+    /// Takes a run of heap RAM, 2 MiB aligned: `want` 2 MiB blocks if the heap has them, else
+    /// as many as it has in one piece, down to `need`. Returns the address and the blocks.
+    fn take_run(want: u64, need: u64) -> Option<(u64, u64)> {
+        let mut n = want.max(need);
+        loop {
             let bytes = usize::try_from(n * PAGE_SIZE).ok()?;
             let layout = Layout::from_size_align(bytes, PAGE_SIZE as usize).ok()?;
-            // SAFETY: the layout has a non-zero size. The block is never freed: it stays
-            // behind its window for the VM's life (module docs).
-            let block = unsafe { alloc(layout) };
-            if !block.is_null() {
-                return Some((block as u64, n));
+            // SAFETY: the layout has a non-zero size (n >= 1). The run is never freed: it
+            // stays behind its window for the VM's life (module docs).
+            let run = unsafe { alloc(layout) };
+            if !run.is_null() {
+                RESERVED.fetch_add(n * PAGE_SIZE, Ordering::Relaxed);
+                return Some((run as u64, n));
             }
-            n /= 2;
+            if n <= need {
+                return None;
+            }
+            n = (n / 2).max(need);
         }
-        None
     }
 
-    /// Maps the window up to `end` (4 KiB aligned, above `mapped`).
+    /// Maps the window up to `end` (4 KiB aligned, above `mapped`) and zeroes what it maps.
+    /// On an error, what was mapped stays mapped (and zeroed): `mapped` says how far.
     fn map_to(&mut self, end: u64) -> wasmtime::Result<()> {
-        let in_block = self.mapped % PAGE_SIZE;
-        // The rest of the last block first needs no new page table, so it cannot fail; but
-        // new blocks are mapped first, so that a refusal leaves nothing mapped past `size`.
-        let tail_end = if in_block == 0 {
-            self.mapped
-        } else {
-            (self.mapped - in_block + PAGE_SIZE).min(end)
-        };
-        let mut at = tail_end;
-        let mut new_tail = self.tail;
-        while at < end {
-            let blocks = (end - at).div_ceil(PAGE_SIZE);
-            let (phys, got) = Self::take_blocks(blocks)
-                .ok_or_else(|| wasmtime::format_err!("out of VM memory growing a linear memory"))?;
-            let upto = (at + got * PAGE_SIZE).min(end);
-            map(self.window, at, upto - at, phys).map_err(|_| {
+        while self.mapped < end {
+            let (phys, run_start, run_end) = self.run;
+            if self.mapped >= run_end {
+                // A new run, from the 2 MiB-aligned offset where the last one ended.
+                let need = (end - self.mapped).div_ceil(PAGE_SIZE);
+                let want = if self.mapped == 0 {
+                    self.allowance.div_ceil(PAGE_SIZE)
+                } else {
+                    need
+                };
+                let (start, blocks) = Self::take_run(want, need).ok_or_else(|| {
+                    wasmtime::format_err!("out of VM memory growing a linear memory")
+                })?;
+                self.run = (start, self.mapped, self.mapped + blocks * PAGE_SIZE);
+                continue;
+            }
+            let upto = end.min(run_end);
+            let from = phys + (self.mapped - run_start);
+            map(self.window, self.mapped, upto - self.mapped, from).map_err(|_| {
                 wasmtime::format_err!("out of window page tables growing a linear memory")
             })?;
-            // The block that holds `upto`, if the run ends inside it.
-            new_tail = phys + ((upto - at) & !(PAGE_SIZE - 1));
-            at = upto;
+            // SAFETY: `[mapped, upto)` was just mapped onto this memory's RAM; nothing else
+            // refers to those bytes.
+            unsafe {
+                ((self.base + self.mapped) as *mut u8).write_bytes(0, (upto - self.mapped) as usize)
+            };
+            self.mapped = upto;
         }
-        if tail_end > self.mapped {
-            map(
-                self.window,
-                self.mapped,
-                tail_end - self.mapped,
-                self.tail + in_block,
-            )
-            .map_err(|_| wasmtime::format_err!("the VMM refused the rest of a mapped block"))?;
-        }
-        self.tail = new_tail;
-        self.mapped = end;
         Ok(())
     }
 }
 
 // SAFETY: `base` is the window's address; its first `mapped` bytes are RAM owned by this memory
-// alone, of which `size` are in use and zeroed when they came into use; the base never moves.
+// alone, of which `size` are in use and were zeroed when they came into use; the base never
+// moves.
 unsafe impl LinearMemory for WindowMemory {
     fn byte_size(&self) -> usize {
         self.size as usize
@@ -215,13 +241,20 @@ unsafe impl LinearMemory for WindowMemory {
             return Ok(());
         }
         let end = new_size.next_multiple_of(SMALL);
+        // Bytes past the size that were mapped already (a grow that failed half-way, or a
+        // size that is not a multiple of 4 KiB) may have been written: zero them.
+        let stale_end = self.mapped.min(end);
+        if stale_end > self.size {
+            // SAFETY: `[size, stale_end)` lies in the mapped part of the window, this memory's
+            // RAM; nothing else refers to the bytes past `size`.
+            unsafe {
+                ((self.base + self.size) as *mut u8)
+                    .write_bytes(0, (stale_end - self.size) as usize)
+            };
+        }
         if end > self.mapped {
             self.map_to(end)?;
         }
-        // SAFETY: `[size, end)` lies in the window's mapped part (`mapped >= end`), which is
-        // this memory's RAM; nothing else refers to the bytes past `size`. Zeroing up to `end`
-        // leaves no stale byte in the mapped part past the size either.
-        unsafe { ((self.base + self.size) as *mut u8).write_bytes(0, (end - self.size) as usize) };
         self.size = new_size;
         Ok(())
     }

@@ -61,10 +61,10 @@ impl Metering {
 }
 
 /// [`Metering::settings_id`] of [`Metering::Fuel`].
-const SETTINGS_ID_FUEL: &str = "v3 no-components signals reservation-4g guard-32m no-move no-cow no-relaxed-simd fuel sse3-ssse3-sse41-sse42-popcnt";
+const SETTINGS_ID_FUEL: &str = "v3 no-components signals reservation-4g guard-32m no-move no-cow no-relaxed-simd epoch fuel sse3-ssse3-sse41-sse42-popcnt";
 
 /// [`Metering::settings_id`] of [`Metering::None`].
-const SETTINGS_ID_NO_FUEL: &str = "v3 no-components signals reservation-4g guard-32m no-move no-cow no-relaxed-simd no-fuel sse3-ssse3-sse41-sse42-popcnt";
+const SETTINGS_ID_NO_FUEL: &str = "v3 no-components signals reservation-4g guard-32m no-move no-cow no-relaxed-simd epoch no-fuel sse3-ssse3-sse41-sse42-popcnt";
 
 /// Target triple the host compiles for: the freestanding guest.
 pub const TARGET: &str = "x86_64-unknown-none";
@@ -108,6 +108,7 @@ pub fn shared_config(metering: Metering) -> Config {
         .memory_may_move(false)
         .memory_init_cow(false)
         .wasm_relaxed_simd(false)
+        .epoch_interruption(true)
         .consume_fuel(metering == Metering::Fuel);
     config
 }
