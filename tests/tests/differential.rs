@@ -565,3 +565,100 @@ fn a_tool_grows_its_memory_to_max_memory_in_the_vm_as_with_isolation_wasm() {
         let _ = std::fs::remove_dir_all(hog.parent().unwrap());
     }
 }
+
+/// Runs `wat` both ways and returns the trap message they agree on (`both_ways` compares it).
+fn trap_of(test: &str, wat: &str) -> Option<String> {
+    let module = module_file(test, wat);
+    let results = both_ways(&[&module], b"")?;
+    Some(text(&results[0], "trap"))
+}
+
+#[test]
+fn guard_pages_trap_exactly_at_a_memorys_size_as_with_isolation_wasm() {
+    // The VM's compiled code does not bounds-check these accesses: the window past the
+    // memory's size is not mapped, and the fault comes back to wasmtime as a trap.
+    // One page grown to two: the last byte of the second page works, the next byte traps.
+    let Some(trap) = trap_of(
+        "diff-guard-bound",
+        r#"(module
+          (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+          (memory (export "memory") 1)
+          (func (export "_start")
+            (drop (memory.grow (i32.const 1)))
+            (i32.store8 (i32.const 131071) (i32.const 7))
+            (if (i32.ne (i32.load8_u (i32.const 131071)) (i32.const 7))
+              (then (call $exit (i32.const 3))))
+            (drop (i32.load8_u (i32.const 131072)))
+            (call $exit (i32.const 4))))"#,
+    ) else {
+        return;
+    };
+    assert!(trap.contains("out of bounds memory access"), "{trap}");
+    assert!(
+        trap.contains("memory fault at wasm address 0x20000 in linear memory of size 0x20000"),
+        "{trap}"
+    );
+
+    // A load whose static offset (64 MiB) is past the 32 MiB guard is bounds-checked instead.
+    let Some(trap) = trap_of(
+        "diff-guard-offset",
+        r#"(module
+          (memory (export "memory") 1)
+          (func (export "_start")
+            (drop (i32.load offset=67108864 (i32.const 0)))))"#,
+    ) else {
+        return;
+    };
+    assert!(trap.contains("out of bounds memory access"), "{trap}");
+
+    // A store just past a second memory, after both grew.
+    let Some(trap) = trap_of(
+        "diff-guard-second-memory",
+        r#"(module
+          (memory $a 1)
+          (memory $b 1)
+          (func (export "_start")
+            (drop (memory.grow $a (i32.const 40)))
+            (drop (memory.grow $b (i32.const 3)))
+            (i32.store $a (i32.const 2686972) (i32.const 1))
+            (i32.store $b (i32.const 262140) (i32.const 1))
+            (i32.store $b (i32.const 262144) (i32.const 1))))"#,
+    ) else {
+        return;
+    };
+    assert!(
+        trap.contains("memory fault at wasm address 0x40000 in linear memory of size 0x40000"),
+        "{trap}"
+    );
+}
+
+#[test]
+fn divide_by_zero_and_unreachable_trap_as_with_isolation_wasm() {
+    // With signal-based traps these are a divide error and `ud2` in the VM, delivered to the
+    // guest's trap entry by the VMM.
+    let Some(trap) = trap_of(
+        "diff-div-zero",
+        r#"(module
+          (global $zero (mut i32) (i32.const 0))
+          (func (export "_start")
+            (drop (i32.div_u (i32.const 7) (global.get $zero)))))"#,
+    ) else {
+        return;
+    };
+    assert!(trap.contains("integer divide by zero"), "{trap}");
+    let Some(trap) = trap_of(
+        "diff-unreachable",
+        r#"(module
+          (func $deep (param i32)
+            (if (local.get 0)
+              (then (call $deep (i32.sub (local.get 0) (i32.const 1))))
+              (else unreachable)))
+          (func (export "_start") (call $deep (i32.const 5))))"#,
+    ) else {
+        return;
+    };
+    assert!(trap.contains("unreachable"), "{trap}");
+    // The backtrace walks every frame from the fault's frame pointer: six of $deep, then _start.
+    assert_eq!(trap.matches("!deep").count(), 6, "{trap}");
+    assert!(trap.contains("!<wasm function 1>"), "{trap}");
+}
