@@ -34,6 +34,11 @@ const SMALL: u64 = 0x1000;
 /// The next window to hand out; windows are never reused.
 static NEXT_WINDOW: AtomicU64 = AtomicU64::new(0);
 
+/// `bytes` as a `usize`: the guest is 64-bit, so every `u64` fits.
+fn to_usize(bytes: u64) -> usize {
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}
+
 /// Why a map request did not map.
 #[derive(Debug)]
 pub enum MapError {
@@ -109,11 +114,12 @@ unsafe impl MemoryCreator for GuestMemoryCreator {
             ));
         }
         let window = NEXT_WINDOW.fetch_add(1, Ordering::Relaxed);
-        if window >= WINDOW_COUNT {
+        let index = u32::try_from(window).ok().filter(|_| window < WINDOW_COUNT);
+        let Some(index) = index else {
             return Err(format!(
                 "out of linear-memory windows: a VM has {WINDOW_COUNT} over its life"
             ));
-        }
+        };
         // The RAM to reserve at once: all the memory may reach, within what is left of the
         // call's budget. One run of heap RAM keeps the window on 2 MiB pages and wastes no
         // allocator padding; more runs are taken if the memory outgrows it.
@@ -126,7 +132,7 @@ unsafe impl MemoryCreator for GuestMemoryCreator {
             .min(left)
             .max(minimum as u64);
         let mut memory = WindowMemory {
-            window: window as u32,
+            window: index,
             base: layout::window_start(window),
             size: 0,
             mapped: 0,
@@ -167,7 +173,7 @@ impl WindowMemory {
         let mut n = want.max(need);
         loop {
             let bytes = usize::try_from(n * PAGE_SIZE).ok()?;
-            let layout = Layout::from_size_align(bytes, PAGE_SIZE as usize).ok()?;
+            let layout = Layout::from_size_align(bytes, to_usize(PAGE_SIZE)).ok()?;
             // SAFETY: the layout has a non-zero size (n >= 1). The run is never freed: it
             // stays behind its window for the VM's life (module docs).
             let run = unsafe { alloc(layout) };
@@ -209,7 +215,7 @@ impl WindowMemory {
             // SAFETY: `[mapped, upto)` was just mapped onto this memory's RAM; nothing else
             // refers to those bytes.
             unsafe {
-                ((self.base + self.mapped) as *mut u8).write_bytes(0, (upto - self.mapped) as usize)
+                ((self.base + self.mapped) as *mut u8).write_bytes(0, to_usize(upto - self.mapped))
             };
             self.mapped = upto;
         }
@@ -222,11 +228,11 @@ impl WindowMemory {
 // moves.
 unsafe impl LinearMemory for WindowMemory {
     fn byte_size(&self) -> usize {
-        self.size as usize
+        to_usize(self.size)
     }
 
     fn byte_capacity(&self) -> usize {
-        self.capacity as usize
+        to_usize(self.capacity)
     }
 
     fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
@@ -248,8 +254,7 @@ unsafe impl LinearMemory for WindowMemory {
             // SAFETY: `[size, stale_end)` lies in the mapped part of the window, this memory's
             // RAM; nothing else refers to the bytes past `size`.
             unsafe {
-                ((self.base + self.size) as *mut u8)
-                    .write_bytes(0, (stale_end - self.size) as usize)
+                ((self.base + self.size) as *mut u8).write_bytes(0, to_usize(stale_end - self.size))
             };
         }
         if end > self.mapped {

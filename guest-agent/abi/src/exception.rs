@@ -2,8 +2,9 @@
 //! on its stack before it writes the vector to
 //! [`CONTROL_EXCEPTION`](crate::ports::CONTROL_EXCEPTION), and what the VMM needs to describe it.
 //!
-//! Any CPU exception is fatal for the VM: wasmtime runs without signal-based traps, so a Wasm
-//! trap never raises one.
+//! A CPU exception is fatal for the VM, unless it is a Wasm trap the VMM delivers back to the
+//! guest (vectors [`TRAP_VECTORS`](crate::ports::TRAP_VECTORS) at CPL3, once the guest has
+//! registered a trap entry; see [`crate::window`]) and the guest's wasmtime handles it.
 
 /// What the exception stub leaves on its stack when it reports to
 /// [`CONTROL_EXCEPTION`](crate::ports::CONTROL_EXCEPTION): the vector, the error code (0 for

@@ -24,6 +24,8 @@ use crate::memory::GuestMemory;
 
 /// 4 KiB.
 const SMALL: u64 = 0x1000;
+/// A zeroed 4 KiB page, to clear a table page before use.
+const ZERO_PAGE: [u8; 0x1000] = [0; 0x1000];
 /// 2 MiB.
 const BLOCK: u64 = layout::PAGE_SIZE;
 /// 1 GiB.
@@ -160,7 +162,7 @@ impl Windows {
         let page = self.next_table;
         self.next_table += SMALL;
         self.mem
-            .write_slice(&[0u8; SMALL as usize], GuestAddress(page))
+            .write_slice(&ZERO_PAGE, GuestAddress(page))
             .map_err(|_| MapError::Tables(page))?;
         Ok(page)
     }
@@ -177,7 +179,7 @@ impl Windows {
         if u64::from(window) >= layout::WINDOW_COUNT {
             return Err(MapError::NoWindow(window));
         }
-        if len == 0 || (offset | len | phys) % SMALL != 0 {
+        if len == 0 || !(offset | len | phys).is_multiple_of(SMALL) {
             return Err(MapError::Unaligned {
                 window,
                 offset,
@@ -234,7 +236,7 @@ impl Windows {
                 offset: o - layout::window_start(u64::from(window)),
             };
             let plan = if pde & PRESENT == 0 {
-                if v == block && upto == block + BLOCK && p % BLOCK == 0 {
+                if v == block && upto == block + BLOCK && p.is_multiple_of(BLOCK) {
                     Plan::Huge
                 } else {
                     Plan::NewTable
@@ -390,7 +392,7 @@ mod tests {
     #[test]
     fn malformed_requests_are_refused_before_anything_is_written() {
         let mut w = windows();
-        let n = layout::WINDOW_COUNT as u32;
+        let n = u32::try_from(layout::WINDOW_COUNT).unwrap();
         assert_eq!(w.map(&req(n, 0, SMALL, HEAP)), Err(MapError::NoWindow(n)));
         assert!(matches!(
             w.map(&req(0, 1, SMALL, HEAP)),
@@ -409,7 +411,7 @@ mod tests {
             Err(MapError::PastWindow { .. })
         ));
         assert!(matches!(
-            w.map(&req(0, u64::MAX & !(SMALL - 1), SMALL, HEAP)),
+            w.map(&req(0, !(SMALL - 1), SMALL, HEAP)),
             Err(MapError::PastWindow { .. })
         ));
         // Not heap: the system page, the stubs, the image, the window tables, past RAM, and a
@@ -436,7 +438,7 @@ mod tests {
             Err(MapError::NotHeap { .. })
         ));
         assert!(matches!(
-            w.map(&req(0, 0, SMALL, u64::MAX & !(SMALL - 1))),
+            w.map(&req(0, 0, SMALL, !(SMALL - 1))),
             Err(MapError::NotHeap { .. })
         ));
         // Nothing was mapped by any of these.
