@@ -32,3 +32,14 @@ pub unsafe fn add(start: u64, size: u64) {
     // SAFETY: the caller's guarantees are those of `init`.
     unsafe { init(start, size) }
 }
+
+/// Shrinks the allocation at `ptr` to `new_size` bytes in place (it never moves) and returns
+/// the rest to the heap.
+///
+/// # Safety
+/// `ptr` must have been allocated from the global allocator with `layout`, and `new_size` must
+/// be non-zero and at most `layout.size()`.
+pub unsafe fn shrink_in_place(ptr: *mut u8, layout: core::alloc::Layout, new_size: usize) {
+    // SAFETY: the caller's guarantees are talc's for `shrink`, which keeps the pointer.
+    unsafe { ALLOCATOR.lock().shrink(ptr, layout, new_size) }
+}

@@ -17,7 +17,7 @@
 //! reused: a dropped memory's RAM stays with its window. A VM serves one call, so this costs
 //! nothing in practice; it bounds a VM to `WINDOW_COUNT` memories over its life.
 
-use alloc::alloc::{Layout, alloc};
+use alloc::alloc::{Layout, alloc, dealloc};
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
@@ -137,6 +137,7 @@ unsafe impl MemoryCreator for GuestMemoryCreator {
             size: 0,
             mapped: 0,
             run: (0, 0, 0),
+            reserved: 0,
             allowance,
             capacity: reserved,
         };
@@ -160,6 +161,8 @@ struct WindowMemory {
     /// The run of heap RAM the window is mapped onto from here on: its guest-physical start,
     /// and the window offsets where it starts and ends (2 MiB aligned).
     run: (u64, u64, u64),
+    /// Bytes of RAM taken for all runs so far.
+    reserved: u64,
     /// Bytes of RAM the first run should hold.
     allowance: u64,
     /// Largest size: the reservation wasmtime asked for.
@@ -205,6 +208,7 @@ impl WindowMemory {
                     wasmtime::format_err!("out of VM memory growing a linear memory")
                 })?;
                 self.run = (start, self.mapped, self.mapped + blocks * PAGE_SIZE);
+                self.reserved += blocks * PAGE_SIZE;
                 continue;
             }
             let upto = end.min(run_end);
@@ -266,6 +270,31 @@ unsafe impl LinearMemory for WindowMemory {
 
     fn as_ptr(&self) -> *mut u8 {
         self.base as *mut u8
+    }
+}
+
+impl Drop for WindowMemory {
+    /// Gives back the part of the last run that is not behind the window. What is behind it
+    /// stays there: the window is never unmapped (module docs).
+    fn drop(&mut self) {
+        RESERVED.fetch_sub(self.reserved, Ordering::Relaxed);
+        let (phys, start, end) = self.run;
+        let Ok(layout) = Layout::from_size_align(to_usize(end - start), to_usize(PAGE_SIZE)) else {
+            return;
+        };
+        // Runs before the last are wholly mapped; of the last, `[start, mapped)` is.
+        let used = self.mapped.saturating_sub(start);
+        if end == start {
+            // No run was ever taken.
+        } else if used == 0 {
+            // SAFETY: the run was allocated with this layout by take_run, and no byte of it is
+            // behind the window.
+            unsafe { dealloc(phys as *mut u8, layout) };
+        } else if used < end - start {
+            // SAFETY: as above; the first `used` bytes, behind the window, stay allocated (in
+            // place: the window keeps mapping them) and are never freed.
+            unsafe { crate::heap::shrink_in_place(phys as *mut u8, layout, to_usize(used)) };
+        }
     }
 }
 
