@@ -252,6 +252,7 @@ fn main() -> ExitCode {
     };
     config.console_limit = args.console_limit;
     config.timeout = args.timeout;
+    config.kvm_stats = args.timings;
     config.kvm_device = args.kvm_device;
     config.vsock_uds = args.vsock_uds;
     config.cid = args.cid;
