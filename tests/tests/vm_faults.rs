@@ -81,21 +81,22 @@ fn a_spinning_guest_is_stopped_by_the_timeout() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(500));
 }
 
+/// Asserts the VM ended with a page fault for a write from user mode to the present page at
+/// `addr` (error code 0x7: present, write, user): the page is there but not the guest's to write.
+fn assert_user_write_fault(status: Option<i32>, err: &str, addr: u64) {
+    assert_eq!(status, Some(code::GUEST_CRASH.into()), "{err}");
+    assert!(err.contains("CPU exception 14"), "{err}");
+    assert_eq!(hex_after(err, "error code 0x"), 0x7, "{err}");
+    assert_eq!(hex_after(err, "faulting address 0x"), addr, "{err}");
+}
+
 #[test]
 fn cpl3_code_cannot_write_the_exception_stubs() {
     if !kvm_available() {
         return;
     }
     let (status, err) = run_test_mode("write-stubs", "30");
-    assert_eq!(status, Some(code::GUEST_CRASH.into()), "{err}");
-    assert!(err.contains("CPU exception 14"), "{err}");
-    // Present, write, from user mode: the page is there but not the guest's to write.
-    assert_eq!(hex_after(&err, "error code 0x"), 0x7, "{err}");
-    assert_eq!(
-        hex_after(&err, "faulting address 0x"),
-        layout::EXCEPTION_STUBS,
-        "{err}"
-    );
+    assert_user_write_fault(status, &err, layout::EXCEPTION_STUBS);
 }
 
 #[test]
@@ -104,15 +105,8 @@ fn cpl3_code_cannot_write_the_window_page_tables() {
         return;
     }
     let (status, err) = run_test_mode("write-window-tables", "30");
-    assert_eq!(status, Some(code::GUEST_CRASH.into()), "{err}");
-    assert!(err.contains("CPU exception 14"), "{err}");
-    // Present, write, from user mode: only the VMM writes the windows' tables.
-    assert_eq!(hex_after(&err, "error code 0x"), 0x7, "{err}");
-    assert_eq!(
-        hex_after(&err, "faulting address 0x"),
-        layout::WINDOW_TABLES,
-        "{err}"
-    );
+    // Only the VMM writes the windows' tables.
+    assert_user_write_fault(status, &err, layout::WINDOW_TABLES);
 }
 
 #[test]
@@ -178,15 +172,7 @@ fn the_artifact_window_is_read_only_for_the_guest() {
     let bytes: Vec<u8> = (0..=250u8).cycle().take(10_000).collect();
     std::fs::write(&artifact, &bytes).unwrap();
     let (status, err) = run_with_artifact("write-artifact", &artifact);
-    assert_eq!(status, Some(code::GUEST_CRASH.into()), "{err}");
-    assert!(err.contains("CPU exception 14"), "{err}");
-    // Present, write, from user mode.
-    assert_eq!(hex_after(&err, "error code 0x"), 0x7, "{err}");
-    assert_eq!(
-        hex_after(&err, "faulting address 0x"),
-        layout::ARTIFACT_START,
-        "{err}"
-    );
+    assert_user_write_fault(status, &err, layout::ARTIFACT_START);
     assert_eq!(std::fs::read(&artifact).unwrap(), bytes);
 }
 
