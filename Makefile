@@ -35,6 +35,12 @@ demo: guest
 	@echo "==> a tool call with stdin and arguments: bulwark run $(BUILD_DIR)/json-rank.wasm points"
 	@echo '[{"who":"ada","points":7},{"who":"bo","points":2},{"who":"cy","points":3}]' | \
 		BULWARK_GUEST=$(BUILD_DIR)/bulwark-guest.elf target/release/bulwark run $(BUILD_DIR)/json-rank.wasm points
+	@echo "==> Python in a VM: bulwark python -c ... (the first call compiles CPython once, ~15 s)"
+	@BULWARK_GUEST=$(BUILD_DIR)/bulwark-guest.elf target/release/bulwark python -c \
+		"import sys, platform; print('hello from CPython', platform.python_version(), 'on', sys.platform)"
+	@echo "==> JavaScript in a VM: bulwark js -e ..."
+	@BULWARK_GUEST=$(BUILD_DIR)/bulwark-guest.elf target/release/bulwark js -e \
+		"console.log('hello from QuickJS,', [1, 2, 3].map(x => x * x).join(' '))"
 
 # --release reuses what `guest` just built (wasmtime and Cranelift take minutes to compile).
 test: guest
