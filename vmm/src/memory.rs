@@ -102,6 +102,54 @@ pub fn prefer_huge_pages(mem: &GuestMemory, from: u64) -> u64 {
     advised
 }
 
+/// The part of guest RAM `mem` (of `mem_size` bytes) the guest may have a device write or the
+/// VMM answer into ([`layout::guest_writable_ranges`]), as guest memory of its own over the same
+/// host pages. A device given this view cannot reach the page tables, descriptor tables, boot
+/// info, CPL0 stubs or window tables, whatever addresses the guest puts in its rings.
+///
+/// # Safety
+///
+/// The view does not own its pages: the caller must keep `mem` (some clone of it) alive for as
+/// long as the view or any clone of it is used.
+pub unsafe fn guest_writable_view(
+    mem: &GuestMemory,
+    mem_size: u64,
+) -> Result<GuestMemory, MemoryError> {
+    let mib = mem_size >> 20;
+    let max = layout::MAX_RAM_SIZE >> 20;
+    let mut regions = Vec::new();
+    for (start, end) in layout::guest_writable_ranges(mem_size) {
+        if end <= start {
+            continue;
+        }
+        let len = usize::try_from(end - start).map_err(|_| MemoryError::BadSize { mib, max })?;
+        // The whole range must lie in one region of `mem`.
+        mem.get_slice(GuestAddress(start), len)
+            .map_err(|_| MemoryError::NoHostAddress)?;
+        let host = mem
+            .get_host_address(GuestAddress(start))
+            .map_err(|_| MemoryError::NoHostAddress)?;
+        // SAFETY: [host, host + len) lies inside one region of `mem` (checked just above), a
+        // private read-write mapping; the new region only borrows it (a raw region is never
+        // unmapped on drop), and the caller keeps `mem` alive while the view is used (this
+        // function's contract).
+        let raw = unsafe {
+            vm_memory::MmapRegion::build_raw(
+                host,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            )
+        }
+        .map_err(|_| MemoryError::NoHostAddress)?;
+        regions.push(
+            vm_memory::GuestRegionMmap::new(raw, GuestAddress(start))
+                .ok_or(MemoryError::NoHostAddress)?,
+        );
+    }
+    GuestMemory::from_regions(regions).map_err(|_| MemoryError::NoHostAddress)
+}
+
 /// Registers every region of `mem` with the VM, one KVM slot per region.
 ///
 /// # Safety
@@ -139,6 +187,25 @@ pub fn size(mem: &GuestMemory) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_writable_view_shares_pages_and_leaves_out_the_supervisor_regions() {
+        use vm_memory::Bytes;
+        let mem = create(256).unwrap();
+        // SAFETY: `mem` outlives `view` in this test.
+        let view = unsafe { guest_writable_view(&mem, 256 << 20) }.unwrap();
+        for protected in [layout::PML4, layout::BOOT_INFO, layout::WINDOW_TABLES] {
+            assert!(view.write_obj(1u64, GuestAddress(protected)).is_err());
+        }
+        view.write_obj(0xabu8, GuestAddress(layout::PAYLOAD_START))
+            .unwrap();
+        let seen: u8 = mem.read_obj(GuestAddress(layout::PAYLOAD_START)).unwrap();
+        assert_eq!(seen, 0xab, "the same pages");
+        assert!(
+            view.write_obj(1u8, GuestAddress(layout::VIRTQUEUES))
+                .is_ok()
+        );
+    }
 
     #[test]
     fn create_checks_the_size() {

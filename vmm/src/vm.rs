@@ -425,7 +425,13 @@ impl Vm {
         )?;
         let mut mmio = Bus::new();
         if let Some(vsock) = vsock {
-            let mut transport = MmioTransport::new(vsock, mem.clone())?;
+            // The device sees only what the guest may have it write (layout.rs): not the page
+            // tables, stubs or window tables, whatever its rings say.
+            // SAFETY: the view moves into the transport and the device, which the `Vcpu` below
+            // owns; `Vm::run` drops the `Vcpu` before the last clone of `mem`, and on an error
+            // here `mem`, declared first, is dropped last.
+            let device_mem = unsafe { memory::guest_writable_view(&mem, mem_size) }?;
+            let mut transport = MmioTransport::new(vsock, device_mem)?;
             // Set up before the guest starts: the guest makes no set-up exits (layout.rs).
             let rings: Vec<_> = (0..VSOCK_QUEUE_COUNT as u64)
                 .map(layout::virtqueue_rings)

@@ -186,6 +186,41 @@ pub const fn ram_ranges(mem_size: u64) -> [(u64, u64); 2] {
     [(0, low), (HIGH_RAM_START, mem_size - low)]
 }
 
+/// The guest-physical ranges `(start, end)` of a RAM of `mem_size` bytes that the guest may have
+/// a device write (its rings and buffers) or the VMM answer into: all RAM but the supervisor
+/// regions below [`IMAGE_USER_START`] (page tables, descriptor tables, boot info, the CPL0
+/// stubs) and [`WINDOW_TABLES`]. A device that could write there would let a guest rewrite its
+/// own page tables and reach CPL0. A range may be empty.
+pub const fn guest_writable_ranges(mem_size: u64) -> [(u64, u64); 3] {
+    let [(_, low), (high_start, high)] = ram_ranges(mem_size);
+    let tables_end = WINDOW_TABLES + WINDOW_TABLES_SIZE;
+    [
+        (min(IMAGE_USER_START, low), min(WINDOW_TABLES, low)),
+        (min(tables_end, low), low),
+        (high_start, high_start + high),
+    ]
+}
+
+const fn min(a: u64, b: u64) -> u64 {
+    if a < b { a } else { b }
+}
+
+/// Whether `[addr, addr + len)` lies inside one of [`guest_writable_ranges`].
+pub const fn is_guest_writable(addr: u64, len: u64, mem_size: u64) -> bool {
+    let Some(end) = addr.checked_add(len) else {
+        return false;
+    };
+    let ranges = guest_writable_ranges(mem_size);
+    let mut i = 0;
+    while i < ranges.len() {
+        if addr >= ranges[i].0 && end <= ranges[i].1 {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// Whether guest-physical `addr` is RAM in a guest with `mem_size` bytes of it.
 pub const fn is_ram(addr: u64, mem_size: u64) -> bool {
     let [(_, low), (high_start, high)] = ram_ranges(mem_size);
@@ -275,6 +310,27 @@ mod tests {
                 assert!(a + len <= b || b + blen <= a, "{a:#x} overlaps {b:#x}");
             }
         }
+    }
+
+    #[test]
+    fn devices_may_write_neither_the_supervisor_regions_nor_the_window_tables() {
+        let mem = 256 << 20;
+        assert!(!is_guest_writable(PML4, 8, mem));
+        assert!(!is_guest_writable(BOOT_INFO, 8, mem));
+        assert!(!is_guest_writable(EXCEPTION_STUBS, 8, mem));
+        assert!(!is_guest_writable(WINDOW_TABLES + 4096, 8, mem));
+        assert!(
+            !is_guest_writable(IMAGE_USER_START - 4, 8, mem),
+            "straddles the stubs"
+        );
+        assert!(is_guest_writable(IMAGE_USER_START, 8, mem));
+        assert!(is_guest_writable(VIRTQUEUES, 0x3000, mem));
+        assert!(is_guest_writable(PAYLOAD_START, 4096, mem));
+        assert!(!is_guest_writable(mem - 4, 8, mem), "past RAM");
+        assert!(!is_guest_writable(u64::MAX - 2, 8, mem));
+        let big = 5 << 30;
+        assert!(is_guest_writable(HIGH_RAM_START, 4096, big));
+        assert!(!is_guest_writable(LOW_RAM_END, 4096, big));
     }
 
     #[test]

@@ -38,8 +38,10 @@ const ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// A map request the VMM refuses: the VM ends.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MapError {
-    /// The request is not in guest RAM.
-    #[error("the map request at {0:#x} is outside guest RAM")]
+    /// The request is not 8-byte aligned in RAM the guest may write (its own answer goes there).
+    #[error(
+        "the map request at {0:#x} is outside guest RAM the guest may write, or not 8-byte aligned"
+    )]
     Unreadable(u64),
     /// No such window.
     #[error("window {0} does not exist (there are {max})", max = layout::WINDOW_COUNT)]
@@ -95,6 +97,8 @@ pub enum MapError {
 /// The windows of one VM: where the next table page comes from, and which RAM they map.
 pub struct Windows {
     mem: GuestMemory,
+    /// Size of guest RAM in bytes.
+    mem_size: u64,
     /// Heap RAM ranges `(start, end)`: low heap and high RAM.
     heap: [(u64, u64); 2],
     /// Next free page of the table pool.
@@ -120,6 +124,7 @@ impl Windows {
         let [(_, low), (high_start, high)] = layout::ram_ranges(mem_size);
         Self {
             mem,
+            mem_size,
             heap: [(heap_start, low), (high_start, high_start + high)],
             next_table: layout::WINDOW_TABLES + layout::WINDOW_PDPTS * SMALL,
             mapped: BTreeMap::new(),
@@ -129,6 +134,12 @@ impl Windows {
     /// Serves the request at guest-physical `addr`: checks it, writes the entries, and writes
     /// the status back into the request.
     pub fn serve(&mut self, addr: u64) -> Result<(), MapError> {
+        // The status is written back: never into the tables, the stubs or boot info.
+        if !addr.is_multiple_of(8)
+            || !layout::is_guest_writable(addr, MapRequest::SIZE as u64, self.mem_size)
+        {
+            return Err(MapError::Unreadable(addr));
+        }
         let mut raw = [0u8; MapRequest::SIZE];
         self.mem
             .read_slice(&mut raw, GuestAddress(addr))
@@ -516,5 +527,13 @@ mod tests {
         w.mem.write_slice(&r.to_bytes(), GuestAddress(at)).unwrap();
         assert_eq!(w.serve(at), Err(MapError::NoWindow(1000)));
         assert_eq!(w.serve(MEM - 8), Err(MapError::Unreadable(MEM - 8)));
+        assert_eq!(
+            w.serve(at + 1),
+            Err(MapError::Unreadable(at + 1)),
+            "unaligned"
+        );
+        for protected in [layout::BOOT_INFO + 8, layout::WINDOW_TABLES, layout::PML4] {
+            assert_eq!(w.serve(protected), Err(MapError::Unreadable(protected)));
+        }
     }
 }
