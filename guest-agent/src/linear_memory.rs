@@ -26,6 +26,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use bulwark_abi::layout::{self, PAGE_SIZE, WINDOW_COUNT, WINDOW_MAX_SIZE, WINDOW_STRIDE};
 use bulwark_abi::ports;
 use bulwark_abi::window::{MAP_NO_TABLE_SPACE, MAP_OK, MAP_PENDING, MapRequest};
+use bulwark_engine::GrowLeftMapped;
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
 /// 4 KiB: the granularity of a mapping.
@@ -49,14 +50,15 @@ pub enum MapError {
 /// Asks the VMM to map `len` bytes of `window` from `offset` onto the RAM at `phys` (all 4 KiB
 /// aligned, as `MapRequest` requires: the VMM ends the VM on anything malformed).
 pub fn map(window: u32, offset: u64, len: u64, phys: u64) -> Result<(), MapError> {
-    let request = MapRequest {
+    let mut request = MapRequest {
         window,
         status: MAP_PENDING,
         offset,
         len,
         phys,
     };
-    let at = core::ptr::from_ref(&request);
+    // A mutable place: the VMM writes `status` into it.
+    let at = core::ptr::addr_of_mut!(request);
     // The guest stack lies in low RAM, below 4 GiB: the address fits the 32-bit port write.
     let addr = u32::try_from(at as usize).unwrap_or(u32::MAX);
     // SAFETY: an `out` to the map register, granted by the TSS I/O bitmap. The VMM reads the
@@ -192,8 +194,21 @@ impl WindowMemory {
     }
 
     /// Maps the window up to `end` (4 KiB aligned, above `mapped`) and zeroes what it maps.
-    /// On an error, what was mapped stays mapped (and zeroed): `mapped` says how far.
+    /// On an error, what was mapped stays mapped (and zeroed): `mapped` says how far. If that
+    /// is past where it started, the error is [`GrowLeftMapped`], which ends the call.
     fn map_to(&mut self, end: u64) -> wasmtime::Result<()> {
+        let started = self.mapped;
+        self.map_more(end).map_err(|e| {
+            if self.mapped > started {
+                wasmtime::Error::new(GrowLeftMapped)
+            } else {
+                e
+            }
+        })
+    }
+
+    /// [`Self::map_to`]'s work.
+    fn map_more(&mut self, end: u64) -> wasmtime::Result<()> {
         while self.mapped < end {
             let (phys, run_start, run_end) = self.run;
             if self.mapped >= run_end {

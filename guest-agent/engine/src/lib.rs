@@ -242,8 +242,13 @@ impl wasmtime::ResourceLimiter for CallLimits {
         ))
     }
 
-    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
-        // The tool sees -1 from memory.grow, as for a refused grow.
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        // A grow that left bytes past the memory's size accessible ends the call (a trap):
+        // the tool must not go on reading them. Any other failure: the tool sees -1 from
+        // memory.grow, as for a refused grow.
+        if error.downcast_ref::<GrowLeftMapped>().is_some() {
+            return Err(error);
+        }
         Ok(())
     }
 
@@ -278,6 +283,22 @@ impl wasmtime::ResourceLimiter for CallLimits {
         MAX_MEMORIES
     }
 }
+
+/// The error of a linear memory whose grow failed after part of the growth was already mapped
+/// (the guest cannot unmap window pages): bytes past the memory's size are accessible, so
+/// [`CallLimits`] turns this failure into a trap instead of -1 from `memory.grow`.
+#[derive(Debug)]
+pub struct GrowLeftMapped;
+
+impl core::fmt::Display for GrowLeftMapped {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(
+            "a linear memory's grow failed half-way (the VM ran out of memory or page tables); the call cannot go on",
+        )
+    }
+}
+
+impl core::error::Error for GrowLeftMapped {}
 
 /// A call's store limits (see [`CallLimits`]): all linear memories together up to `max_memory`
 /// bytes.
