@@ -375,7 +375,11 @@ impl Cache {
             }
         };
         // A check remembered for exactly this file, unchanged since, stands (see memo.rs).
-        let purpose = format!("{VERIFIED_PURPOSE} {key}");
+        // The entry format is part of what was checked: a record never vouches for another.
+        let purpose = format!(
+            "{VERIFIED_PURPOSE} {} {key}",
+            String::from_utf8_lossy(MAGIC).trim_end()
+        );
         let memo = Memo::new(&self.memo, &self.key);
         let before = Identity::of(&file).ok()?;
         let remembered = memo.get(&purpose, &before);
@@ -475,7 +479,7 @@ fn remove_stale_temp_files(artifacts: &Path) {
 }
 
 /// This process's effective user id.
-fn euid() -> u32 {
+pub(crate) fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }

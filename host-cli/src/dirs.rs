@@ -652,6 +652,35 @@ pub struct Changes {
     pub removed: usize,
 }
 
+/// Checks that the trees that came back from the tool fit `budget`, as the tool's directories
+/// had to: at most `budget.entries` entries and `budget.bytes` bytes of file data and link
+/// targets, all directories together. An agent that says more is lying: its answer is refused.
+pub fn check_answer_size(after: &[Vec<Entry>], budget: Budget) -> anyhow::Result<()> {
+    let entries = after.iter().map(Vec::len).sum::<usize>();
+    let bytes = after
+        .iter()
+        .flatten()
+        .map(|e| match &e.node {
+            Node::File(data) => data.len() as u64,
+            Node::Symlink(target) => target.len() as u64,
+            Node::Dir | Node::Unchanged => 0,
+        })
+        .fold(0u64, u64::saturating_add);
+    if entries as u64 > u64::from(budget.entries) {
+        bail!(
+            "the tool's answer lists {entries} entries, over the {} its directories may hold",
+            budget.entries
+        );
+    }
+    if bytes > budget.bytes {
+        bail!(
+            "the tool's answer holds {bytes} bytes, over the {} its directories may hold",
+            budget.bytes
+        );
+    }
+    Ok(())
+}
+
 /// Checks a tree that came back from the tool: plain relative paths, each once, parents
 /// before children and being directories, `Unchanged` only for a file that was sent, and every
 /// symbolic link staying inside the tree ([`check_link`], which every link is checked against,

@@ -85,6 +85,9 @@ impl<'a> Memo<'a> {
     /// The value remembered for `purpose` of the file whose identity is `id`, if a record
     /// for exactly that identity exists and verifies.
     pub fn get(&self, purpose: &str, id: &Identity) -> Option<[u8; 32]> {
+        if !self.dir_is_private() {
+            return None;
+        }
         let path = self.dir.join(self.name(purpose, id));
         let bytes = crate::compile::read_regular_file_nofollow(&path, RECORD_LEN as u64).ok()?;
         let record: &[u8; RECORD_LEN] = bytes.as_slice().try_into().ok()?;
@@ -121,6 +124,9 @@ impl<'a> Memo<'a> {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.into()),
             _ => {}
         }
+        if !self.dir_is_private() {
+            anyhow::bail!("{} is not a private directory", self.dir.display());
+        }
         let (tmp, mut file) = crate::compile::create_temp(&self.dir, name.as_ref(), 0o600)?;
         let done = file
             .write_all(record)
@@ -129,6 +135,13 @@ impl<'a> Memo<'a> {
             let _ = std::fs::remove_file(&tmp);
         }
         Ok(done?)
+    }
+
+    /// Whether the records' directory is a directory (not a link) of ours that nobody else
+    /// may write, as the cache's own directories must be; else no record is read or written.
+    fn dir_is_private(&self) -> bool {
+        std::fs::symlink_metadata(&self.dir)
+            .is_ok_and(|m| m.is_dir() && m.uid() == crate::cache::euid() && m.mode() & 0o022 == 0)
     }
 
     /// The record's file name: one per purpose, device and inode (a newer record replaces an

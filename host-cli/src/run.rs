@@ -305,7 +305,9 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         return Result::Interrupted;
     }
     let call_started = Instant::now();
-    let outcome = vm.call(&request, deadline);
+    // Checked against MAX_RESPONSE_FRAME above, so it fits.
+    let max_answer = u32::try_from(answer_max).unwrap_or(u32::MAX);
+    let outcome = vm.call(&request, max_answer, deadline);
     timings.call_us = local::micros(call_started.elapsed());
     if args.json {
         timings.vmm_peak_rss_kib = vm.peak_rss_kib();
@@ -327,7 +329,7 @@ fn call(args: &RunArgs, started: Instant, timings: &mut Timings) -> Result {
         Ok(Some(mut response)) => {
             cap_output(&mut response, args.max_output);
             let after = std::mem::take(&mut response.dirs);
-            finish(response, &hosts, &request.dirs, after)
+            finish(response, &hosts, &request.dirs, after, budget(args))
         }
         Ok(None) => Result::TimedOut,
         Err(e) => failed(code::BULWARK, e),
@@ -479,9 +481,15 @@ fn finish(
     hosts: &[dirs::HostDir],
     before: &[bulwark_proto::tree::SharedDir],
     after: Vec<Vec<bulwark_proto::tree::Entry>>,
+    budget: Budget,
 ) -> Result {
     if response.outcome != Outcome::Exited(0) {
         return Result::Done(response, Vec::new());
+    }
+    // The answer is the guest's word: it must fit the limits the call gave the tool, or
+    // nothing is written back.
+    if let Err(e) = dirs::check_answer_size(&after, budget) {
+        return Result::Failed(code::BULWARK, format!("{e:#}; nothing was written back"));
     }
     // `before` may end with `RunArgs::extra_dirs`, which have no host directory: only the
     // first `hosts.len()` are written back.
@@ -555,15 +563,15 @@ fn call_in_process(
             if response.outcome != Outcome::Exited(0) {
                 return Result::Done(response, Vec::new());
             }
-            let mut budget = budget(args);
+            let mut left = budget(args);
             let after: anyhow::Result<Vec<_>> = scratch
                 .dirs
                 .iter()
                 .take(hosts.len())
-                .map(|d| dirs::read_scratch(&dirs::HostDir::open(d)?, &mut budget))
+                .map(|d| dirs::read_scratch(&dirs::HostDir::open(d)?, &mut left))
                 .collect();
             match after {
-                Ok(after) => finish(response, hosts, &shared[..hosts.len()], after),
+                Ok(after) => finish(response, hosts, &shared[..hosts.len()], after, budget(args)),
                 Err(e) => Result::Failed(
                     code::BULWARK,
                     format!(

@@ -34,7 +34,14 @@ pub fn beside_executable(rel: &Path) -> anyhow::Result<Result<PathBuf, [PathBuf;
     let exe = std::env::current_exe().context("cannot find the bulwark executable")?;
     let dir = exe.parent().context("the executable has no directory")?;
     let candidates = [dir.join(rel), dir.join("../../build").join(rel)];
-    Ok(match candidates.iter().find(|p| p.is_file()) {
+    // `build/` is looked in only when the executable really is a checkout's build output
+    // (`<checkout>/target/<profile>/`): anywhere else `../../build` could be anybody's.
+    let in_checkout = dir
+        .parent()
+        .is_some_and(|t| t.file_name().is_some_and(|n| n == "target"))
+        && dir.join("../../Cargo.toml").is_file();
+    let usable = if in_checkout { 2 } else { 1 };
+    Ok(match candidates[..usable].iter().find(|p| p.is_file()) {
         Some(found) => Ok(found.clone()),
         None => Err(candidates),
     })
@@ -123,10 +130,7 @@ impl Vm {
     /// Why the VMM ended, if it has (its one-line report).
     pub fn failure(&mut self) -> Option<String> {
         let status = self.child.try_wait().ok()??;
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
+        let err = self.take_stderr();
         let line = err
             .lines()
             .last()
@@ -169,9 +173,15 @@ impl Vm {
         )
     }
 
-    /// Connects to the agent, sends `req` and returns its response, all before `deadline`.
+    /// Connects to the agent, sends `req` and returns its response (a frame of at most
+    /// `max_answer` bytes: the call's own outputs and directories), all before `deadline`.
     /// `Ok(None)` means the deadline passed.
-    pub fn call(&mut self, req: &Request, deadline: Instant) -> anyhow::Result<Option<Response>> {
+    pub fn call(
+        &mut self,
+        req: &Request,
+        max_answer: u32,
+        deadline: Instant,
+    ) -> anyhow::Result<Option<Response>> {
         // The VMM renames its socket into place once it listens, so until then the path is not
         // there (a refusal would mean a socket nobody listens on any more: the VMM is ending).
         // Keep trying until it is there, or until the VMM dies.
@@ -229,7 +239,7 @@ impl Vm {
             };
         }
         s.set_read_timeout(Some(remaining()))?;
-        let response: Response = match frame::read(&mut s, MAX_RESPONSE_FRAME) {
+        let response: Response = match frame::read(&mut s, max_answer.min(MAX_RESPONSE_FRAME)) {
             Ok(r) => r,
             Err(ReadError::Prefix(e) | ReadError::Body(e)) if timed_out(&e) => return Ok(None),
             Err(ReadError::Prefix(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -260,9 +270,12 @@ impl Vm {
     /// killed if it does not end in time.
     pub fn stop_with_report(mut self) -> VmmReport {
         crate::interrupt::forget_vmm();
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: kill(2) on our own child, which has not been reaped (we hold its Child),
-            // so the pid is still the VMM's.
+        // Only a VMM still running (not reaped by an earlier `try_wait`) is signalled.
+        if matches!(self.child.try_wait(), Ok(None))
+            && let Ok(pid) = libc::pid_t::try_from(self.child.id())
+        {
+            // SAFETY: kill(2) on our own child, which `try_wait` just found not yet exited, so
+            // it is not reaped and the pid is still the VMM's.
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
         let until = Instant::now() + DEATH_GRACE;
@@ -271,13 +284,20 @@ impl Vm {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
+        let err = self.take_stderr();
         let _ = std::fs::remove_dir_all(&self.dir);
         self.abandoned = true;
         VmmReport::parse(&err)
+    }
+
+    /// What the VMM wrote to its standard error (bytes that are not UTF-8 replaced, so one odd
+    /// byte cannot lose the report).
+    fn take_stderr(&mut self) -> String {
+        let mut err = Vec::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_end(&mut err);
+        }
+        String::from_utf8_lossy(&err).into_owned()
     }
 
     /// Kills the VMM and returns at once, without waiting for it to be torn down (its guest

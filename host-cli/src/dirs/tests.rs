@@ -1123,3 +1123,25 @@ fn links_put_on_the_host_during_the_call_are_not_written_through() {
     assert_eq!(snapshot(&outside), outside_before);
     std::fs::remove_dir_all(base).unwrap();
 }
+
+#[test]
+fn an_answer_larger_than_the_calls_limits_is_refused() {
+    let budget = Budget {
+        bytes: 10,
+        entries: 3,
+    };
+    let fits = vec![
+        vec![dir("d"), file("d/a", b"12345")],
+        vec![Entry {
+            path: "l".into(),
+            node: Node::Symlink("abcde".into()),
+        }],
+    ];
+    assert!(check_answer_size(&fits, budget).is_ok());
+    let too_many = vec![vec![dir("d"), dir("e"), file("f", b""), unchanged("g")]];
+    let e = check_answer_size(&too_many, budget).unwrap_err();
+    assert!(e.to_string().contains("4 entries"), "{e}");
+    let too_big = vec![vec![file("a", b"123456")], vec![file("b", b"12345")]];
+    let e = check_answer_size(&too_big, budget).unwrap_err();
+    assert!(e.to_string().contains("11 bytes"), "{e}");
+}
