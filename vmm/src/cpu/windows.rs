@@ -150,15 +150,26 @@ impl Windows {
             .map_err(|_| MapError::Unreadable(addr))
     }
 
+    /// `at` if it is an entry of the window tables' region: the entries lead only there, and
+    /// whatever an entry says, nothing outside that region is ever read or written as a table.
+    fn table_entry(at: u64) -> Result<GuestAddress, MapError> {
+        let tables = layout::WINDOW_TABLES..layout::WINDOW_TABLES + layout::WINDOW_TABLES_SIZE;
+        if tables.contains(&at) && at.is_multiple_of(8) {
+            Ok(GuestAddress(at))
+        } else {
+            Err(MapError::Tables(at))
+        }
+    }
+
     fn read(&self, at: u64) -> Result<u64, MapError> {
         self.mem
-            .read_obj(GuestAddress(at))
+            .read_obj(Self::table_entry(at)?)
             .map_err(|_| MapError::Tables(at))
     }
 
     fn write(&self, at: u64, value: u64) -> Result<(), MapError> {
         self.mem
-            .write_obj(value, GuestAddress(at))
+            .write_obj(value, Self::table_entry(at)?)
             .map_err(|_| MapError::Tables(at))
     }
 
