@@ -49,7 +49,7 @@ test: guest
 	cargo test --release --locked
 
 bench: guest
-	cargo bench --locked -p bulwark-tests --bench boot --bench vsock --bench run
+	cargo bench --locked -p bulwark-tests --bench boot --bench vsock --bench run --bench serve
 
 lint: setup
 	cargo fmt --all --check

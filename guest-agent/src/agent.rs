@@ -3,6 +3,10 @@
 //! runs each call in a fresh store with WASI, store limits and, when the call has a fuel budget,
 //! fuel.
 //!
+//! The VMM maps the artifact before the guest starts (`--artifact-from-stdin`) or while it runs
+//! (`--artifact-later`, for warm VMs): either way the boot info's `artifact_size` says how much
+//! is mapped, and the agent reads it when a call needs the artifact, not before.
+//!
 //! Fuel metering is compiled into an artifact only for calls that ask for it
 //! ([`bulwark_engine::Metering`]), so the agent has one engine and linker per variant: the
 //! unmetered one from the start, the metered one made when the first call with a fuel budget
@@ -13,6 +17,8 @@
 use alloc::format;
 use core::ptr::NonNull;
 
+use bulwark_abi::boot::BootInfo;
+use bulwark_abi::layout;
 use bulwark_engine::Metering;
 use bulwark_proto::call::{
     Artifact, MAX_SHARED_DIRS, Outcome, PROTOCOL_VERSION, Request, Response,
@@ -20,6 +26,7 @@ use bulwark_proto::call::{
 use wasmtime::{Engine, Linker, Module, Store};
 
 use crate::clock::{self, Clock};
+use crate::stream::Link;
 use crate::wasi::{self, Ctx, CtxParams, Exit};
 
 /// One metering variant's engine and the WASI linker made for it.
@@ -50,8 +57,6 @@ pub struct Agent {
     unmetered: Runtime,
     /// For calls with one; made when the first such call comes.
     metered: Option<Runtime>,
-    /// The artifact window (empty when the VMM mapped none).
-    window: &'static [u8],
     /// The window's artifact, once a call loaded it.
     loaded: Option<Loaded>,
     clock: Clock,
@@ -60,12 +65,11 @@ pub struct Agent {
 impl Agent {
     /// An agent whose unmetered calls use `engine`, which must be made from
     /// `runtime::config()` (no fuel metering); the metered engine is made when needed. Calls run
-    /// the artifact in `window`, which must stay mapped and unchanged for the VM's life.
-    pub fn new(engine: Engine, clock: Clock, window: &'static [u8]) -> wasmtime::Result<Self> {
+    /// the artifact the VMM mapped into the artifact window ([`mapped_window`]).
+    pub fn new(engine: Engine, clock: Clock) -> wasmtime::Result<Self> {
         Ok(Self {
             unmetered: Runtime::new(engine)?,
             metered: None,
-            window,
             loaded: None,
             clock,
         })
@@ -109,16 +113,17 @@ impl Agent {
             }
             return Ok((loaded.module.clone(), 0));
         }
-        if self.window.is_empty() {
+        let window = mapped_window()?;
+        if window.is_empty() {
             return Err(Outcome::Refused(
-                "this VM has no artifact mapped (start the VMM with --artifact-from-stdin)".into(),
+                "this VM has no artifact mapped (the VMM maps one with --artifact-from-stdin, or when it is sent one after --artifact-later; a call must wait for that)".into(),
             ));
         }
-        if u64::try_from(self.window.len()).ok() != Some(artifact.size) {
+        if u64::try_from(window.len()).ok() != Some(artifact.size) {
             return Err(Outcome::Refused(format!(
                 "the request names a {}-byte artifact, but this VM has {} bytes mapped",
                 artifact.size,
-                self.window.len()
+                window.len()
             )));
         }
         let t = clock::now();
@@ -126,12 +131,13 @@ impl Agent {
         // SAFETY: the window is the artifact the host compiled with
         // bulwark_engine::compiler_config and mapped through the VMM, read-only (in the page
         // tables and, where KVM allows, in the memory slot) and unchanged for the VM's life,
-        // which outlives every module (`window` is 'static). Deserializing checks that its
+        // which outlives every module (`window` is 'static: see `mapped_window`). Deserializing
+        // checks that its
         // wasmtime version and engine settings (fuel metering among them) match this engine's
         // and refuses anything else. The host is trusted to hand over its own compiler's output
         // (the tool's code itself is untrusted, but it runs as Wasm).
-        let module = unsafe { Module::deserialize_raw(&engine, NonNull::from(self.window)) }
-            .map_err(|e| {
+        let module =
+            unsafe { Module::deserialize_raw(&engine, NonNull::from(window)) }.map_err(|e| {
                 Outcome::Refused(format!(
                     "cannot load the artifact as {} code: {e}",
                     metering.name()
@@ -146,8 +152,10 @@ impl Agent {
         Ok((module, load_us))
     }
 
-    /// Runs one call.
-    pub fn call(&mut self, req: Request) -> Response {
+    /// Runs one call. With `link` (a call with `Request::stream`), the tool's output is sent
+    /// while it runs ([`crate::stream`]) and the answer's `stdout` and `stderr` hold only what
+    /// was not sent yet; the link is dropped when the call ends.
+    pub fn call(&mut self, req: Request, link: Option<Link>) -> Response {
         let mut response = Response::new(Outcome::Exited(0));
         if req.dirs.len() > MAX_SHARED_DIRS {
             response.outcome = Outcome::Refused(format!(
@@ -194,6 +202,7 @@ impl Agent {
             realtime_ns: req.realtime_ns,
             clock: self.clock,
             limits,
+            link,
         });
         let clock = self.clock;
         let ctx = match ctx {
@@ -246,10 +255,42 @@ impl Agent {
             Err(message) => response.outcome = Outcome::AgentFailed(message),
         }
         response.output_truncated = ctx.wasi.stdout.truncated || ctx.wasi.stderr.truncated;
-        response.stdout = core::mem::take(&mut ctx.wasi.stdout.bytes);
-        response.stderr = core::mem::take(&mut ctx.wasi.stderr.bytes);
+        // All of it, or for a streaming call what was not sent yet.
+        response.stdout = ctx.wasi.stdout.take();
+        response.stderr = ctx.wasi.stderr.take();
         response
     }
+}
+
+/// The boot info's `artifact_size` as it is now: 0 until the VMM has mapped an artifact, then
+/// its size for the VM's life (see [`BootInfo::artifact_size`]).
+pub fn artifact_size_now() -> u64 {
+    let at = (layout::BOOT_INFO + BootInfo::ARTIFACT_SIZE_OFFSET as u64) as *const u64;
+    // SAFETY: `guest_main` checked that the boot info is at BOOT_INFO, a user-readable page
+    // mapped for the VM's life; the field is 8-aligned (repr(C), 8-byte fields before it). The
+    // VMM may write it while the guest runs (one aligned 8-byte store), hence the volatile read.
+    unsafe { core::ptr::read_volatile(at) }
+}
+
+/// The artifact the VMM has mapped so far: empty before it has, else its bytes at
+/// [`layout::ARTIFACT_START`]. The size is read from the boot info now and checked again
+/// against the window's size: it is the VMM's word, but the guest trusts no size it has not
+/// bounded.
+fn mapped_window() -> Result<&'static [u8], Outcome> {
+    let size = artifact_size_now();
+    if size > layout::ARTIFACT_MAX_SIZE {
+        return Err(Outcome::AgentFailed(format!(
+            "the boot info says {size} artifact bytes are mapped, more than the window holds"
+        )));
+    }
+    let size = usize::try_from(size)
+        .map_err(|_| Outcome::AgentFailed("the artifact's size does not fit usize".into()))?;
+    // SAFETY: the VMM writes a non-zero size only once the artifact's memory slot covers
+    // `size` bytes at ARTIFACT_START (at start, or after `--artifact-later`'s mapping), never
+    // changes it after, and keeps the slot for the VM's whole life; the page tables map the
+    // whole window read-only, so nothing in the guest writes these bytes. Size 0 is an empty
+    // slice, which touches no memory.
+    Ok(unsafe { core::slice::from_raw_parts(layout::ARTIFACT_START as *const u8, size) })
 }
 
 /// Classifies a failed instantiation or run (`started`: `_start` was called).

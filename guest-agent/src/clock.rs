@@ -34,6 +34,11 @@ impl Clock {
         }
     }
 
+    /// TSC ticks in one millisecond, or 0 if the frequency is unknown.
+    pub fn ticks_per_ms(&self) -> u64 {
+        self.tsc_khz
+    }
+
     /// `ticks` in microseconds, or 0 if the frequency is unknown.
     pub fn micros(&self, ticks: u64) -> u64 {
         match self.tsc_khz {

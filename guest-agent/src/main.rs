@@ -19,6 +19,7 @@ mod linear_memory;
 mod runtime;
 mod server;
 mod services;
+mod stream;
 mod traps;
 mod virtio;
 mod wasi;
@@ -96,6 +97,24 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
             let value = unsafe { core::ptr::read_volatile(past as *const u8) };
             println!("a read past the artifact returned {value:#x}");
         }
+        Some(TestMode::ReadPastLateArtifact) => {
+            let size = loop {
+                match agent::artifact_size_now() {
+                    0 => core::hint::spin_loop(),
+                    size => break size,
+                }
+            };
+            if size > layout::ARTIFACT_MAX_SIZE {
+                console::print("bulwark-guest: the late artifact is larger than its window\n");
+                control::exit(exit_status::BAD_BOOT_INFO);
+            }
+            println!("a {size}-byte artifact was mapped late");
+            let past = layout::ARTIFACT_START + size.div_ceil(4096) * 4096;
+            // SAFETY: as for ReadPastArtifact: no memory is behind this address, so the VMM
+            // stops the VM here, which is what this mode is for.
+            let value = unsafe { core::ptr::read_volatile(past as *const u8) };
+            println!("a read past the late artifact returned {value:#x}");
+        }
         Some(TestMode::WindowTrap) => window_trap_test(),
         Some(TestMode::WriteWindowTables) => {
             // SAFETY: a write to the window page tables, which are mapped supervisor-only: the
@@ -137,22 +156,14 @@ extern "C" fn guest_main(boot_info: *const BootInfo) -> ! {
     if info.vsock_cid == 0 {
         control::exit(exit_status::OK);
     }
-    let Ok(artifact_size) = usize::try_from(info.artifact_size) else {
-        console::print("bulwark-guest: bad boot info: the artifact size does not fit usize\n");
-        control::exit(exit_status::BAD_BOOT_INFO);
-    };
-    // SAFETY: boot info was validated: the VMM mapped `artifact_size` bytes (at most
-    // ARTIFACT_MAX_SIZE) at ARTIFACT_START, read-only, for the VM's whole life, and nothing
-    // writes them (the page tables map the window read-only).
-    let window: &'static [u8] =
-        unsafe { core::slice::from_raw_parts(layout::ARTIFACT_START as *const u8, artifact_size) };
-    serve_calls(info.vsock_cid, clock, window)
+    serve_calls(info.vsock_cid, clock)
 }
 
-/// Runs the agent server on vsock for the artifact in `window`; never returns.
-fn serve_calls(cid: u64, clock: clock::Clock, window: &'static [u8]) -> ! {
+/// Runs the agent server on vsock for the artifact the VMM maps (at start, or later: the agent
+/// looks at the boot info when a call needs it); never returns.
+fn serve_calls(cid: u64, clock: clock::Clock) -> ! {
     let t0 = clock::now();
-    let mut vsock = match virtio::vsock::Vsock::init(cid) {
+    let vsock = match virtio::vsock::Vsock::init(cid) {
         Ok(v) => v,
         Err(e) => {
             println!("bulwark-guest: vsock setup failed: {e:?}");
@@ -168,7 +179,7 @@ fn serve_calls(cid: u64, clock: clock::Clock, window: &'static [u8]) -> ! {
         }
     };
     let t2 = clock::now();
-    let mut agent = match agent::Agent::new(engine, clock, window) {
+    let mut agent = match agent::Agent::new(engine, clock) {
         Ok(a) => a,
         Err(e) => {
             println!("bulwark-guest: cannot set up WASI: {e:?}");
@@ -183,7 +194,7 @@ fn serve_calls(cid: u64, clock: clock::Clock, window: &'static [u8]) -> ! {
         clock.micros(t2 - t1),
         clock.micros(t3 - t2)
     );
-    server::serve(&mut vsock, &mut agent)
+    server::serve(vsock, &mut agent, clock)
 }
 
 /// Test mode [`TestMode::WindowTrap`]: maps 64 KiB of a window, uses it, and reads past it;

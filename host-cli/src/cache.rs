@@ -37,6 +37,7 @@ use bulwark_engine::Metering;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::cancel::Cancel;
 use crate::cli::Target;
 use crate::compile::{
     ModuleFile, ReadError, create_temp, fill_random, open_regular_nofollow,
@@ -136,7 +137,7 @@ pub fn engine_key_for(target: Target, metering: Metering) -> String {
             std::env::consts::ARCH,
             std::env::consts::OS,
             metering.settings_id(),
-            crate::local::HOST_SETTINGS_ID
+            bulwark_engine::HOST_SETTINGS_ID
         ),
     };
     sha256_hex(id.as_bytes())[..16].to_owned()
@@ -211,11 +212,20 @@ impl Entry {
     }
 }
 
+/// When a compilation stops: at `deadline` (or after [`COMPILE_TIMEOUT`]), or when `cancel` is.
+#[derive(Clone, Copy)]
+pub struct Stop<'a> {
+    /// The call's deadline.
+    pub deadline: Instant,
+    /// The call's cancel token.
+    pub cancel: &'a Cancel,
+}
+
 impl Cache {
     /// Returns the artifact for `module` (whose SHA-256 is `digest`; `bytes` if it was read
     /// already) and `target` and `metering`: the cached one if its tag checks out, else one
-    /// compiled now, by a compile worker that is killed at `deadline` (or after
-    /// [`COMPILE_TIMEOUT`]), and then cached. The bool says whether it was compiled now.
+    /// compiled now, by a compile worker that is killed as `stop` says, and then cached. The
+    /// bool says whether it was compiled now.
     pub fn artifact(
         &self,
         module: &ModuleFile,
@@ -223,8 +233,9 @@ impl Cache {
         digest: &str,
         target: Target,
         metering: Metering,
-        deadline: Instant,
+        stop: Stop<'_>,
     ) -> Result<(Entry, bool), Error> {
+        let Stop { deadline, cancel } = stop;
         let path = self.artifacts.join(entry_name(digest, target, metering));
         let key = cache_key(digest, target, metering);
         if let Some(entry) = self.load(&path, &key) {
@@ -253,7 +264,7 @@ impl Cache {
                 target.name()
             );
         }
-        let artifact = compile_in_child(bytes, &module.path, target, metering, deadline)?;
+        let artifact = compile_in_child(bytes, &module.path, target, metering, deadline, cancel)?;
         // Only on a miss, off the path of a cached call: the directory may hold many entries.
         remove_stale_temp_files(&self.artifacts);
         let stored = self.store(&path, &key, &artifact);
@@ -486,7 +497,7 @@ pub(crate) fn euid() -> u32 {
 
 /// Refuses a cache directory that is not a directory, belongs to another user, or that its
 /// group or others may write to: whoever can write there could plant code for Bulwark to run.
-fn check_private(path: &Path, meta: &std::fs::Metadata) -> anyhow::Result<()> {
+pub fn check_private(path: &Path, meta: &std::fs::Metadata) -> anyhow::Result<()> {
     if !meta.is_dir() {
         bail!(
             "the compile cache {} is not a directory; remove it or set BULWARK_CACHE_DIR to a directory of your own",
@@ -630,13 +641,14 @@ fn discard(path: &Path) {
 /// -o - --target T [--fuel]`: the module on its standard input, the artifact from its standard
 /// output.
 /// The worker dies with this process, has [`compile_memory`] of address space and no core dump,
-/// and is killed at `deadline`, after [`COMPILE_TIMEOUT`], or on Ctrl-C.
+/// and is killed at `deadline`, after [`COMPILE_TIMEOUT`], or when the call is cancelled.
 fn compile_in_child(
     module: &[u8],
     name: &Path,
     target: Target,
     metering: Metering,
     deadline: Instant,
+    cancel: &Cancel,
 ) -> Result<Vec<u8>, Error> {
     let exe = std::env::current_exe().context("cannot find the bulwark executable")?;
     // Never above the hard limit this process runs under: raising it would fail.
@@ -704,11 +716,11 @@ fn compile_in_child(
             let _ = std::io::copy(&mut stderr, &mut std::io::sink());
             String::from_utf8_lossy(&text).into_owned()
         });
-        let status = wait_until(&mut child, stop_at, call_deadline);
+        let status = wait_until(&mut child, stop_at, call_deadline, cancel);
         let artifact = artifact.join();
         let errors = errors.join().unwrap_or_default();
         let status = status?;
-        if crate::interrupt::requested() {
+        if cancel.is_cancelled() {
             return Err(Error::Interrupted);
         }
         let artifact = match artifact {
@@ -754,6 +766,7 @@ fn wait_until(
     child: &mut std::process::Child,
     stop_at: Instant,
     call_deadline: bool,
+    cancel: &Cancel,
 ) -> Result<ExitStatus, Error> {
     loop {
         match child.try_wait() {
@@ -767,7 +780,7 @@ fn wait_until(
                     .into());
             }
         }
-        let stop = if crate::interrupt::requested() {
+        let stop = if cancel.is_cancelled() {
             Some(Error::Interrupted)
         } else if Instant::now() >= stop_at {
             Some(Error::TimedOut { call_deadline })

@@ -26,8 +26,9 @@ pub enum Command {
     ///
     /// The module is compiled (once: artifacts are cached by module and engine digest) in a
     /// separate process, then runs inside wasmtime inside a KVM guest with no kernel. The tool's
-    /// stdout and stderr become ours, standard input is passed through, and bulwark exits with
-    /// the tool's exit code.
+    /// stdout and stderr become ours, printed as the tool writes them (with --json, in the one
+    /// object at the end), standard input is passed through, and bulwark exits with the tool's
+    /// exit code.
     #[command(after_help = RUN_EXIT_CODES)]
     Run(RunArgs),
     /// Run Python code (CPython 3.12) in a fresh Bulwark micro-VM: `-c CODE`, a script file, or
@@ -60,6 +61,26 @@ pub enum Command {
         after_help = LANG_EXIT_CODES
     )]
     Js(JsArgs),
+    /// Serve tool calls over HTTP: a Unix socket by default (mode 0600), TCP only with a bearer
+    /// token. Keeps VMs booted ahead of calls (a warm pool); each VM serves one call.
+    ///
+    /// Endpoints: POST /v1/modules (upload a module, get its digest; it is compiled once),
+    /// POST /v1/runs (run a module by digest or inline, or Python/JavaScript code), GET /v1/health,
+    /// GET /v1/pool, GET /v1/openapi.json. Ctrl-C or SIGTERM stops taking calls and finishes the
+    /// ones in flight.
+    #[command(after_help = SERVE_EXAMPLES)]
+    Serve(ServeArgs),
+    /// Serve tools to an AI agent over the Model Context Protocol (stdio): run_python,
+    /// run_javascript (when those runtimes are present) and one tool per registered module.
+    ///
+    /// A module is registered by a manifest beside it, `NAME.tool.json`: {"name", "description",
+    /// "input_schema"} (NAME in [a-zA-Z0-9_-], 1 to 64 characters; the schema an object schema);
+    /// its input arrives as JSON on the tool's standard input. A bad manifest stops the server
+    /// before it starts. Every call runs in a fresh micro-VM with `bulwark run`'s default limits
+    /// and --timeout; its result is the output as text plus structuredContent (exit_code,
+    /// outcome, stdout, stderr, output_truncated), and isError unless the tool exited 0.
+    /// Standard output carries only the protocol; messages go to standard error.
+    Mcp(McpArgs),
     /// Check this host: /dev/kvm, which KVM is behind it, the VMM and guest image, the compile
     /// cache, and a real VM boot. Says what to fix; exits 1 if anything fails.
     Doctor {
@@ -493,4 +514,63 @@ impl Target {
             Target::Host => "host",
         }
     }
+}
+
+/// Examples printed after `bulwark serve --help`.
+pub const SERVE_EXAMPLES: &str = "\
+Examples:
+  bulwark serve --socket /tmp/bulwark.sock &
+  curl --unix-socket /tmp/bulwark.sock http://localhost/v1/health
+  curl --unix-socket /tmp/bulwark.sock http://localhost/v1/runs \\
+       -H 'content-type: application/json' \\
+       -d '{\"language\": \"python\", \"code\": \"print(1+1)\"}'";
+
+/// Arguments of `bulwark serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The Unix socket to listen on (created mode 0600; its directory must be ours and not
+    /// writable by others). Default: $XDG_RUNTIME_DIR/bulwark.sock, else
+    /// /tmp/bulwark-UID/bulwark.sock (UID: your user id).
+    #[arg(long, value_name = "PATH", conflicts_with = "listen")]
+    pub socket: Option<PathBuf>,
+
+    /// Listen on TCP instead (such as 127.0.0.1:8088). Needs --token-file: every request must
+    /// then carry `Authorization: Bearer <token>`.
+    #[arg(long, value_name = "ADDR:PORT", requires = "token_file")]
+    pub listen: Option<std::net::SocketAddr>,
+
+    /// A file holding the bearer token for --listen (at least 32 characters; the file must not
+    /// be readable by others).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Most calls running at once; one more is answered 429 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub max_concurrent: usize,
+
+    /// Largest request body (a module upload, or a run with its inputs).
+    #[arg(long, value_name = "SIZE", default_value = "96MiB", value_parser = parse_size)]
+    pub max_body: u64,
+
+    /// VMs kept booted ahead of calls (0: every call starts its own VM).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub pool: usize,
+
+    /// RAM of each pooled VM, in MiB; calls that need more start their own VM. Untouched RAM
+    /// costs the host nothing.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub pool_mem_mib: u64,
+}
+
+/// Arguments of `bulwark mcp`.
+#[derive(Args, Debug)]
+pub struct McpArgs {
+    /// A directory of registered modules: each `NAME.wasm` (or .wat) with a `NAME.tool.json`
+    /// manifest beside it becomes a tool (repeatable).
+    #[arg(long = "tools", value_name = "DIR")]
+    pub tools: Vec<PathBuf>,
+
+    /// Wall-clock limit of each call.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
 }

@@ -29,7 +29,7 @@ fn compiler_engine(target: Target, metering: Metering) -> anyhow::Result<wasmtim
     let config = match target {
         Target::Guest => bulwark_engine::compiler_config(metering)
             .map_err(|e| wasmtime_error("configuring the compiler", e))?,
-        Target::Host => crate::local::host_config(metering),
+        Target::Host => bulwark_engine::host_config(metering),
     };
     wasmtime::Engine::new(&config).map_err(|e| wasmtime_error("creating the compiler engine", e))
 }

@@ -2,49 +2,29 @@
 //! is cleaned up on the normal path out.
 //!
 //! The handler (on a thread of the `ctrlc` crate, whose `termination` feature adds SIGTERM and
-//! SIGHUP to SIGINT) sets a flag and kills the running VMM, if there is one, so a call blocked
-//! reading the VM's answer sees the connection close instead of waiting for its deadline. The VM's
-//! socket directory and any scratch copies are removed by their owners' `Drop` on the way out; an
-//! in-process call polls [`requested`].
+//! SIGHUP to SIGINT) cancels the call's token (`cancel`), which kills the running VMM, if there
+//! is one, so a call blocked reading the VM's answer sees the connection close instead of waiting
+//! for its deadline. The VM's socket directory and any scratch copies are removed by their
+//! owners' `Drop` on the way out; an in-process call polls the token.
 //!
 //! What no handler can catch (SIGKILL, a crash) still takes the VMM along: it is started with
 //! `PR_SET_PDEATHSIG` = SIGKILL (see `vm::Vm::start`), so it never outlives `bulwark`.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::OnceLock;
 
-static REQUESTED: AtomicBool = AtomicBool::new(false);
-/// The VMM process of the call in flight (0: none).
-static VMM_PID: AtomicI32 = AtomicI32::new(0);
+use crate::cancel::Cancel;
 
-/// Installs the handler for SIGINT, SIGTERM and SIGHUP. Failing to install it is not fatal: the
-/// call then simply cannot be interrupted early (the VMM still dies with this process).
-pub fn install() {
-    let _ = ctrlc::set_handler(|| {
-        REQUESTED.store(true, Ordering::SeqCst);
-        let pid = VMM_PID.load(Ordering::SeqCst);
-        if pid > 0 {
-            // SAFETY: kill(2) with a pid we spawned and have not reaped (`forget_vmm` runs
-            // before the reap), so it cannot name another process.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-    });
-}
+/// The token of the process's one call, cancelled by the handler.
+static CALL: OnceLock<Cancel> = OnceLock::new();
 
-/// Whether Ctrl-C, SIGTERM or SIGHUP arrived.
-pub fn requested() -> bool {
-    REQUESTED.load(Ordering::SeqCst)
-}
-
-/// Notes the VMM process to kill on an interrupt.
-pub fn watch_vmm(pid: u32) {
-    VMM_PID.store(i32::try_from(pid).unwrap_or(0), Ordering::SeqCst);
-}
-
-/// Forgets the VMM process; call before reaping it.
-pub fn forget_vmm() {
-    VMM_PID.store(0, Ordering::SeqCst);
+/// Installs the handler for SIGINT, SIGTERM and SIGHUP, which cancels the returned token (the
+/// same one every time). Failing to install it is not fatal: the call then simply cannot be
+/// interrupted early (the VMM still dies with this process).
+pub fn install() -> Cancel {
+    let cancel = CALL.get_or_init(Cancel::new).clone();
+    let handler = cancel.clone();
+    let _ = ctrlc::set_handler(move || handler.cancel());
+    cancel
 }
 
 /// Makes the calling child process die with its parent: to be called between fork and exec

@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use bulwark_proto::call::MAX_SHARED_DIRS;
 use bulwark_proto::tree::{self, Entry, Node, SharedDir};
 
+use crate::call::CallSpec;
 use crate::cli::{JsArgs, PythonArgs, RunArgs, RunOptions};
 use crate::compile::{ReadError, hex, read_regular_file};
 use crate::dirs::DirSpec;
@@ -136,6 +137,20 @@ fn prepare(
         extra_dirs: extra.into_iter().collect(),
         pinned_sha256: Some(pinned),
     })
+}
+
+/// A call that runs `code` (Python's `-c CODE`, JavaScript's `-e CODE`) in `lang`'s pinned
+/// runtime with `args` after it: what the server and the MCP server run for a language call.
+pub fn code_spec(lang: Lang, code: String, args: &[String]) -> anyhow::Result<CallSpec> {
+    let mut spec = CallSpec::new(locate(lang.runtime())?);
+    spec.args = argv(lang, &Program::Code(code), args);
+    spec.pinned_sha256 = Some(pinned(lang.runtime())?);
+    Ok(spec)
+}
+
+/// Whether `lang`'s runtime is on this machine.
+pub fn available(lang: Lang) -> bool {
+    locate(lang.runtime()).is_ok()
 }
 
 /// Splits the command line into the program's source and its arguments. Clap already made sure

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use bulwark_engine::Metering;
 use bulwark_proto::call::{Limits, Outcome, PROTOCOL_VERSION, Response, Timings};
-use wasmtime::{
-    Config, Engine, Linker, Module, Store, Strategy, Trap, WasmBacktraceDetails, WasmFeatures,
-};
+use wasmtime::{Engine, Linker, Module, Store, Trap};
+
+use crate::cancel::Cancel;
 use wasmtime_wasi::cli::OutputFile;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -63,16 +63,16 @@ pub struct LocalCall<'a> {
     pub deadline: Instant,
 }
 
-/// Runs one call in this process. `Ok(None)`: the deadline passed, or Ctrl-C arrived
-/// (`crate::interrupt::requested` tells which); the tool was stopped.
-pub fn run(call: LocalCall<'_>) -> anyhow::Result<Option<Response>> {
+/// Runs one call in this process. `Ok(None)`: the deadline passed, or the call was cancelled
+/// (`cancel` tells which); the tool was stopped.
+pub fn run(call: LocalCall<'_>, cancel: &Cancel) -> anyhow::Result<Option<Response>> {
     // The engine of the artifact's variant: fuel metering only for a call with a fuel budget.
     // An artifact of the other variant is refused by deserialize (wasmtime checks the setting).
     let metering = Metering::of(call.limits.fuel);
     let engine = engine(metering)?;
     let started = Instant::now();
     // SAFETY: the artifact is our own compiler's output (`bulwark compile --target host`, run by
-    // the compile cache with `host_config`), read from the user's own cache directory;
+    // the compile cache with `bulwark_engine::host_config`), read from the user's own cache directory;
     // deserialize checks its wasmtime version, settings and CPU features against this engine and
     // refuses a mismatch. The tool's code is untrusted, but it runs as Wasm.
     let module = unsafe { Module::deserialize(&engine, call.artifact) }.map_err(|e| {
@@ -96,12 +96,11 @@ pub fn run(call: LocalCall<'_>) -> anyhow::Result<Option<Response>> {
             let _ = tx.send(result);
         })
         .context("cannot start the tool's thread")?;
-    // Wait for the answer in short slices, so Ctrl-C (crate::interrupt) stops the tool too.
+    // Wait for the answer in short slices, so cancelling (Ctrl-C) stops the tool too.
     let waited = loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(remaining.min(INTERRUPT_POLL)) {
-            Err(RecvTimeoutError::Timeout)
-                if !remaining.is_zero() && !crate::interrupt::requested() => {}
+            Err(RecvTimeoutError::Timeout) if !remaining.is_zero() && !cancel.is_cancelled() => {}
             other => break other,
         }
     };
@@ -129,31 +128,12 @@ pub fn run(call: LocalCall<'_>) -> anyhow::Result<Option<Response>> {
     }
 }
 
-/// Names the settings [`host_config`] adds to the shared ones; change it with them, so the
-/// compile cache never hands out an artifact compiled under other settings.
-pub const HOST_SETTINGS_ID: &str = "v1 cranelift no-components epoch no-backtrace-details";
-
 /// The engine of one metering variant: the guest's shared settings (so the same modules
 /// validate, with the same fuel costs when metered), compiled for this host, plus epoch
-/// interruption for the deadline.
+/// interruption for the deadline (`bulwark_engine::host_config`).
 fn engine(metering: Metering) -> anyhow::Result<Engine> {
-    Engine::new(&host_config(metering))
+    Engine::new(&bulwark_engine::host_config(metering))
         .map_err(|e| anyhow!("cannot create the wasmtime engine: {e:?}"))
-}
-
-/// The configuration of [`engine`], also what `bulwark compile --target host [--fuel]` compiles
-/// with.
-pub fn host_config(metering: Metering) -> Config {
-    let mut config = bulwark_engine::shared_config(metering);
-    config
-        .strategy(Strategy::Cranelift)
-        // As `bulwark_engine::compiler_config`: the guest's wasmtime has no component model (this
-        // build has it only because wasmtime-wasi needs it), so the same modules are refused.
-        .wasm_features(WasmFeatures::COMPONENT_MODEL, false)
-        .epoch_interruption(true)
-        // The guest has no DWARF support: keep trap messages the same whatever the environment.
-        .wasm_backtrace_details(WasmBacktraceDetails::Disable);
-    config
 }
 
 /// What a store's data holds.
@@ -370,15 +350,18 @@ mod tests {
     }
 
     fn call_with(artifact: &[u8], limits: Limits) -> anyhow::Result<Option<Response>> {
-        run(LocalCall {
-            artifact,
-            args: vec!["t".into()],
-            env: Vec::new(),
-            stdin: Vec::new(),
-            limits,
-            preopens: Vec::new(),
-            deadline: Instant::now() + Duration::from_secs(30),
-        })
+        run(
+            LocalCall {
+                artifact,
+                args: vec!["t".into()],
+                env: Vec::new(),
+                stdin: Vec::new(),
+                limits,
+                preopens: Vec::new(),
+                deadline: Instant::now() + Duration::from_secs(30),
+            },
+            &Cancel::new(),
+        )
     }
 
     const WRITE: &str = r#"(module
@@ -476,15 +459,18 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).unwrap();
         let artifact = compiled(symlink.as_bytes());
-        let r = run(LocalCall {
-            artifact: &artifact,
-            args: vec!["t".into()],
-            env: Vec::new(),
-            stdin: Vec::new(),
-            limits: Limits::default(),
-            preopens: vec![(dir.clone(), "/d".into())],
-            deadline: Instant::now() + Duration::from_secs(30),
-        })
+        let r = run(
+            LocalCall {
+                artifact: &artifact,
+                args: vec!["t".into()],
+                env: Vec::new(),
+                stdin: Vec::new(),
+                limits: Limits::default(),
+                preopens: vec![(dir.clone(), "/d".into())],
+                deadline: Instant::now() + Duration::from_secs(30),
+            },
+            &Cancel::new(),
+        )
         .unwrap()
         .unwrap();
         // The relative link is made (errno 0); the absolute one is refused (ERRNO_PERM, 63).
@@ -503,15 +489,18 @@ mod tests {
             crate::compile::compile_bytes(b"#!/bin/sh", crate::cli::Target::Host, Metering::None)
                 .is_err()
         );
-        let e = run(LocalCall {
-            artifact: b"not an artifact",
-            args: vec!["t".into()],
-            env: Vec::new(),
-            stdin: Vec::new(),
-            limits: Limits::default(),
-            preopens: Vec::new(),
-            deadline: Instant::now() + Duration::from_secs(30),
-        })
+        let e = run(
+            LocalCall {
+                artifact: b"not an artifact",
+                args: vec!["t".into()],
+                env: Vec::new(),
+                stdin: Vec::new(),
+                limits: Limits::default(),
+                preopens: Vec::new(),
+                deadline: Instant::now() + Duration::from_secs(30),
+            },
+            &Cancel::new(),
+        )
         .unwrap_err();
         assert!(format!("{e:#}").contains("cache"), "{e:#}");
         let import =
@@ -524,15 +513,18 @@ mod tests {
         );
         let spin = br#"(module (func (export "_start") (loop (br 0))))"#;
         let spin_artifact = compiled(spin);
-        let r = run(LocalCall {
-            artifact: &spin_artifact,
-            args: vec!["t".into()],
-            env: Vec::new(),
-            stdin: Vec::new(),
-            limits: Limits::default(),
-            preopens: Vec::new(),
-            deadline: Instant::now() + Duration::from_millis(200),
-        })
+        let r = run(
+            LocalCall {
+                artifact: &spin_artifact,
+                args: vec!["t".into()],
+                env: Vec::new(),
+                stdin: Vec::new(),
+                limits: Limits::default(),
+                preopens: Vec::new(),
+                deadline: Instant::now() + Duration::from_millis(200),
+            },
+            &Cancel::new(),
+        )
         .unwrap();
         assert!(r.is_none());
         let fuel = Limits {

@@ -1,6 +1,8 @@
 //! `bulwark`: compiles WebAssembly tools and runs them in Bulwark's micro-VMs.
 
 mod cache;
+mod call;
+mod cancel;
 mod cli;
 mod compile;
 mod confine;
@@ -9,9 +11,11 @@ mod doctor;
 mod interrupt;
 mod lang;
 mod local;
+mod mcp;
 mod memo;
 mod policy;
 mod run;
+mod serve;
 mod sign;
 mod vm;
 
@@ -26,6 +30,8 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => return run::run(&args),
         cli::Command::Python(args) => return lang::python(args),
         cli::Command::Js(args) => return lang::js(args),
+        cli::Command::Serve(args) => serve::run(&args),
+        cli::Command::Mcp(args) => mcp::run(&args),
         cli::Command::Doctor { json } => return doctor::run(json),
         cli::Command::Keygen(args) => sign::keygen(&args),
         cli::Command::Sign(args) => sign::sign(&args),

@@ -28,7 +28,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use wasmsign2::{PublicKey, SecretKey, WSError};
 
-use crate::cli::{KeygenArgs, RunArgs, SignArgs, VerifyArgs};
+use crate::cli::{KeygenArgs, SignArgs, VerifyArgs};
 use crate::compile::{hex, read_module, sha256};
 use crate::policy::{self, KeySource};
 use crate::run::code;
@@ -494,8 +494,13 @@ pub struct Refusal {
 
 /// The check `bulwark run` makes right after reading the module, before compiling it. Without
 /// `--trust` and `--policy` every module passes.
-pub fn check_run(args: &RunArgs, module: &[u8]) -> Result<(), Refusal> {
-    let trust = match Trust::load(&args.trust, args.policy.as_deref()) {
+pub fn check_run(
+    path: &Path,
+    trust: &[PathBuf],
+    policy: Option<&Path>,
+    module: &[u8],
+) -> Result<(), Refusal> {
+    let trust = match Trust::load(trust, policy) {
         Ok(Some(t)) => t,
         Ok(None) => return Ok(()),
         Err(error) => {
@@ -509,8 +514,8 @@ pub fn check_run(args: &RunArgs, module: &[u8]) -> Result<(), Refusal> {
         code: code::REFUSED,
         error: anyhow::anyhow!(
             "refused {} (nothing was compiled or run): {}",
-            args.module.display(),
-            r.describe(&args.module, &trust)
+            path.display(),
+            r.describe(path, &trust)
         ),
     })
 }

@@ -1,6 +1,13 @@
 //! Starting a VM for a call and talking to its agent over vsock.
+//!
+//! A VM gets its artifact (the call's precompiled module) in one of two ways: at start
+//! ([`Vm::start`], for `bulwark run`), or after it booted ([`Vm::start_waiting`], then
+//! [`Vm::wait_listening`] and [`Vm::provide_artifact`], for a warm pool that boots VMs before
+//! the call is known). Either way the VMM maps the cache entry's descriptor read-only into the
+//! guest; the artifact never crosses vsock.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bulwark_abi::vsock::handshake::{self, HandshakeError};
-use bulwark_proto::call::{AGENT_PORT, Request, Response};
+use bulwark_proto::call::{AGENT_PORT, Reply, Request, Response};
 use bulwark_proto::frame::{self, MAX_RESPONSE_FRAME, ReadError};
 
 use crate::cache::Entry;
+use crate::cancel::Cancel;
 
 /// A file next to the running executable, or in the source tree's `build/` when running from
 /// `target/<profile>/` (for the guest image); `env` overrides both.
@@ -48,12 +56,36 @@ pub fn beside_executable(rel: &Path) -> anyhow::Result<Result<PathBuf, [PathBuf;
 }
 
 /// A running VM with a private directory for its vsock socket; killed and cleaned up on drop.
+///
+/// A `Vm` is `Send`: it may be used and dropped on another thread than the one that started it
+/// (that thread must live as long as the VM, though: see [`Vm::start_waiting`]).
 pub struct Vm {
     child: Child,
     dir: PathBuf,
     uds: PathBuf,
     /// Killed by [`Vm::end_without_waiting`]: not to be waited for.
     abandoned: bool,
+    /// The call's cancel token, which kills this VMM when cancelled ([`Vm::watch`]); told to
+    /// forget it before it is reaped.
+    watched: Option<Cancel>,
+    /// Started waiting for its artifact: the socket to send it on, until it is mapped.
+    artifact_socket: Option<UnixStream>,
+    /// A connection to the agent, handshake done ([`Vm::wait_listening`]), for the next call.
+    agent: Option<UnixStream>,
+}
+
+/// A `Vm` moves between threads (the pool's spawner starts it, a caller's thread uses it).
+const _: () = {
+    const fn is_send<T: Send>() {}
+    is_send::<Vm>()
+};
+
+/// How the VMM gets its artifact.
+enum ArtifactSource<'a> {
+    /// At spawn: the cache entry's descriptor is its standard input.
+    AtStart(&'a Entry),
+    /// Later: its standard input is this end of a socketpair (see [`Vm::provide_artifact`]).
+    Later(UnixStream),
 }
 
 /// The socket's file name in the VM's private directory.
@@ -65,6 +97,11 @@ const MAX_SOCKET_PATH: usize = 107;
 const SOCKET_SUFFIX: usize = 12;
 /// How long a call waits, once its connection failed or closed, for the VMM to exit and say why.
 const DEATH_GRACE: Duration = Duration::from_secs(1);
+/// Bytes of the artifact message to a VMM started with `--artifact-later`: offset and length,
+/// u64 little-endian each (the descriptor rides along, SCM_RIGHTS).
+const LATE_HEADER_LEN: usize = 16;
+/// Longest answer line the VMM sends to it (`OK\n` or `ERR <reason>\n`).
+const MAX_LATE_ANSWER: usize = 512;
 
 impl Vm {
     /// Starts `bulwark-vmm` with the guest image, a vsock device and `artifact` mapped into the
@@ -80,31 +117,63 @@ impl Vm {
         deadline: Instant,
         report: bool,
     ) -> anyhow::Result<Self> {
+        let timeout = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
         let vmm = locate("BULWARK_VMM", "bulwark-vmm")?;
         let guest = locate("BULWARK_GUEST", "bulwark-guest.elf")?;
+        Self::spawn(
+            &vmm,
+            &guest,
+            mem_mib,
+            ArtifactSource::AtStart(artifact),
+            Some(timeout),
+            report,
+        )
+    }
+
+    /// Spawns the VMM: a vsock device in a private directory, `artifact` as its standard input,
+    /// `timeout` if any.
+    fn spawn(
+        vmm: &Path,
+        guest: &Path,
+        mem_mib: u64,
+        artifact: ArtifactSource<'_>,
+        timeout: Option<Duration>,
+        report: bool,
+    ) -> anyhow::Result<Self> {
         let dir = socket_dir()?;
         let uds = dir.join(SOCKET_NAME);
-        let timeout = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
-        let mut cmd = Command::new(&vmm);
+        let mut cmd = Command::new(vmm);
         cmd.arg("--mem-mib")
             .arg(mem_mib.to_string())
             .arg("--vsock-uds")
             .arg(&uds)
-            .arg("--timeout")
-            .arg(format!("{:.3}", timeout.as_secs_f64()))
-            .args(report.then_some("--timings"))
-            .arg("--artifact-from-stdin")
-            .arg("--artifact-offset")
-            .arg(artifact.offset.to_string())
-            .arg("--artifact-len")
-            .arg(artifact.len.to_string())
-            .arg(&guest)
-            .stdin(Stdio::from(
-                artifact
-                    .file
-                    .try_clone()
-                    .context("cannot pass the compiled module to the VMM")?,
-            ))
+            .args(report.then_some("--timings"));
+        if let Some(timeout) = timeout {
+            cmd.arg("--timeout")
+                .arg(format!("{:.3}", timeout.as_secs_f64()));
+        }
+        let stdin = match artifact {
+            ArtifactSource::AtStart(entry) => {
+                cmd.arg("--artifact-from-stdin")
+                    .arg("--artifact-offset")
+                    .arg(entry.offset.to_string())
+                    .arg("--artifact-len")
+                    .arg(entry.len.to_string());
+                match entry.file.try_clone() {
+                    Ok(file) => Stdio::from(file),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        return Err(e).context("cannot pass the compiled module to the VMM");
+                    }
+                }
+            }
+            ArtifactSource::Later(socket) => {
+                cmd.arg("--artifact-later");
+                Stdio::from(std::os::fd::OwnedFd::from(socket))
+            }
+        };
+        cmd.arg(guest)
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         // The VMM dies with this process whatever ends it: it sets its own parent-death signal
@@ -117,14 +186,49 @@ impl Vm {
                 return Err(e).with_context(|| format!("cannot start {}", vmm.display()));
             }
         };
-        crate::interrupt::watch_vmm(child.id());
-        let vm = Self {
+        Ok(Self {
             child,
             dir,
             uds,
             abandoned: false,
+            watched: None,
+            artifact_socket: None,
+            agent: None,
+        })
+    }
+
+    /// Connects to the VMM's vsock socket, waiting for it to appear; `None` if `deadline`
+    /// passed first.
+    fn connect_socket(&mut self, deadline: Instant) -> anyhow::Result<Option<UnixStream>> {
+        // The VMM renames its socket into place once it listens, so until then the path is not
+        // there (a refusal would mean a socket nobody listens on any more: the VMM is ending).
+        // Keep trying until it is there, or until the VMM dies.
+        let s = loop {
+            match UnixStream::connect(&self.uds) {
+                Ok(s) => break s,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) => {}
+                Err(e) => return Err(self.lost(e, "cannot connect")),
+            }
+            if let Some(why) = self.failure() {
+                bail!("{why}");
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_micros(200));
         };
-        Ok(vm)
+        Ok(Some(s))
+    }
+
+    /// Removes the VM's socket directory: once a connection to the agent is made, the path has
+    /// done its work (a guest may not open connections to the host here), and nothing is left
+    /// behind when the call ends.
+    fn remove_socket_dir(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 
     /// Why the VMM ended, if it has (its one-line report).
@@ -176,58 +280,47 @@ impl Vm {
     /// Connects to the agent, sends `req` and returns its response (a frame of at most
     /// `max_answer` bytes: the call's own outputs and directories), all before `deadline`.
     /// `Ok(None)` means the deadline passed.
+    ///
+    /// With `req.stream`, the agent sends the output as the tool writes it: each chunk goes to
+    /// `sink` (at most `max_output` bytes of each stream in all, whatever the guest sends; more
+    /// is dropped and the answer flagged truncated), and the answer's own stdout and stderr are
+    /// empty.
     pub fn call(
         &mut self,
         req: &Request,
         max_answer: u32,
         deadline: Instant,
+        sink: &mut dyn FnMut(OutputStream, &[u8]),
     ) -> anyhow::Result<Option<Response>> {
-        // The VMM renames its socket into place once it listens, so until then the path is not
-        // there (a refusal would mean a socket nobody listens on any more: the VMM is ending).
-        // Keep trying until it is there, or until the VMM dies.
-        let mut s = loop {
-            match UnixStream::connect(&self.uds) {
-                Ok(s) => break s,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                    ) => {}
-                Err(e) => return Err(self.lost(e, "cannot connect")),
-            }
-            if let Some(why) = self.failure() {
-                bail!("{why}");
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        };
-        // Connected: the path has done its work (a guest may not open connections to the host
-        // here), so its directory goes now, and nothing is left behind when the call ends.
-        let _ = std::fs::remove_dir_all(&self.dir);
         let remaining = || {
             deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1))
         };
-        s.set_read_timeout(Some(remaining()))?;
-        s.set_write_timeout(Some(remaining()))?;
-        let timed_out = |e: &std::io::Error| {
-            matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            )
-        };
-        match handshake::connect(&mut s, AGENT_PORT) {
-            Ok(_) => {}
-            Err(HandshakeError::Io(e)) if timed_out(&e) => return Ok(None),
-            Err(HandshakeError::Io(e)) => return Err(self.lost(e, "doing the vsock handshake")),
-            Err(HandshakeError::Closed { .. }) => {
-                return Err(self.closed("the guest agent refused the connection"));
+        let mut s = match self.agent.take() {
+            // Connected and handshaken already (`wait_listening`).
+            Some(s) => s,
+            None => {
+                let Some(mut s) = self.connect_socket(deadline)? else {
+                    return Ok(None);
+                };
+                self.remove_socket_dir();
+                s.set_read_timeout(Some(remaining()))?;
+                s.set_write_timeout(Some(remaining()))?;
+                match handshake::connect(&mut s, AGENT_PORT) {
+                    Ok(_) => {}
+                    Err(HandshakeError::Io(e)) if timed_out(&e) => return Ok(None),
+                    Err(HandshakeError::Io(e)) => {
+                        return Err(self.lost(e, "doing the vsock handshake"));
+                    }
+                    Err(HandshakeError::Closed { .. }) => {
+                        return Err(self.closed("the guest agent refused the connection"));
+                    }
+                    Err(e @ HandshakeError::BadAnswer { .. }) => return Err(e.into()),
+                }
+                s
             }
-            Err(e @ HandshakeError::BadAnswer { .. }) => return Err(e.into()),
-        }
+        };
         let request =
             frame::encode(req).map_err(|e| anyhow::anyhow!("cannot encode the request: {e}"))?;
         s.set_write_timeout(Some(remaining()))?;
@@ -238,19 +331,320 @@ impl Vm {
                 Err(self.lost(e, "sending the request"))
             };
         }
-        s.set_read_timeout(Some(remaining()))?;
-        let response: Response = match frame::read(&mut s, max_answer.min(MAX_RESPONSE_FRAME)) {
-            Ok(r) => r,
-            Err(ReadError::Prefix(e) | ReadError::Body(e)) if timed_out(&e) => return Ok(None),
+        let max = max_answer.min(MAX_RESPONSE_FRAME);
+        if !req.stream {
+            return self.read_frame::<Response>(&mut s, max, deadline);
+        }
+        // Output frames, then the answer. Each stream's total is held to the call's cap here
+        // too: the guest's frames are its word.
+        let cap = req.limits.max_output;
+        let mut sent = [0u64; 2];
+        let mut over = false;
+        loop {
+            let Some(reply) = self.read_frame::<Reply>(&mut s, max, deadline)? else {
+                return Ok(None);
+            };
+            let (which, bytes) = match reply {
+                Reply::Stdout(b) => (OutputStream::Stdout, b),
+                Reply::Stderr(b) => (OutputStream::Stderr, b),
+                Reply::Done(response) => {
+                    let mut response = response;
+                    // An answer that carries output after all: passed on as the rest.
+                    for (which, bytes) in [
+                        (OutputStream::Stdout, std::mem::take(&mut response.stdout)),
+                        (OutputStream::Stderr, std::mem::take(&mut response.stderr)),
+                    ] {
+                        over |= pass_on(sink, which, &bytes, &mut sent, cap);
+                    }
+                    response.output_truncated |= over;
+                    return Ok(Some(response));
+                }
+            };
+            over |= pass_on(sink, which, &bytes, &mut sent, cap);
+        }
+    }
+
+    /// Reads one frame of at most `max` bytes before `deadline`; `Ok(None)`: the deadline
+    /// passed.
+    fn read_frame<T: serde::de::DeserializeOwned>(
+        &mut self,
+        s: &mut UnixStream,
+        max: u32,
+        deadline: Instant,
+    ) -> anyhow::Result<Option<T>> {
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        s.set_read_timeout(Some(remaining))?;
+        match frame::read(s, max) {
+            Ok(r) => Ok(Some(r)),
+            Err(ReadError::Prefix(e) | ReadError::Body(e)) if timed_out(&e) => Ok(None),
             Err(ReadError::Prefix(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(self.closed("the VM closed the connection"));
+                Err(self.closed("the VM closed the connection"))
             }
             Err(ReadError::Prefix(e) | ReadError::Body(e)) => {
-                return Err(self.lost(e, "reading the answer"));
+                Err(self.lost(e, "reading the answer"))
             }
             Err(e) => bail!("bad answer from the VM: {e}"),
+        }
+    }
+}
+
+/// Which output stream a chunk of streamed output belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputStream {
+    /// The tool's stdout.
+    Stdout,
+    /// The tool's stderr.
+    Stderr,
+}
+
+/// Passes `bytes` of `which` on to `sink`, as far as the stream's total stays within `cap`
+/// (`sent` counts each stream); whether any byte was dropped.
+fn pass_on(
+    sink: &mut dyn FnMut(OutputStream, &[u8]),
+    which: OutputStream,
+    bytes: &[u8],
+    sent: &mut [u64; 2],
+    cap: u64,
+) -> bool {
+    let total = &mut sent[which as usize];
+    let room = usize::try_from(cap.saturating_sub(*total)).unwrap_or(usize::MAX);
+    let kept = &bytes[..bytes.len().min(room)];
+    if !kept.is_empty() {
+        sink(which, kept);
+    }
+    *total = total.saturating_add(kept.len() as u64);
+    kept.len() < bytes.len()
+}
+
+/// The warm pool's way to a VM: boot first, artifact later.
+impl Vm {
+    /// Starts `bulwark-vmm` with the guest image and a vsock device but no artifact yet, for a
+    /// warm pool: the guest boots to "agent listening" ([`Vm::wait_listening`] tells when) and
+    /// gets its artifact later, from [`Vm::provide_artifact`]. The VMM has no timeout: whoever
+    /// holds the `Vm` ends it (dropping it kills the VMM).
+    ///
+    /// The VMM dies with this process (`PR_SET_PDEATHSIG`), but that signal follows the
+    /// *thread* that spawns it: call this from a thread that lives as long as the VM (the
+    /// pool's permanent spawner thread), never from a short-lived one, or the VM is killed
+    /// when that thread ends. The `Vm` itself may then be used on any thread.
+    /// A call that takes it registers it with its cancel token ([`Vm::watch`]).
+    /// With `report`, the VMM runs with `--timings`, for [`Vm::stop_with_report`].
+    pub fn start_waiting(mem_mib: u64, report: bool) -> anyhow::Result<Self> {
+        let vmm = locate("BULWARK_VMM", "bulwark-vmm")?;
+        let guest = locate("BULWARK_GUEST", "bulwark-guest.elf")?;
+        Self::start_waiting_with(&vmm, &guest, mem_mib, report)
+    }
+
+    /// [`Vm::start_waiting`] with the VMM and guest image given.
+    fn start_waiting_with(
+        vmm: &Path,
+        guest: &Path,
+        mem_mib: u64,
+        report: bool,
+    ) -> anyhow::Result<Self> {
+        let (ours, theirs) =
+            UnixStream::pair().context("cannot create the socket to give the VMM its artifact")?;
+        let mut vm = Self::spawn(
+            vmm,
+            guest,
+            mem_mib,
+            ArtifactSource::Later(theirs),
+            None,
+            report,
+        )?;
+        vm.artifact_socket = Some(ours);
+        Ok(vm)
+    }
+
+    /// Gives a VM started with [`Vm::start_waiting`] its artifact: sends the VMM the entry's
+    /// range and descriptor and waits, until `deadline`, for its answer. When this returns
+    /// `Ok`, the artifact is mapped and a call naming it may be sent ([`Vm::call`]).
+    ///
+    /// Fails with the VMM's reason if it refuses (the VM is unchanged then), with its report
+    /// if it died, or if this VM was not started waiting or already has its artifact.
+    pub fn provide_artifact(&mut self, entry: &Entry, deadline: Instant) -> anyhow::Result<()> {
+        let Some(socket) = self.artifact_socket.as_mut() else {
+            bail!("this VM takes no artifact now: it was started with one, or already has one");
         };
-        Ok(Some(response))
+        let mut header = [0u8; LATE_HEADER_LEN];
+        header[..8].copy_from_slice(&entry.offset.to_le_bytes());
+        header[8..].copy_from_slice(&entry.len.to_le_bytes());
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let sent = socket
+            .set_write_timeout(Some(remaining))
+            .and_then(|()| send_with_descriptor(socket, &header, entry.file.as_fd()));
+        if let Err(e) = sent {
+            return Err(self.lost(e, "sending the artifact to the VMM"));
+        }
+        let mut answer = Vec::new();
+        let read = loop {
+            let mut chunk = [0u8; MAX_LATE_ANSWER];
+            let remaining = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            if let Err(e) = socket.set_read_timeout(Some(remaining)) {
+                break Err(e);
+            }
+            match socket.read(&mut chunk) {
+                Ok(0) => break Ok(false),
+                Ok(n) => {
+                    answer.extend_from_slice(&chunk[..n]);
+                    if answer.contains(&b'\n') || answer.len() >= MAX_LATE_ANSWER {
+                        break Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        match read {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(self.closed("the VMM closed its artifact socket without answering"));
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!("the VMM did not answer in time when given the artifact");
+            }
+            Err(e) => return Err(self.lost(e, "reading the VMM's answer to the artifact")),
+        }
+        let line = String::from_utf8_lossy(&answer);
+        let line = line.lines().next().unwrap_or("");
+        if line == "OK" {
+            // Mapped: a VM takes one artifact, so the socket has done its work.
+            self.artifact_socket = None;
+            return Ok(());
+        }
+        match line.strip_prefix("ERR ") {
+            Some(reason) => bail!("the VMM refused the artifact: {reason}"),
+            None => bail!("the VMM gave an unexpected answer to the artifact: {line:?}"),
+        }
+    }
+
+    /// Waits until the guest's agent accepts a connection (the VM is booted and listening),
+    /// at most until `deadline`, and keeps that connection, handshake done, for the next
+    /// [`Vm::call`]. The VM's socket directory is removed once connected.
+    pub fn wait_listening(&mut self, deadline: Instant) -> anyhow::Result<()> {
+        if self.agent.is_some() {
+            return Ok(());
+        }
+        loop {
+            match self.connect_agent(deadline)? {
+                Some(s) => {
+                    self.agent = Some(s);
+                    return Ok(());
+                }
+                None if Instant::now() >= deadline => {
+                    bail!("the VM's agent was not listening in time")
+                }
+                // Refused: the guest is not listening yet.
+                None => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+    }
+
+    /// One attempt at a connection to the agent, handshake done: `None` if the agent refused
+    /// it (not listening yet) or `deadline` passed.
+    fn connect_agent(&mut self, deadline: Instant) -> anyhow::Result<Option<UnixStream>> {
+        let Some(mut s) = self.connect_socket(deadline)? else {
+            return Ok(None);
+        };
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        s.set_read_timeout(Some(remaining))?;
+        s.set_write_timeout(Some(remaining))?;
+        match handshake::connect(&mut s, AGENT_PORT) {
+            Ok(_) => {
+                self.remove_socket_dir();
+                Ok(Some(s))
+            }
+            Err(HandshakeError::Io(e)) if timed_out(&e) => Ok(None),
+            Err(HandshakeError::Io(e)) => Err(self.lost(e, "doing the vsock handshake")),
+            Err(HandshakeError::Closed { .. }) => match self.failure() {
+                Some(why) => bail!("{why}"),
+                None => Ok(None),
+            },
+            Err(e @ HandshakeError::BadAnswer { .. }) => Err(e.into()),
+        }
+    }
+}
+
+/// Whether `e` is a socket timeout.
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Bytes of one descriptor in a control message.
+const FD_LEN: u32 = 4;
+const _: () = assert!(std::mem::size_of::<libc::c_int>() == FD_LEN as usize);
+
+/// Sends `bytes` with `fd` attached (SCM_RIGHTS) in one message on `socket`.
+fn send_with_descriptor(
+    socket: &UnixStream,
+    bytes: &[u8],
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // Room for one control message holding one descriptor, 8-aligned as cmsghdr needs.
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE only computes a length.
+    let space = unsafe { libc::CMSG_SPACE(FD_LEN) } as usize;
+    if space > std::mem::size_of_val(&control) {
+        return Err(std::io::Error::other("control buffer too small"));
+    }
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds `space` bytes, enough for one header and one int (checked
+    // above); CMSG_FIRSTHDR returns its start, and CMSG_DATA the data inside it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return Err(std::io::Error::other("no room for the descriptor"));
+        }
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(FD_LEN) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), raw);
+    }
+    loop {
+        // SAFETY: `msg` points to `iov` (over `bytes`, read only) and `control`, all alive
+        // across the call; the descriptor is open (borrowed for this call).
+        let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        match usize::try_from(n) {
+            Ok(n) if n == bytes.len() => return Ok(()),
+            // A stream socket with room for 16 bytes takes them whole; less means it is full.
+            Ok(_) => {
+                return Err(std::io::Error::other(
+                    "the VMM's socket took part of the message",
+                ));
+            }
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 
@@ -265,11 +659,20 @@ impl Vm {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
+    /// Lets `cancel` kill this VM's VMM: cancelling the call then ends it at once (a call
+    /// blocked reading the answer sees the connection close).
+    pub fn watch(&mut self, cancel: &Cancel) {
+        cancel.watch_vmm(self.child.id());
+        self.watched = Some(cancel.clone());
+    }
+
     /// Asks the VMM to stop (SIGTERM), waits up to [`DEATH_GRACE`] for it to end, and returns
     /// what its `--timings` line says of the VM (see [`Vm::start`]'s `report`). The VMM is
     /// killed if it does not end in time.
     pub fn stop_with_report(mut self) -> VmmReport {
-        crate::interrupt::forget_vmm();
+        if let Some(cancel) = self.watched.take() {
+            cancel.forget_vmm();
+        }
         // Only a VMM still running (not reaped by an earlier `try_wait`) is signalled.
         if matches!(self.child.try_wait(), Ok(None))
             && let Ok(pid) = libc::pid_t::try_from(self.child.id())
@@ -305,7 +708,9 @@ impl Vm {
     /// right after the call, whose end lets the init process reap the VMM. The socket's
     /// directory is removed.
     pub fn end_without_waiting(mut self) {
-        crate::interrupt::forget_vmm();
+        if let Some(cancel) = self.watched.take() {
+            cancel.forget_vmm();
+        }
         let _ = self.child.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
         self.abandoned = true;
@@ -317,7 +722,9 @@ impl Drop for Vm {
         if self.abandoned {
             return;
         }
-        crate::interrupt::forget_vmm();
+        if let Some(cancel) = self.watched.take() {
+            cancel.forget_vmm();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -421,6 +828,179 @@ fn socket_dir() -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The VMM and guest image built in this checkout, if they are there and `/dev/kvm` works
+    /// (else the test says it is skipped).
+    fn vm_parts() -> Option<(PathBuf, PathBuf)> {
+        let exe = std::env::current_exe().ok()?;
+        let vmm = exe.parent()?.parent()?.join("bulwark-vmm");
+        let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/bulwark-guest.elf");
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if vmm.is_file() && guest.is_file() && kvm {
+            Some((vmm, guest))
+        } else {
+            eprintln!(
+                "*** SKIPPED: needs /dev/kvm, {} and {} (cargo build --release, make guest)",
+                vmm.display(),
+                guest.display()
+            );
+            None
+        }
+    }
+
+    /// `examples/hello.wat` compiled for the guest into a file at offset 0, as a cache entry.
+    fn hello_entry(dir: &Path) -> Entry {
+        let wat =
+            std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello.wat"))
+                .unwrap();
+        let artifact = crate::compile::compile_bytes(
+            &wat,
+            crate::cli::Target::Guest,
+            bulwark_engine::Metering::None,
+        )
+        .unwrap();
+        let path = dir.join("hello.cwasm");
+        std::fs::write(&path, &artifact).unwrap();
+        Entry {
+            file: std::fs::File::open(&path).unwrap(),
+            offset: 0,
+            len: artifact.len() as u64,
+        }
+    }
+
+    fn hello_request(entry: &Entry) -> Request {
+        Request {
+            version: bulwark_proto::call::PROTOCOL_VERSION,
+            artifact: bulwark_proto::call::Artifact {
+                digest: [7; 32],
+                size: entry.len,
+            },
+            args: vec!["hello".into()],
+            env: Vec::new(),
+            stdin: Vec::new(),
+            dirs: Vec::new(),
+            limits: bulwark_proto::call::Limits::default(),
+            random_seed: [0; 32],
+            realtime_ns: 0,
+            stream: false,
+        }
+    }
+
+    fn median(v: &mut [Duration]) -> Duration {
+        v.sort();
+        v[v.len() / 2]
+    }
+
+    /// The warm pool's path with real VMs: started waiting, listening, refused a bad artifact,
+    /// given the real one, then called from another thread. Prints the median times of
+    /// `start_waiting` to a handshake and of `provide_artifact` alone over 50 VMs
+    /// (`cargo test --release -p bulwark-cli waiting -- --nocapture`); nothing is asserted of
+    /// them.
+    #[test]
+    fn a_waiting_vm_takes_its_artifact_later_and_serves_a_call_from_another_thread() {
+        let Some((vmm, guest)) = vm_parts() else {
+            return;
+        };
+        let dir = private_dir().unwrap();
+        let entry = hello_entry(&dir);
+        let deadline = || Instant::now() + Duration::from_secs(20);
+
+        let mut vm = Vm::start_waiting_with(&vmm, &guest, 256, false).unwrap();
+        vm.wait_listening(deadline()).unwrap();
+        let bad = Entry {
+            file: entry.file.try_clone().unwrap(),
+            offset: 0,
+            len: entry.len + 1,
+        };
+        let e = vm.provide_artifact(&bad, deadline()).unwrap_err();
+        assert!(
+            e.to_string().contains("the VMM refused the artifact")
+                && e.to_string().contains("inside the file"),
+            "{e:#}"
+        );
+        vm.provide_artifact(&entry, deadline()).unwrap();
+        let e = vm.provide_artifact(&entry, deadline()).unwrap_err();
+        assert!(e.to_string().contains("takes no artifact now"), "{e:#}");
+        let request = hello_request(&entry);
+        let response = std::thread::spawn(move || {
+            let r = vm.call(&request, MAX_RESPONSE_FRAME, deadline(), &mut |_, _| {});
+            drop(vm);
+            r
+        })
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("an answer before the deadline");
+        assert_eq!(
+            response.outcome,
+            bulwark_proto::call::Outcome::Exited(0),
+            "{response:?}"
+        );
+        assert_eq!(response.stdout, b"hello from a Bulwark micro-VM\n");
+
+        // A VM that was started with its artifact takes none later.
+        let mut vm = Vm::spawn(
+            &vmm,
+            &guest,
+            256,
+            ArtifactSource::AtStart(&entry),
+            Some(Duration::from_secs(30)),
+            false,
+        )
+        .unwrap();
+        let e = vm.provide_artifact(&entry, deadline()).unwrap_err();
+        assert!(e.to_string().contains("takes no artifact now"), "{e:#}");
+        let r = vm
+            .call(
+                &hello_request(&entry),
+                MAX_RESPONSE_FRAME,
+                deadline(),
+                &mut |_, _| {},
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.stdout, b"hello from a Bulwark micro-VM\n");
+        drop(vm);
+
+        let (mut ready, mut provide) = (Vec::new(), Vec::new());
+        for i in 0..50 {
+            let t0 = Instant::now();
+            let mut vm = Vm::start_waiting_with(&vmm, &guest, 256, false).unwrap();
+            vm.wait_listening(deadline()).unwrap();
+            let t1 = Instant::now();
+            vm.provide_artifact(&entry, deadline()).unwrap();
+            let t2 = Instant::now();
+            ready.push(t1 - t0);
+            provide.push(t2 - t1);
+            if i % 10 == 0 {
+                let r = vm
+                    .call(
+                        &hello_request(&entry),
+                        MAX_RESPONSE_FRAME,
+                        deadline(),
+                        &mut |_, _| {},
+                    )
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(r.stdout, b"hello from a Bulwark micro-VM\n");
+            }
+        }
+        eprintln!(
+            "warm start over {} VMs: start_waiting to agent handshake median {:.2} ms (min {:.2}, max {:.2}); provide_artifact median {:.3} ms (min {:.3}, max {:.3})",
+            ready.len(),
+            median(&mut ready).as_secs_f64() * 1e3,
+            ready[0].as_secs_f64() * 1e3,
+            ready[ready.len() - 1].as_secs_f64() * 1e3,
+            median(&mut provide).as_secs_f64() * 1e3,
+            provide[0].as_secs_f64() * 1e3,
+            provide[provide.len() - 1].as_secs_f64() * 1e3,
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn socket_paths_fit_or_fall_back_to_a_short_directory() {

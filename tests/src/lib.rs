@@ -4,6 +4,9 @@
 //! The guest image and the precompiled self-test are built by `images/build.sh` (run by
 //! `make test`) into `build/` at the repository root, or `$BULWARK_BUILD_DIR`.
 
+pub mod http;
+pub mod wat;
+
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -208,4 +211,23 @@ pub fn bulwark_command(
     child
         .wait_with_output()
         .unwrap_or_else(|e| panic!("bulwark did not finish: {e}"))
+}
+
+/// The `bulwark-vmm` processes whose parent is `pid` (from /proc).
+pub fn vmm_children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let child: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // pid (comm) state ppid ...
+            let end = stat.rfind(')')?;
+            let comm = &stat[stat.find('(')? + 1..end];
+            let ppid: u32 = stat.get(end + 2..)?.split(' ').nth(1)?.parse().ok()?;
+            (comm.starts_with("bulwark-vmm") && ppid == pid).then_some(child)
+        })
+        .collect()
 }

@@ -121,6 +121,7 @@ fn request_for(path: &Path, digest: u8) -> Request {
         limits: Limits::default(),
         random_seed: [0; 32],
         realtime_ns: 0,
+        stream: false,
     }
 }
 

@@ -77,14 +77,16 @@ pub struct ArtifactMapping {
 
 impl ArtifactMapping {
     /// Checks `artifact` (a regular file holding the whole range) and maps it read-only.
+    ///
+    /// It makes two system calls, `fstat` and `mmap`: a VMM started with `--artifact-later`
+    /// runs this on its confined main thread, whose allow-list has just those (and not
+    /// `statx`, which the standard library's `metadata` uses).
     pub fn map(artifact: &ArtifactFile) -> Result<Self, ArtifactError> {
-        let meta = artifact.file.metadata().map_err(ArtifactError::Stat)?;
-        if !meta.file_type().is_file() {
-            return Err(ArtifactError::NotRegular(crate::files::kind_name(
-                meta.file_type(),
-            )));
+        let (mode, file_len) = fstat(&artifact.file).map_err(ArtifactError::Stat)?;
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(ArtifactError::NotRegular(kind_of_mode(mode)));
         }
-        let (offset, len, file_len) = (artifact.offset, artifact.len, meta.len());
+        let (offset, len) = (artifact.offset, artifact.len);
         let bad = || ArtifactError::BadRange {
             offset,
             len,
@@ -145,6 +147,36 @@ impl ArtifactMapping {
         // guest-physical range lies past all RAM and the MMIO window (bulwark_abi::layout), so
         // the slot overlaps no other.
         unsafe { vm.set_user_memory_region(region) }.map_err(ArtifactError::Register)
+    }
+}
+
+/// The file type bits and the size of `file`, from `fstat` (the system call itself: glibc's
+/// `fstat` may be `newfstatat`, which a path could be given to).
+fn fstat(file: &File) -> std::io::Result<(libc::mode_t, u64)> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: fstat writes a complete `stat` into the buffer, which has that type and size; the
+    // descriptor is open (`file` owns it). The buffer is read only if the call succeeded.
+    let r = unsafe { libc::syscall(libc::SYS_fstat, file.as_raw_fd(), st.as_mut_ptr()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the call succeeded, so the struct is initialized (it was zeroed before anyway).
+    let st = unsafe { st.assume_init() };
+    let size = u64::try_from(st.st_size).map_err(std::io::Error::other)?;
+    Ok((st.st_mode, size))
+}
+
+/// What kind of non-regular file the mode `mode` describes, for messages.
+fn kind_of_mode(mode: libc::mode_t) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => "directory",
+        libc::S_IFIFO => "FIFO",
+        libc::S_IFCHR => "character device",
+        libc::S_IFBLK => "block device",
+        libc::S_IFSOCK => "socket",
+        libc::S_IFLNK => "symbolic link",
+        _ => "special file",
     }
 }
 

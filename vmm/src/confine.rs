@@ -10,7 +10,10 @@
 //! 4. per thread, a seccomp allow-list: the vCPU thread may run the guest and serve its devices
 //!    (KVM_RUN, register reads, the register writes that deliver a trap to the guest, the vsock
 //!    sockets, memory, futexes); the main thread may wait, kick the vCPU and exit. Anything else
-//!    kills the process with SIGSYS.
+//!    kills the process with SIGSYS. With `--artifact-later` the main thread also receives the
+//!    artifact ([`crate::late`]): `recvmsg` and `sendto` on that socket only, `ppoll`, `fstat`,
+//!    and `KVM_SET_USER_MEMORY_REGION` on the VM's descriptor only (`mmap` and `close` it has
+//!    already).
 //!
 //! The main thread also caps processes at zero once the vCPU thread exists.
 
@@ -20,6 +23,7 @@ use bulwark_confine::{
     self as confine, LayerState, Rlimits, SeccompCmpArgLen, SyscallRules, allow, allow_if,
 };
 
+use crate::late::LateFds;
 use crate::vm::{ThreadConfinement, VmConfig, VmError};
 
 /// Descriptors the VMM may hold beyond those open at confinement: the vsock device's
@@ -56,6 +60,12 @@ mod kvm_ioctl {
         kvm_bindings::KVMIO,
         0x84,
         kvm_bindings::kvm_sregs
+    );
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_SET_USER_MEMORY_REGION,
+        kvm_bindings::KVMIO,
+        0x46,
+        kvm_bindings::kvm_userspace_memory_region
     );
 }
 
@@ -103,11 +113,14 @@ pub struct Confinement {
 }
 
 /// Confines this process for the VM `config` describes, after [`crate::Vm::build`] and while
-/// the process still has a single thread. `seccomp` off is for the Landlock probe only.
+/// the process still has a single thread. `seccomp` off is for the Landlock probe only. `late`
+/// ([`crate::Vm::late_fds`]) names the descriptors the main thread receives a late artifact
+/// with, if the VM takes one.
 pub fn confine_process(
     config: &VmConfig,
     seccomp: bool,
     probe: Option<Probe>,
+    late: Option<LateFds>,
 ) -> Result<Arc<Confinement>, VmError> {
     let err = |e: confine::ConfineError| VmError::Confine(e.to_string());
     let user_namespace = confine::enter_user_namespace();
@@ -135,7 +148,7 @@ pub fn confine_process(
                 confine::compile(vcpu_allow_list(config.vsock_guest_connections).map_err(err)?)
                     .map_err(err)?,
             ),
-            Some(confine::compile(main_allow_list()).map_err(err)?),
+            Some(confine::compile(main_allow_list(late).map_err(err)?).map_err(err)?),
             LayerState::Active("kill on any other call".into()),
         )
     } else {
@@ -278,8 +291,8 @@ fn vcpu_allow_list(guest_connections: bool) -> Result<Vec<SyscallRules>, confine
 }
 
 /// The main thread once the vCPU runs: wait for it or its timeout, kick it, reap it, report,
-/// exit.
-fn main_allow_list() -> Vec<SyscallRules> {
+/// exit; with `late`, receive the artifact on `late.socket` and give it to the VM `late.vm`.
+fn main_allow_list(late: Option<LateFds>) -> Result<Vec<SyscallRules>, confine::ConfineError> {
     let mut list = common();
     list.extend(
         [
@@ -290,5 +303,45 @@ fn main_allow_list() -> Vec<SyscallRules> {
         .into_iter()
         .map(allow),
     );
-    list
+    if let Some(late) = late {
+        let fd = |fd: std::os::fd::RawFd| u64::try_from(fd).unwrap_or(u64::MAX);
+        let on_socket = |nr| allow_if(nr, 0, SeccompCmpArgLen::Dword, &[fd(late.socket)]);
+        // ppoll's descriptors are behind a pointer, out of seccomp's sight; waiting is harmless.
+        list.push(allow(libc::SYS_ppoll));
+        list.push(on_socket(libc::SYS_recvmsg)?);
+        list.push(on_socket(libc::SYS_sendto)?);
+        list.push(allow(libc::SYS_fstat));
+        let eq = |arg, value| {
+            confine::SeccompCondition::new(
+                arg,
+                SeccompCmpArgLen::Dword,
+                confine::SeccompCmpOp::Eq,
+                value,
+            )
+            .map_err(|e| confine::ConfineError::Filter(e.to_string()))
+        };
+        let set_region = confine::SeccompRule::new(vec![
+            eq(0, fd(late.vm))?,
+            eq(1, kvm_ioctl::KVM_SET_USER_MEMORY_REGION())?,
+        ])
+        .map_err(|e| confine::ConfineError::Filter(e.to_string()))?;
+        list.push((libc::SYS_ioctl, vec![set_region]));
+    }
+    Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allow_lists_compile_with_and_without_a_late_artifact() {
+        assert!(confine::compile(main_allow_list(None).unwrap()).is_ok());
+        let late = LateFds { socket: 0, vm: 7 };
+        let list = main_allow_list(Some(late)).unwrap();
+        let ioctl = list.iter().find(|(nr, _)| *nr == libc::SYS_ioctl).unwrap();
+        assert_eq!(ioctl.1.len(), 1, "one rule: that ioctl on that descriptor");
+        assert!(confine::compile(list).is_ok());
+        assert!(confine::compile(vcpu_allow_list(true).unwrap()).is_ok());
+    }
 }

@@ -11,6 +11,7 @@ pub mod confine;
 pub mod cpu;
 pub mod devices;
 pub mod files;
+pub mod late;
 pub mod loader;
 pub mod memory;
 pub mod outcome;

@@ -53,6 +53,14 @@ struct Args {
     #[arg(long)]
     artifact_from_stdin: bool,
 
+    /// Boot with an empty artifact window and take the artifact later, once, on standard input,
+    /// which must then be a Unix stream socket (the caller's socketpair end): one message of 16
+    /// bytes (offset and length, u64 little-endian each) with the artifact file's descriptor
+    /// attached (SCM_RIGHTS), answered `OK\n` once mapped or `ERR <reason>\n`. For warm VMs;
+    /// see vmm/src/late.rs.
+    #[arg(long, conflicts_with = "artifact_from_stdin")]
+    artifact_later: bool,
+
     /// Where the artifact starts in that file (a multiple of 4096).
     #[arg(
         long,
@@ -171,6 +179,9 @@ enum GuestTest {
     WriteArtifact,
     /// Read just past the artifact's memory slot (must be an unclaimed MMIO access).
     ReadPastArtifact,
+    /// Wait for an artifact given with --artifact-later, then read just past its memory slot
+    /// (must be an unclaimed MMIO access).
+    ReadPastLateArtifact,
     /// Map 64 KiB of a linear-memory window and read past it (the page fault must be delivered
     /// to the guest's trap entry, which exits with status 0).
     WindowTrap,
@@ -245,6 +256,16 @@ fn main() -> ExitCode {
             }
         }
     }
+    if args.artifact_later {
+        use std::os::fd::AsFd;
+        match std::io::stdin().as_fd().try_clone_to_owned() {
+            Ok(socket) => config.artifact_later = Some(Arc::new(socket)),
+            Err(e) => {
+                eprintln!("bulwark-vmm: --artifact-later: standard input: {e}");
+                return ExitCode::from(bulwark_vmm::outcome::code::CONFIG);
+            }
+        }
+    }
     config.console = match args.console {
         None => Console::None,
         Some(p) if p.as_os_str() == "-" => Console::Stdout,
@@ -272,6 +293,7 @@ fn main() -> ExitCode {
         Some(GuestTest::WriteStubs) => TestMode::WriteStubs,
         Some(GuestTest::WriteArtifact) => TestMode::WriteArtifact,
         Some(GuestTest::ReadPastArtifact) => TestMode::ReadPastArtifact,
+        Some(GuestTest::ReadPastLateArtifact) => TestMode::ReadPastLateArtifact,
         Some(GuestTest::WindowTrap) => TestMode::WindowTrap,
         Some(GuestTest::WriteWindowTables) => TestMode::WriteWindowTables,
     };
@@ -291,7 +313,7 @@ fn main() -> ExitCode {
             ConfineProbe::OpenFile => Probe::OpenFile,
         });
         let seccomp = probe != Some(Probe::OpenFile);
-        let confinement = confine_process(&config, seccomp, probe)?;
+        let confinement = confine_process(&config, seccomp, probe, vm.late_fds())?;
         if args.report_confinement {
             eprintln!(
                 "bulwark-vmm: confinement: {}; {}",

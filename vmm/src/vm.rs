@@ -34,6 +34,7 @@ use crate::devices::virtio::DeviceFault;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::VsockDevice;
 use crate::devices::virtio::vsock::muxer::MuxerError;
+use crate::late::{LateArtifact, LateError, LateFds, Served};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::outcome::{VmExit, code};
@@ -64,6 +65,9 @@ pub struct VmConfig {
     pub payload: Option<PathBuf>,
     /// The precompiled module mapped read-only at [`bulwark_abi::layout::ARTIFACT_START`].
     pub artifact: Option<ArtifactFile>,
+    /// A Unix stream socket the artifact comes on once the guest runs ([`crate::late`]);
+    /// excludes [`VmConfig::artifact`].
+    pub artifact_later: Option<Arc<std::os::fd::OwnedFd>>,
     /// Where the serial console goes.
     pub console: Console,
     /// Most console bytes recorded.
@@ -97,6 +101,7 @@ impl VmConfig {
             mem_mib: 256,
             payload: None,
             artifact: None,
+            artifact_later: None,
             console: Console::None,
             console_limit: DEFAULT_CONSOLE_LIMIT,
             timeout: None,
@@ -150,6 +155,9 @@ pub enum VmError {
     /// The artifact could not be mapped.
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
+    /// The late artifact's socket is unusable.
+    #[error("--artifact-later: {0}")]
+    Late(#[from] LateError),
     /// The vCPU failed while running.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -173,7 +181,8 @@ impl VmError {
             | Self::Boot(_)
             | Self::Console { .. }
             | Self::Vsock(_)
-            | Self::Config(_) => code::CONFIG,
+            | Self::Config(_)
+            | Self::Late(_) => code::CONFIG,
             Self::Artifact(ArtifactError::Register(_)) => code::KVM,
             Self::Artifact(_) => code::CONFIG,
             Self::Kvm(_) | Self::Cpu(_) => code::KVM,
@@ -248,6 +257,9 @@ extern "C" fn request_termination(_: libc::c_int, _: *mut libc::siginfo_t, _: *m
 /// How often the main thread looks for a SIGTERM while the guest runs.
 const TERMINATE_POLL: Duration = Duration::from_millis(2);
 
+/// Most late-artifact messages the main thread answers between two looks at the timeout.
+const LATE_MESSAGES_PER_ROUND: usize = 8;
+
 /// Whether SIGTERM asked this VMM to stop.
 pub fn terminate_requested() -> bool {
     TERMINATE.load(Ordering::Acquire)
@@ -256,12 +268,14 @@ pub fn terminate_requested() -> bool {
 /// A VM that is built and ready to run: guest memory loaded, CPU state set, devices in place.
 ///
 /// Fields drop in order: the vCPU (and its file descriptor) first, then the VM file descriptor,
-/// then guest memory, so KVM never holds a slot whose memory is gone.
+/// then guest memory and the late artifact, so KVM never holds a slot whose memory is gone.
 pub struct Vm {
     vcpu: Vcpu,
     vm_fd: VmFd,
     /// Keeps guest RAM mapped until after `vm_fd` is closed.
     mem: GuestMemory,
+    /// With `--artifact-later`: the socket the artifact comes on, and then its mapping.
+    late: Option<LateArtifact>,
     stop: Arc<AtomicBool>,
     timeout: Option<Duration>,
     cr4: u64,
@@ -328,12 +342,30 @@ impl Vm {
         let image = loader::read(&config.guest, mem_size)?;
         let (mut info, payload) =
             boot::plan(mem_size, config.payload.as_deref(), config.test_mode, 0)?;
+        if config.artifact.is_some() && config.artifact_later.is_some() {
+            return Err(VmError::Config(
+                "an artifact is given either at start or later, not both".into(),
+            ));
+        }
         let artifact = config
             .artifact
             .as_ref()
             .map(ArtifactMapping::map)
             .transpose()?;
         info.artifact_size = artifact.as_ref().map_or(0, ArtifactMapping::len);
+        // With a late artifact the page tables map the whole window now (user read-only):
+        // until the slot exists a guest access is an MMIO access no device serves, and after
+        // it, so is one past the slot.
+        let window = if config.artifact_later.is_some() {
+            layout::ARTIFACT_MAX_SIZE
+        } else {
+            info.artifact_size
+        };
+        let mut late = config
+            .artifact_later
+            .as_ref()
+            .map(|socket| LateArtifact::new(Arc::clone(socket)))
+            .transpose()?;
         let sink = SharedSink::new(console_sink(config)?);
         if config.cid <= bulwark_abi::vsock::HOST_CID || config.cid >= u64::from(u32::MAX) {
             return Err(VmError::Config(format!(
@@ -366,8 +398,11 @@ impl Vm {
         // through `Vcpu::run`, and the `Vcpu` it is moved into holds a clone of `mem` (its
         // `mem` field), which keeps the mapping alive for as long as the vCPU exists.
         unsafe { memory::register(&vm_fd, &mem) }?;
+        let readonly = kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem);
+        if let Some(late) = &mut late {
+            late.set_readonly(readonly);
+        }
         if let Some(artifact) = &artifact {
-            let readonly = kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem);
             // SAFETY: registered once, for this new VM; the mapping moves into the `Vcpu`
             // below (its `artifact` field), which outlives every run of the VM's only vCPU.
             unsafe { artifact.register(&vm_fd, readonly) }?;
@@ -382,7 +417,7 @@ impl Vm {
         info.tsc_khz = vcpu_fd.get_tsc_khz().map_or(0, u64::from);
         info.vsock_cid = if vsock.is_some() { config.cid } else { 0 };
         boot::write(&mem, &info, &payload)?;
-        cpu::paging::write(&mem, mem_size, info.artifact_size)?;
+        cpu::paging::write(&mem, mem_size, window)?;
         cpu::gdt::write(&mem)?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -462,10 +497,17 @@ impl Vm {
             },
             vm_fd,
             mem,
+            late,
             stop,
             timeout: config.timeout,
             cr4,
         })
+    }
+
+    /// With `--artifact-later`, the descriptors its confined main thread uses
+    /// ([`crate::confine::confine_process`] allows them only).
+    pub fn late_fds(&self) -> Option<LateFds> {
+        self.late.as_ref().map(|l| l.fds(&self.vm_fd))
     }
 
     /// The CPU's own protections of the guest's CPL0 stubs, in words (SMEP, SMAP).
@@ -485,6 +527,7 @@ impl Vm {
             mut vcpu,
             vm_fd,
             mem,
+            mut late,
             stop,
             timeout,
             ..
@@ -517,35 +560,55 @@ impl Vm {
             .map_err(|e| VmError::Thread(format!("cannot start the vCPU thread: {e}")))?;
         let confined = confine.main_thread();
         let _ = go_tx.send(confined.is_ok());
-        // Wait for the guest to end, its timeout to pass, or a SIGTERM.
+        // Wait for the guest to end, its timeout to pass, or a SIGTERM; meanwhile, with
+        // `--artifact-later`, serve the artifact's socket (this thread, confined: see
+        // crate::late) until its caller closes it.
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let stop = loop {
             let wait = deadline.map_or(TERMINATE_POLL, |d| {
                 d.saturating_duration_since(std::time::Instant::now())
                     .min(TERMINATE_POLL)
             });
-            match done_rx.recv_timeout(wait) {
-                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break false,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if terminate_requested()
-                        || deadline.is_some_and(|d| std::time::Instant::now() >= d)
-                    {
-                        break true;
+            let watched = late.as_mut().filter(|l| l.is_open() && confined.is_ok());
+            let finished = match watched {
+                Some(late) => {
+                    // A few messages per round at most: a caller that sends without end
+                    // cannot keep this thread from the timeout.
+                    if late.readable(wait) {
+                        for _ in 0..LATE_MESSAGES_PER_ROUND {
+                            if !matches!(late.serve(&vm_fd, &mem), Served::Answered(_)) {
+                                break;
+                            }
+                        }
                     }
+                    !matches!(done_rx.try_recv(), Err(mpsc::TryRecvError::Empty))
                 }
+                None => !matches!(
+                    done_rx.recv_timeout(wait),
+                    Err(mpsc::RecvTimeoutError::Timeout)
+                ),
+            };
+            if finished {
+                break false;
+            }
+            if terminate_requested() || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                break true;
             }
         };
         if stop {
             handle.stop(&thread);
         }
-        let (result, vcpu) = thread
-            .join()
-            .map_err(|_| VmError::Thread("the vCPU thread panicked".into()))?;
-        // The vCPU and VM descriptors go before guest memory; the console is flushed as the
-        // devices drop, before the caller reports.
-        drop(vcpu);
+        let joined = thread.join();
+        // The vCPU and VM descriptors go before guest memory and the late artifact's mapping;
+        // the console is flushed as the devices drop, before the caller reports.
+        let joined = joined.map(|(result, vcpu)| {
+            drop(vcpu);
+            result
+        });
         drop(vm_fd);
         drop(mem);
+        drop(late);
+        let result = joined.map_err(|_| VmError::Thread("the vCPU thread panicked".into()))?;
         confined.map_err(VmError::Confine)?;
         let (exit, times) = result?;
         Ok(RunReport { exit, times })

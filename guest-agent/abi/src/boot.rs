@@ -37,6 +37,10 @@ pub enum TestMode {
     /// Write to the window page tables from CPL3 (the VMM must report a page fault: the region
     /// is supervisor-only).
     WriteWindowTables = 10,
+    /// Wait (spinning) until the VMM has mapped an artifact late (`--artifact-later`:
+    /// [`BootInfo::artifact_size`] becomes non-zero), then read past it as
+    /// [`TestMode::ReadPastArtifact`] does (the VMM must report an unclaimed MMIO access).
+    ReadPastLateArtifact = 11,
 }
 
 impl TestMode {
@@ -54,6 +58,7 @@ impl TestMode {
             8 => Some(Self::ReadPastArtifact),
             9 => Some(Self::WindowTrap),
             10 => Some(Self::WriteWindowTables),
+            11 => Some(Self::ReadPastLateArtifact),
             _ => None,
         }
     }
@@ -92,12 +97,22 @@ pub struct BootInfo {
     /// Bytes of the precompiled module mapped read-only at
     /// [`ARTIFACT_START`](crate::layout::ARTIFACT_START) (0: none). Past them, up to the next
     /// 4 KiB, the window reads as zeros; past that nothing is behind it.
+    ///
+    /// The one field that may change while the guest runs: a VMM started with
+    /// `--artifact-later` boots the guest with 0 here and writes the size (one aligned 8-byte
+    /// store) once, after the artifact's memory slot exists; it never changes again. A guest
+    /// reads it with a volatile read when a call needs the artifact, and must check it against
+    /// [`ARTIFACT_MAX_SIZE`](crate::layout::ARTIFACT_MAX_SIZE) again.
     pub artifact_size: u64,
 }
 
 impl BootInfo {
     /// Size of the block in guest memory.
     pub const SIZE: usize = core::mem::size_of::<Self>();
+
+    /// Offset of [`BootInfo::artifact_size`] in the block: where a VMM that maps the artifact
+    /// late writes its size, and where the guest reads it again.
+    pub const ARTIFACT_SIZE_OFFSET: usize = core::mem::offset_of!(Self, artifact_size);
 
     /// Serializes the block as it lies in guest memory (little-endian, `repr(C)` order).
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
@@ -189,6 +204,12 @@ mod tests {
         let info = sample();
         let bytes = info.to_bytes();
         assert_eq!(bytes.len(), 88);
+        assert_eq!(BootInfo::ARTIFACT_SIZE_OFFSET, 80);
+        assert_eq!(
+            bytes[80..88],
+            info.artifact_size.to_le_bytes(),
+            "the late-written field is where the offset says"
+        );
         // SAFETY: BootInfo is repr(C), plain integers, and `bytes` is exactly its size.
         let back: BootInfo = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
         assert_eq!(back, info);

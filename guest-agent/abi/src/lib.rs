@@ -33,5 +33,8 @@ pub mod window;
 /// (`layout::ARTIFACT_START`, `BootInfo::artifact_size`); the vsock device is set up by the VMM
 /// before the guest starts (`layout::VIRTQUEUES`). Version 5: linear-memory windows mapped by
 /// the VMM (`layout::WINDOWS_START`, `window::MapRequest`) and exceptions delivered to the
-/// guest (`ports::CONTROL_TRAP_ENTRY`).
-pub const ABI_VERSION: u32 = 5;
+/// guest (`ports::CONTROL_TRAP_ENTRY`). Version 6: an artifact may be mapped after the guest
+/// started (`bulwark-vmm --artifact-later`): `BootInfo::artifact_size` goes from 0 to the
+/// artifact's size once, when the VMM has mapped it, and the guest reads it again (volatile)
+/// when a call needs the artifact.
+pub const ABI_VERSION: u32 = 6;

@@ -132,6 +132,28 @@ pub fn compiler_config(metering: Metering) -> wasmtime::Result<Config> {
     Ok(config)
 }
 
+/// Names the settings [`host_config`] adds to the shared ones; change it with them, so the
+/// compile cache never hands out an artifact compiled under other settings.
+#[cfg(feature = "compiler")]
+pub const HOST_SETTINGS_ID: &str = "v1 cranelift no-components epoch no-backtrace-details";
+
+/// The configuration for running modules on the host itself (`bulwark run --isolation wasm`)
+/// and compiling for it (`bulwark compile --target host [--fuel]`): [`shared_config`], so the
+/// same modules validate with the same fuel costs, compiled for this host's CPU.
+#[cfg(feature = "compiler")]
+pub fn host_config(metering: Metering) -> Config {
+    let mut config = shared_config(metering);
+    config
+        .strategy(wasmtime::Strategy::Cranelift)
+        // As `compiler_config`: the guest's wasmtime has no component model (the host's build
+        // has it only because wasmtime-wasi needs it), so the same modules are refused.
+        .wasm_component_model(false)
+        .epoch_interruption(true)
+        // The guest has no DWARF support: keep trap messages the same whatever the environment.
+        .wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Disable);
+    config
+}
+
 /// How a call that did not return from `_start` ended, decided the same way on both sides (the
 /// guest agent and `bulwark run --isolation wasm`): `exit` is the code when the error is the
 /// embedder's `proc_exit`; out of fuel is its own outcome; any other trap carries its message

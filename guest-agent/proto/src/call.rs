@@ -15,8 +15,9 @@ pub const AGENT_PORT: u32 = 52;
 /// Version of this protocol; a request of another version is refused
 /// ([`Outcome::Refused`]). Version 3: [`Outcome::Refused`] and [`Outcome::AgentFailed`] replace
 /// the one `Error` outcome. Version 4: the artifact is mapped by the VMM, never sent
-/// ([`Artifact`]).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// ([`Artifact`]). Version 5: a call may ask for its output as the tool writes it
+/// ([`Request::stream`], [`Reply`]).
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Most shared directories one call may carry ([`Request::dirs`]): the agent refuses a request
 /// with more, and the host refuses such a call before it starts a VM.
 pub const MAX_SHARED_DIRS: usize = 64;
@@ -84,6 +85,22 @@ pub struct Request {
     pub random_seed: [u8; 32],
     /// Host wall-clock time at the call, nanoseconds since the Unix epoch.
     pub realtime_ns: u64,
+    /// Send the output while the tool runs: the connection then carries [`Reply`] frames, the
+    /// output first and [`Reply::Done`] last, instead of one [`Response`].
+    pub stream: bool,
+}
+
+/// What the agent sends on the connection of a call with [`Request::stream`]: output frames as
+/// the tool writes, then exactly one [`Reply::Done`]. Output past `Limits::max_output` (each
+/// stream in total) is dropped, never sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Bytes the tool wrote to stdout, following those sent before.
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Bytes the tool wrote to stderr, following those sent before.
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The answer; its `stdout` and `stderr` are empty (every byte kept was sent before).
+    Done(Response),
 }
 
 /// How the tool ended.

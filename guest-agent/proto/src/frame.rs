@@ -165,6 +165,7 @@ mod tests {
             limits: Limits::default(),
             random_seed: [9; 32],
             realtime_ns: 1,
+            stream: false,
         };
         let frame = encode(&req).unwrap();
         let len = body_len(frame[..PREFIX].try_into().unwrap(), MAX_REQUEST_FRAME).unwrap();

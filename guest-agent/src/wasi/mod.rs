@@ -1,8 +1,10 @@
 //! The wasmtime linker glue of WASI preview 1: each `wasi_snapshot_preview1` import gets the
 //! tool's memory and the call's context from the caller and runs the matching function of
 //! `bulwark_wasi` (which holds all the logic and is tested on the host). The guest adds what
-//! only it has: the TSC clock, the seeded random generator, the VMM's bounded wait, and
-//! `proc_exit` as a trap carrying the exit code.
+//! only it has: the TSC clock, the seeded random generator, the VMM's bounded wait,
+//! `proc_exit` as a trap carrying the exit code, and, for a streaming call, sending the output
+//! at `fd_write`, `fd_pwrite`, `fd_read`, `clock_time_get`, `sched_yield` and `poll_oneoff`
+//! ([`crate::stream`] has the rule).
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -15,6 +17,7 @@ use rand_chacha::rand_core::{Rng, SeedableRng};
 use wasmtime::{Caller, Extern, Linker};
 
 use crate::clock::{self, Clock};
+use crate::stream::{Link, When};
 
 const MODULE: &str = "wasi_snapshot_preview1";
 
@@ -66,6 +69,8 @@ pub struct Ctx {
     pub wasi: WasiCtx<GuestHost>,
     /// Memory and table limits for the store: one budget for all its memories.
     pub limits: CallLimits,
+    /// The connection output is streamed on, for a call that asked for it.
+    link: Option<Link>,
 }
 
 /// What a call's context is made from.
@@ -80,6 +85,8 @@ pub struct CtxParams {
     pub clock: Clock,
     /// Store limits.
     pub limits: CallLimits,
+    /// Where to stream the output while the tool runs (None: keep it all for the answer).
+    pub link: Option<Link>,
 }
 
 impl Ctx {
@@ -96,6 +103,7 @@ impl Ctx {
         Ok(Self {
             wasi,
             limits: p.limits,
+            link: p.link,
         })
     }
 
@@ -114,6 +122,17 @@ fn memory(caller: &mut Caller<'_, Ctx>) -> wasmtime::Result<wasmtime::Memory> {
         Some(Extern::Memory(mem)) => Ok(mem),
         _ => Err(wasmtime::Error::msg("missing required memory export")),
     }
+}
+
+/// For a streaming call, sends the unsent output if `when` says so ([`crate::stream`]). The
+/// host closed the connection if this fails: the error ends the call.
+fn stream(caller: &mut Caller<'_, Ctx>, when: When) -> wasmtime::Result<()> {
+    let ctx = caller.data_mut();
+    if let Some(link) = &mut ctx.link {
+        link.send(when, &mut ctx.wasi.stdout, &mut ctx.wasi.stderr)
+            .map_err(wasmtime::Error::new)?;
+    }
+    Ok(())
 }
 
 /// Runs `f` on the tool's memory and the WASI context.
@@ -162,19 +181,25 @@ pub fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
         MODULE,
         "clock_time_get",
         |mut c: C<'_>, id: u32, precision: u64, out: u32| {
-            with_mem(&mut c, |m, w| w.clock_time_get(m, id, precision, out))
+            let code = with_mem(&mut c, |m, w| w.clock_time_get(m, id, precision, out))?;
+            stream(&mut c, When::Due)?;
+            Ok(code)
         },
     )?;
     linker.func_wrap(MODULE, "random_get", |mut c: C<'_>, buf: u32, len: u32| {
         with_mem(&mut c, |m, w| w.random_get(m, buf, len))
     })?;
     linker.func_wrap(MODULE, "sched_yield", |mut c: C<'_>| {
-        with_ctx(&mut c, |_| Ok(()))
+        let code = with_ctx(&mut c, |_| Ok(()))?;
+        stream(&mut c, When::Due)?;
+        Ok(code)
     })?;
     linker.func_wrap(
         MODULE,
         "poll_oneoff",
         |mut c: C<'_>, subs: u32, events: u32, count: u32, nevents: u32| {
+            // It may sleep: what the tool wrote goes out first.
+            stream(&mut c, When::Now)?;
             with_mem(&mut c, |m, w| {
                 w.poll_oneoff(m, subs, events, count, nevents)
             })
@@ -213,7 +238,9 @@ fn add_fd(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
         MODULE,
         "fd_read",
         |mut c: C<'_>, fd: u32, iovs: u32, n: u32, out: u32| {
-            with_mem(&mut c, |m, w| w.fd_read(m, fd, iovs, n, None, out))
+            let code = with_mem(&mut c, |m, w| w.fd_read(m, fd, iovs, n, None, out))?;
+            stream(&mut c, When::Due)?;
+            Ok(code)
         },
     )?;
     linker.func_wrap(
@@ -227,14 +254,18 @@ fn add_fd(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
         MODULE,
         "fd_write",
         |mut c: C<'_>, fd: u32, iovs: u32, n: u32, out: u32| {
-            with_mem(&mut c, |m, w| w.fd_write(m, fd, iovs, n, None, out))
+            let code = with_mem(&mut c, |m, w| w.fd_write(m, fd, iovs, n, None, out))?;
+            stream(&mut c, When::Due)?;
+            Ok(code)
         },
     )?;
     linker.func_wrap(
         MODULE,
         "fd_pwrite",
         |mut c: C<'_>, fd: u32, iovs: u32, n: u32, at: u64, out: u32| {
-            with_mem(&mut c, |m, w| w.fd_write(m, fd, iovs, n, Some(at), out))
+            let code = with_mem(&mut c, |m, w| w.fd_write(m, fd, iovs, n, Some(at), out))?;
+            stream(&mut c, When::Due)?;
+            Ok(code)
         },
     )?;
     linker.func_wrap(

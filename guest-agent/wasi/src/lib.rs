@@ -50,11 +50,17 @@ pub trait Host {
 }
 
 /// Captured output with a cap.
+///
+/// The cap counts every byte ever kept, including those already handed on with
+/// [`Output::take`] (a streaming call sends its output while the tool runs, so the record
+/// holds only what has not been sent yet, and memory stays bounded by the cap either way).
 #[derive(Default)]
 pub struct Output {
-    /// Bytes kept.
+    /// Bytes kept and not taken yet: all of them when nothing was taken.
     pub bytes: Vec<u8>,
     cap: usize,
+    /// Bytes kept and then taken.
+    taken: usize,
     /// Bytes were dropped at the cap.
     pub truncated: bool,
 }
@@ -65,17 +71,36 @@ impl Output {
         Self {
             bytes: Vec::new(),
             cap,
+            taken: 0,
             truncated: false,
         }
     }
 
     /// Appends what fits under the cap; the rest is dropped and noted.
     pub fn push(&mut self, data: &[u8]) {
-        let room = self.cap.saturating_sub(self.bytes.len());
+        let room = self.cap.saturating_sub(self.kept());
         if data.len() > room {
             self.truncated = true;
         }
         self.bytes.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    /// Bytes kept so far, taken ones included (never more than the cap).
+    pub fn kept(&self) -> usize {
+        self.taken.saturating_add(self.bytes.len())
+    }
+
+    /// Bytes kept and not taken yet.
+    pub fn pending(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Hands over the bytes kept since the last take (moved, not copied). They still count
+    /// against the cap.
+    pub fn take(&mut self) -> Vec<u8> {
+        let bytes = core::mem::take(&mut self.bytes);
+        self.taken = self.taken.saturating_add(bytes.len());
+        bytes
     }
 }
 

@@ -921,3 +921,64 @@ fn poll_oneoff_counts_are_checked_before_anything_is_kept() {
     assert_eq!(w.poll_oneoff(&mut mem, 0, 0, 170, OUT), Ok(()));
     assert_eq!(u32_at(&mem, OUT), 170);
 }
+
+#[test]
+fn output_take_hands_over_only_new_bytes_and_the_cap_counts_taken_ones() {
+    let mut out = Output::new(10);
+    out.push(b"abc");
+    assert_eq!((out.kept(), out.pending()), (3, 3));
+    assert_eq!(out.take(), b"abc");
+    assert_eq!((out.kept(), out.pending()), (3, 0));
+    // Nothing new: an empty take.
+    assert!(out.take().is_empty());
+    assert_eq!(out.kept(), 3);
+    out.push(b"defg");
+    assert_eq!(out.bytes, b"defg");
+    assert_eq!(out.take(), b"defg");
+    assert!(!out.truncated);
+    // 7 taken: only 3 more fit, whatever was taken.
+    out.push(b"hijkl");
+    assert!(out.truncated);
+    assert_eq!(out.take(), b"hij");
+    assert_eq!((out.kept(), out.pending()), (10, 0));
+    out.push(b"m");
+    assert!(out.take().is_empty());
+    assert_eq!(out.kept(), 10);
+}
+
+#[test]
+fn output_exactly_at_the_cap_is_not_truncated() {
+    let mut out = Output::new(4);
+    out.push(b"ab");
+    assert_eq!(out.take(), b"ab");
+    out.push(b"cd");
+    assert!(!out.truncated);
+    out.push(b"");
+    assert!(!out.truncated, "an empty write past the cap drops nothing");
+    assert_eq!(out.take(), b"cd");
+    out.push(b"e");
+    assert!(out.truncated);
+    // A zero cap keeps nothing.
+    let mut none = Output::new(0);
+    none.push(b"x");
+    assert!(none.truncated);
+    assert_eq!(none.kept(), 0);
+}
+
+#[test]
+fn fd_write_to_stdout_after_a_take_keeps_to_the_cap_of_the_whole_call() {
+    let mut w = ctx();
+    let mut mem = vec![0u8; 1 << 17];
+    let chunk = vec![b'x'; 40_000];
+    assert_eq!(write(&mut w, &mut mem, 1, &chunk), Ok(40_000));
+    assert_eq!(write(&mut w, &mut mem, 2, b"err"), Ok(3));
+    assert_eq!(w.stdout.take().len(), 40_000);
+    assert_eq!(w.stderr.take(), b"err");
+    // The cap is 64 KiB: 40,000 taken, so 25,536 more are kept; the count is still all.
+    assert_eq!(write(&mut w, &mut mem, 1, &chunk), Ok(40_000));
+    assert!(w.stdout.truncated);
+    assert!(!w.stderr.truncated);
+    assert_eq!(w.stdout.take().len(), (1 << 16) - 40_000);
+    assert_eq!(w.stdout.kept(), 1 << 16);
+    assert_eq!(w.stderr.kept(), 3);
+}
