@@ -783,6 +783,14 @@ fn finish(
     }
     let mut after = after;
     let files = after.split_off(hosts.len());
+    for (sent, now) in before[hosts.len()..].iter().zip(&files) {
+        dirs::check_tree(&sent.entries, now).map_err(|e| {
+            CallError::Bulwark(format!(
+                "the answer for {} is refused: {e:#}",
+                sent.guest_path
+            ))
+        })?;
+    }
     let mut changes = Vec::new();
     for ((host, sent), now) in hosts.iter().zip(before).zip(&after) {
         match dirs::write_back(host, &sent.entries, now) {

@@ -3,8 +3,8 @@
 //! Cancelling sets a flag that the call's waits poll (the compile worker, an in-process run) and
 //! kills the call's VMM, if one is running, so a call blocked reading the VM's answer sees the
 //! connection close instead of waiting for its deadline. `bulwark run` cancels its one call on
-//! Ctrl-C, SIGTERM or SIGHUP (`interrupt`); the server cancels a call whose client went away or
-//! that is still running at shutdown's end.
+//! Ctrl-C, SIGTERM or SIGHUP (`interrupt`); the server cancels a call whose client went away, and
+//! every call still running at a second stop signal.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -552,6 +552,22 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "96MiB", value_parser = parse_size)]
     pub max_body: u64,
 
+    /// Largest `timeout_ms` a call may ask for (a call asking more is refused, 400).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub max_timeout: std::time::Duration,
+
+    /// Largest `max_memory` (linear memory) a call may ask for.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    pub max_memory: u64,
+
+    /// Largest `max_output` (of stdout, and of stderr) a call may ask for.
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub max_output: u64,
+
+    /// Largest `max_files_size` (the call's /work, in and out) a call may ask for.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub max_files_size: u64,
+
     /// VMs kept booted ahead of calls (0: every call starts its own VM).
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub pool: usize,

@@ -896,6 +896,15 @@ fn current(
     }
 }
 
+/// Checks a tree that came back for a directory made in memory (`CallSpec::files`) by the rules
+/// a write-back applies ([`check_answer`]): plain relative paths, each once, parents first,
+/// `Unchanged` only for a file that was sent, links that stay inside. Whoever gets the tree
+/// may write it out by its paths.
+pub fn check_tree(before: &[Entry], after: &[Entry]) -> anyhow::Result<()> {
+    let before: BTreeMap<&str, &Node> = before.iter().map(|e| (e.path.as_str(), &e.node)).collect();
+    check_answer(&before, after).map(drop)
+}
+
 /// Makes the host directory `root` hold `after` where it held `before` (see the module docs).
 pub fn write_back(root: &HostDir, before: &[Entry], after: &[Entry]) -> anyhow::Result<Changes> {
     let before: BTreeMap<&str, &Node> = before.iter().map(|e| (e.path.as_str(), &e.node)).collect();

@@ -233,7 +233,16 @@ impl Vm {
 
     /// Why the VMM ended, if it has (its one-line report).
     pub fn failure(&mut self) -> Option<String> {
-        let status = self.child.try_wait().ok()??;
+        // `try_wait` reaps a VMM that ended: the cancel token must not hold its pid then (it
+        // could name another process next). It is told again if the VMM still runs.
+        if let Some(cancel) = &self.watched {
+            cancel.forget_vmm();
+        }
+        let waited = self.child.try_wait();
+        if let (Some(cancel), Ok(None)) = (&self.watched, &waited) {
+            cancel.watch_vmm(self.child.id());
+        }
+        let status = waited.ok()??;
         let err = self.take_stderr();
         let line = err
             .lines()
@@ -323,8 +332,12 @@ impl Vm {
         };
         let request =
             frame::encode(req).map_err(|e| anyhow::anyhow!("cannot encode the request: {e}"))?;
-        s.set_write_timeout(Some(remaining()))?;
-        if let Err(e) = s.write_all(&request) {
+        if let Err(e) = (Until {
+            s: &mut s,
+            deadline,
+        })
+        .write_all(&request)
+        {
             return if timed_out(&e) {
                 Ok(None)
             } else {
@@ -372,11 +385,7 @@ impl Vm {
         max: u32,
         deadline: Instant,
     ) -> anyhow::Result<Option<T>> {
-        let remaining = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        s.set_read_timeout(Some(remaining))?;
-        match frame::read(s, max) {
+        match frame::read(&mut Until { s, deadline }, max) {
             Ok(r) => Ok(Some(r)),
             Err(ReadError::Prefix(e) | ReadError::Body(e)) if timed_out(&e) => Ok(None),
             Err(ReadError::Prefix(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -387,6 +396,44 @@ impl Vm {
             }
             Err(e) => bail!("bad answer from the VM: {e}"),
         }
+    }
+}
+
+/// The VM's connection, read and written only until `deadline`: every read and write gets the
+/// time left, so a guest that sends (or takes) a byte at a time cannot stretch a call past
+/// it. A pooled VMM has no timeout of its own: this is what ends its call.
+struct Until<'a> {
+    s: &'a mut UnixStream,
+    deadline: Instant,
+}
+
+impl Until<'_> {
+    fn time_left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Until<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.time_left()?;
+        self.s.set_read_timeout(Some(left))?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for Until<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.time_left()?;
+        self.s.set_write_timeout(Some(left))?;
+        self.s.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
     }
 }
 
@@ -1000,6 +1047,36 @@ mod tests {
             provide[provide.len() - 1].as_secs_f64() * 1e3,
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_peer_that_drips_its_answer_cannot_stretch_the_deadline() {
+        let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+        let dripper = std::thread::spawn(move || {
+            // A 100-byte frame, one byte every 20 ms: 2 s in all, each byte well within any
+            // per-read timeout.
+            let _ = theirs.write_all(&100u32.to_le_bytes());
+            for _ in 0..100 {
+                if theirs.write_all(&[0]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let r: Result<Response, _> = frame::read(
+            &mut Until {
+                s: &mut ours,
+                deadline,
+            },
+            MAX_RESPONSE_FRAME,
+        );
+        match r {
+            Err(ReadError::Body(e)) => assert!(timed_out(&e), "{e}"),
+            other => panic!("the read went past its deadline: {other:?}"),
+        }
+        drop(ours);
+        dripper.join().unwrap();
     }
 
     #[test]

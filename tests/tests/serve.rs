@@ -146,6 +146,17 @@ fn calls_run_from_the_pool_by_digest_inline_and_as_python_with_files() {
         (400..500).contains(&status),
         "an unknown field is refused: {status}"
     );
+    let (status, e) = request(
+        &socket,
+        "POST",
+        "/v1/runs",
+        Some(&json!({"module": digest, "limits": {"timeout_ms": 3_600_000}})),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("--max-timeout"),
+        "{e}"
+    );
     let (status, e) = upload(&socket, b"not wasm at all");
     assert_eq!(status, 422, "{e}");
 
@@ -156,7 +167,7 @@ fn calls_run_from_the_pool_by_digest_inline_and_as_python_with_files() {
             "args": ["a", "b"],
             "files": [{"path": "in/names.txt", "content": "cy ada bo"}],
             "return_files": ["out.txt"],
-            "limits": {"timeout_ms": 300000}
+            "limits": {"timeout_ms": 60000}
         });
         let (status, run) = request(&socket, "POST", "/v1/runs", Some(&call));
         assert_eq!(status, 200, "{run}");
@@ -462,4 +473,73 @@ fn a_streamed_run_sends_output_as_the_tool_writes_it() {
     )
     .unwrap();
     assert_eq!(a.status, 400, "{a:?}");
+}
+
+#[test]
+fn a_socket_directory_that_is_a_link_or_open_to_others_is_refused() {
+    let dir = http::socket_dir("links");
+    let real = dir.join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let out = bulwark_command(
+        "serve",
+        &["--socket", link.join("api.sock").to_str().unwrap()],
+        b"",
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not a directory (a link?)"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = bulwark_command(
+        "serve",
+        &["--socket", real.join("api.sock").to_str().unwrap()],
+        b"",
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not private to you"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!real.join("api.sock").exists());
+}
+
+#[test]
+fn a_second_stop_signal_cancels_the_calls_still_running() {
+    if !kvm_available() {
+        return;
+    }
+    let socket = socket_in("cancel");
+    let mut server = serve(&["--pool", "0"], &socket);
+    let spin =
+        json!({"module_base64": base64(wat::SPIN.as_bytes()), "limits": {"timeout_ms": 30000}});
+    let in_flight = {
+        let socket = socket.clone();
+        std::thread::spawn(move || request(&socket, "POST", "/v1/runs", Some(&spin)))
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while request(&socket, "GET", "/v1/health", None).1["free_slots"] == 8 {
+        assert!(Instant::now() < until, "the call never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Let the call reach its VM.
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = libc::pid_t::try_from(server.child.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which is still running.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above; it is still running, finishing its call.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let (status, run) = in_flight.join().unwrap();
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(run["exit_code"], 130);
+    assert!(server.child.wait().unwrap().success());
+    assert_eq!(vmm_children(server.child.id()), Vec::<u32>::new());
 }

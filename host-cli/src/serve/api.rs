@@ -39,6 +39,114 @@ pub struct App {
     pub pool: Pool,
     /// One permit per call (or upload) that may run at once.
     pub permits: Arc<Semaphore>,
+    /// The most a call may ask for.
+    pub caps: Caps,
+    /// The calls (and uploads) running now, to cancel when the server must stop at once.
+    pub running: Arc<Running>,
+}
+
+/// The cancel tokens of the calls running now.
+#[derive(Default)]
+pub struct Running {
+    next: std::sync::atomic::AtomicU64,
+    calls: std::sync::Mutex<std::collections::HashMap<u64, Cancel>>,
+}
+
+impl Running {
+    /// Notes `cancel` until the returned guard drops.
+    fn enter(self: &Arc<Self>, cancel: &Cancel) -> RunningGuard {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().insert(id, cancel.clone());
+        RunningGuard {
+            running: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// Cancels every call running now; how many.
+    pub fn cancel_all(&self) -> usize {
+        let calls = self.lock();
+        for c in calls.values() {
+            c.cancel();
+        }
+        calls.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Cancel>> {
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Removes its call from [`Running`] when dropped.
+struct RunningGuard {
+    running: Arc<Running>,
+    id: u64,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.running.lock().remove(&self.id);
+    }
+}
+
+/// The largest limits a call may ask for (`bulwark serve --max-timeout` and friends): the
+/// server is shared, so no one call may claim it whole.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    /// Wall-clock time.
+    pub timeout: Duration,
+    /// Linear memory, bytes.
+    pub max_memory: u64,
+    /// Output, bytes of each stream.
+    pub max_output: u64,
+    /// `/work`, bytes in and out.
+    pub max_files_size: u64,
+}
+
+impl Caps {
+    /// Refuses `limits` past these caps, naming the flag that sets the cap.
+    fn check(&self, limits: &CallLimits) -> Result<(), Reject> {
+        let over = |what: &str, asked: String, cap: String, flag: &str| {
+            bad(format!(
+                "limits.{what} {asked} is over this server's {cap} (bulwark serve --{flag})"
+            ))
+        };
+        if limits.timeout > self.timeout {
+            return Err(over(
+                "timeout_ms",
+                limits.timeout.as_millis().to_string(),
+                format!("{} ms", self.timeout.as_millis()),
+                "max-timeout",
+            ));
+        }
+        for (what, asked, cap, flag) in [
+            (
+                "max_memory",
+                limits.max_memory,
+                self.max_memory,
+                "max-memory",
+            ),
+            (
+                "max_output",
+                limits.max_output,
+                self.max_output,
+                "max-output",
+            ),
+            (
+                "max_files_size",
+                limits.max_dir_size,
+                self.max_files_size,
+                "max-files-size",
+            ),
+        ] {
+            if asked > cap {
+                return Err(over(what, asked.to_string(), format!("{cap} bytes"), flag));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The language of a run's `code`.
@@ -246,6 +354,21 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// Answers 429 at once, before a call's body is read, when every call slot is taken (the
+/// handler takes its slot for real; this only spares a busy server reading bodies it would
+/// refuse anyway).
+pub async fn slot_free(
+    State(app): State<Arc<App>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let takes_a_slot = req.method() == axum::http::Method::POST;
+    if takes_a_slot && app.permits.available_permits() == 0 {
+        return busy();
+    }
+    next.run(req).await
+}
+
 /// 429 with `Retry-After`: every call slot is taken.
 fn busy() -> Response {
     let mut r = error(
@@ -336,6 +459,7 @@ pub async fn modules(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let worker = Arc::clone(&app);
     let stored = tokio::task::spawn_blocking(move || {
         let _permit = permit;
+        let _running = worker.running.enter(&cancel);
         worker.store.put(&body, &cancel)
     })
     .await;
@@ -392,6 +516,7 @@ pub async fn runs(
     let worker = Arc::clone(&app);
     let answer = tokio::task::spawn_blocking(move || {
         let _permit = permit;
+        let _running = worker.running.enter(&cancel);
         run_blocking(&worker, req, &cancel)
     })
     .await;
@@ -427,6 +552,7 @@ async fn stream_run(
     let call_cancel = cancel.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
+        let _running = worker.running.enter(&call_cancel);
         let (spec, wanted) = match spec_of(&worker, req, &call_cancel) {
             Ok(s) => {
                 let _ = spec_tx.send(None);
@@ -442,10 +568,12 @@ async fn stream_run(
             .first()
             .map(|d| d.entries.clone())
             .unwrap_or_default();
+        // A client that stops reading may hold the call up to its deadline, not past it.
+        let until = std::time::Instant::now() + spec.limits.timeout;
         let mut sink = |which: OutputStream, bytes: &[u8]| {
             let chunk = OutputLine::new(which, bytes);
-            if tx.blocking_send(json_line(&chunk)).is_err() {
-                // The client is gone: so is the call.
+            if !send_until(&tx, json_line(&chunk), until) {
+                // The client is gone, or reads too slowly: the call ends.
                 call_cancel.cancel();
             }
         };
@@ -455,7 +583,11 @@ async fn stream_run(
             Err(e) => failed_response(&e),
         };
         log_run(&worker, &outcome, true);
-        let _ = tx.blocking_send(json_line(&outcome));
+        let _ = send_until(
+            &tx,
+            json_line(&outcome),
+            std::time::Instant::now() + FINAL_LINE_WAIT,
+        );
     });
     match spec_rx.await {
         Ok(None) => {}
@@ -472,13 +604,44 @@ async fn stream_run(
         }
     }
     let body = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
-        let next = rx.recv().await?;
+        let Some(next) = rx.recv().await else {
+            // All sent: the call is over, nothing to cancel.
+            guard.disarm();
+            return None;
+        };
         Some((Ok::<_, std::convert::Infallible>(next), (rx, guard)))
     });
     let mut r = Response::new(axum::body::Body::from_stream(body));
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
     r
+}
+
+/// How long the outcome line of a streamed run waits for a slow client.
+const FINAL_LINE_WAIT: Duration = Duration::from_secs(10);
+
+/// Queues `line` for the client, waiting for room until `until` at the latest; whether it was
+/// queued (false: the client is gone or did not read in time).
+fn send_until(
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+    line: Bytes,
+    until: std::time::Instant,
+) -> bool {
+    use tokio::sync::mpsc::error::TrySendError;
+    let mut line = line;
+    loop {
+        match tx.try_send(line) {
+            Ok(()) => return true,
+            Err(TrySendError::Closed(_)) => return false,
+            Err(TrySendError::Full(back)) => {
+                if std::time::Instant::now() >= until {
+                    return false;
+                }
+                line = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
 }
 
 /// One streamed chunk of output.
@@ -640,6 +803,7 @@ fn spec_of(app: &App, req: RunRequest, cancel: &Cancel) -> Result<(CallSpec, Vec
         max_dir_files: l.max_files.unwrap_or(defaults.max_dir_files),
         mem_mib: None,
     };
+    app.caps.check(&spec.limits)?;
     if !req.files.is_empty() || !req.return_files.is_empty() {
         spec.files = vec![work_dir(req.files)?];
     }

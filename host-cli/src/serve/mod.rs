@@ -3,8 +3,9 @@
 //! The API listens on a Unix socket (mode 0600, in a directory only we may write) unless TCP is
 //! asked for, and then every request must carry the bearer token. At most `--max-concurrent`
 //! calls run at once (one more is answered 429 with `Retry-After`); request bodies are capped.
-//! Ctrl-C or SIGTERM stops taking connections, lets the calls in flight finish, then destroys
-//! the pool's VMs.
+//! Ctrl-C or SIGTERM stops taking connections, lets the calls in flight finish (each within its
+//! own deadline, which the server caps), then destroys the pool's VMs; a second one cancels
+//! the calls still running.
 
 mod api;
 mod modules;
@@ -37,12 +38,52 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         (None, Some(_)) => bail!("--token-file is for --listen (TCP); a Unix socket needs none"),
         _ => None,
     };
+    // Listen first: the socket is bound under a strict umask, before any other thread (the
+    // pool's) creates files.
+    let listener = match args.listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            Listener::Tcp(l, addr)
+        }
+        None => {
+            let path = match &args.socket {
+                Some(p) => p.clone(),
+                None => default_socket()?,
+            };
+            Listener::Unix(bind_unix(&path)?, path)
+        }
+    };
+    let served = serve_on(args, token, &listener);
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+    served
+}
+
+/// Where the API listens.
+enum Listener {
+    /// TCP, at this address.
+    Tcp(std::net::TcpListener, std::net::SocketAddr),
+    /// A Unix socket, at this path.
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// Starts the pool and serves the API on `listener` until Ctrl-C or SIGTERM.
+fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> anyhow::Result<()> {
     let store = modules::Store::open()?;
     let pool = pool::Pool::start(args.pool, args.pool_mem_mib)?;
     let app = Arc::new(api::App {
         store,
         pool,
         permits: Arc::new(tokio::sync::Semaphore::new(args.max_concurrent)),
+        caps: api::Caps {
+            timeout: args.max_timeout,
+            max_memory: args.max_memory,
+            max_output: args.max_output,
+            max_files_size: args.max_files_size,
+        },
+        running: Arc::default(),
     });
     let body_limit = usize::try_from(args.max_body).unwrap_or(usize::MAX);
     let mut router = Router::new()
@@ -52,6 +93,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .route("/v1/pool", get(api::pool))
         .route("/v1/openapi.json", get(api::openapi))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            api::slot_free,
+        ))
         .with_state(Arc::clone(&app));
     if let Some(token) = token {
         router = router.layer(middleware::from_fn_with_state(Arc::new(token), bearer));
@@ -62,38 +107,32 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the server's runtime")?;
     let served = runtime.block_on(async {
-        match args.listen {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr}"))?;
+        match listener {
+            Listener::Tcp(l, addr) => {
+                l.set_nonblocking(true)?;
+                let l = tokio::net::TcpListener::from_std(l.try_clone()?)?;
                 eprintln!(
                     "bulwark serve: listening on http://{addr} (bearer token required); pool of {} VMs",
                     args.pool
                 );
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(shutdown())
+                axum::serve(l, router)
+                    .with_graceful_shutdown(shutdown(Arc::clone(&app.running)))
                     .await
                     .context("the server failed")
             }
-            None => {
-                let path = match &args.socket {
-                    Some(p) => p.clone(),
-                    None => default_socket()?,
-                };
-                let listener = bind_unix(&path)?;
+            Listener::Unix(l, path) => {
+                l.set_nonblocking(true)?;
+                let l = tokio::net::UnixListener::from_std(l.try_clone()?)?;
                 eprintln!(
                     "bulwark serve: listening on {} (curl --unix-socket {} http://localhost/v1/health); pool of {} VMs",
                     path.display(),
                     path.display(),
                     args.pool
                 );
-                let served = axum::serve(listener, router)
-                    .with_graceful_shutdown(shutdown())
+                axum::serve(l, router)
+                    .with_graceful_shutdown(shutdown(Arc::clone(&app.running)))
                     .await
-                    .context("the server failed");
-                let _ = std::fs::remove_file(&path);
-                served
+                    .context("the server failed")
             }
         }
     });
@@ -102,8 +141,22 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     served
 }
 
-/// Resolves when Ctrl-C or SIGTERM arrives.
-async fn shutdown() {
+/// Resolves when Ctrl-C or SIGTERM arrives. A second one cancels the calls still running
+/// (their VMs are killed), so the server ends at once.
+async fn shutdown(running: Arc<api::Running>) {
+    stop_signal().await;
+    eprintln!(
+        "bulwark serve: stopping: no new connections; finishing the calls in flight (Ctrl-C or SIGTERM again cancels them)"
+    );
+    tokio::spawn(async move {
+        stop_signal().await;
+        let n = running.cancel_all();
+        eprintln!("bulwark serve: cancelled the {n} calls still running");
+    });
+}
+
+/// Resolves at the next Ctrl-C or SIGTERM.
+async fn stop_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -116,7 +169,6 @@ async fn shutdown() {
         _ = tokio::signal::ctrl_c() => {}
         () = term => {}
     }
-    eprintln!("bulwark serve: stopping: no new connections; finishing the calls in flight");
 }
 
 /// Refuses a request without `Authorization: Bearer <token>` (compared in constant time).
@@ -189,19 +241,36 @@ fn default_socket() -> anyhow::Result<PathBuf> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
     }
+    // Anyone may create that name in /tmp first: it must be a real directory of ours that
+    // nobody else may enter (a link, or someone else's directory, could hand our socket to
+    // them).
+    let meta =
+        std::fs::symlink_metadata(&dir).with_context(|| format!("cannot use {}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        bail!(
+            "{} is not a private directory of yours (a link, someone else's, or open to others): remove it, or give --socket in a directory of your own",
+            dir.display()
+        );
+    }
     Ok(dir.join("bulwark.sock"))
 }
 
 /// Binds the API's Unix socket at `path`: its directory must be ours and writable by nobody
 /// else (or sticky, as /tmp), a stale socket of ours is replaced, anything else there is
 /// refused; the socket is made mode 0600.
-fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+fn bind_unix(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
-    let meta = std::fs::metadata(&dir)
+    let meta = std::fs::symlink_metadata(&dir)
         .with_context(|| format!("cannot use the socket's directory {}", dir.display()))?;
+    if !meta.is_dir() {
+        bail!(
+            "the socket's directory {} is not a directory (a link?): give --socket in a directory of your own",
+            dir.display()
+        );
+    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     let others_write = meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0;
@@ -231,8 +300,13 @@ fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         ),
         Err(_) => {}
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    // Created 0600 from the start (the umask covers the moment between bind and chmod).
+    // SAFETY: umask has no preconditions; nothing else creates files while the server starts.
+    let old_mask = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above; the previous mask is put back.
+    unsafe { libc::umask(old_mask) };
+    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot make {} private", path.display()))?;
     Ok(listener)

@@ -111,8 +111,9 @@ impl Store {
         match compiled {
             Ok(_) => Ok((digest, fresh)),
             Err(e) => {
-                // A module that cannot run is not kept.
-                if fresh {
+                // A module that cannot run is not kept (one whose compile was only stopped or
+                // timed out stays: another request may be using it).
+                if fresh && matches!(e, cache::Error::Module(_)) {
                     let _ = std::fs::remove_file(&path);
                 }
                 Err(match e {
