@@ -229,6 +229,7 @@ impl VmSource for Pool {
                     return Ok(vm);
                 }
                 Err(e) => {
+                    vm.kill();
                     let message = format!("{e:#}");
                     eprintln!(
                         "bulwark serve: pool: a ready VM could not take its artifact: {message}"
@@ -246,7 +247,10 @@ impl VmSource for Pool {
         Ok(vm)
     }
 
-    fn retire(&self, vm: Vm, _answered: bool) {
+    fn retire(&self, mut vm: Vm, _answered: bool) {
+        // Killed here, reaped there: a VM still running its tool (a call that timed out) must
+        // not spin on until the reaper has time for it.
+        vm.kill();
         {
             let mut state = self.inner.lock();
             state.in_flight = state.in_flight.saturating_sub(1);
