@@ -67,7 +67,7 @@ pub enum Command {
     /// Endpoints: POST /v1/modules (upload a module, get its digest; it is compiled once),
     /// POST /v1/runs (run a module by digest or inline, or Python/JavaScript code), GET /v1/health,
     /// GET /v1/pool, GET /v1/openapi.json. Ctrl-C or SIGTERM stops taking calls and finishes the
-    /// ones in flight.
+    /// ones in flight; a second one cancels them.
     #[command(after_help = SERVE_EXAMPLES)]
     Serve(ServeArgs),
     /// Serve tools to an AI agent over the Model Context Protocol (stdio): run_python,

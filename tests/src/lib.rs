@@ -231,3 +231,55 @@ pub fn vmm_children(pid: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// A call request for the artifact at `artifact` (named by digest `[digest; 32]`, its size
+/// read from the file), with `args` as argv, default limits and nothing else.
+pub fn agent_request(
+    artifact: &Path,
+    digest: u8,
+    args: Vec<String>,
+) -> bulwark_proto::call::Request {
+    let size = std::fs::metadata(artifact)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", artifact.display()))
+        .len();
+    bulwark_proto::call::Request {
+        version: bulwark_proto::call::PROTOCOL_VERSION,
+        artifact: bulwark_proto::call::Artifact {
+            digest: [digest; 32],
+            size,
+        },
+        args,
+        env: Vec::new(),
+        stdin: Vec::new(),
+        dirs: Vec::new(),
+        limits: bulwark_proto::call::Limits::default(),
+        random_seed: [0; 32],
+        realtime_ns: 0,
+        stream: false,
+    }
+}
+
+/// A connection to the guest agent through the VMM's vsock socket `uds`, after the `CONNECT`
+/// handshake: retried for up to 20 s while the socket is not there yet, reads time out after
+/// `read_timeout`.
+pub fn connect_agent(
+    uds: &Path,
+    read_timeout: std::time::Duration,
+) -> std::os::unix::net::UnixStream {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(uds) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no vsock socket: {e}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    s.set_read_timeout(Some(read_timeout))
+        .unwrap_or_else(|e| panic!("cannot set a read timeout: {e}"));
+    bulwark_abi::vsock::handshake::connect(&mut s, bulwark_proto::call::AGENT_PORT)
+        .unwrap_or_else(|e| panic!("the agent refused the connection: {e}"));
+    s
+}

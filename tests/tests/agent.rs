@@ -10,12 +10,9 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bulwark_abi::vsock::handshake;
-use bulwark_proto::call::{
-    AGENT_PORT, Artifact, Limits, Outcome, PROTOCOL_VERSION, Request, Response,
-};
+use bulwark_proto::call::{Outcome, PROTOCOL_VERSION, Request, Response};
 use bulwark_proto::frame::{self, MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
 use bulwark_tests::*;
 
@@ -44,19 +41,7 @@ impl AgentVm {
 
     /// A connection to the agent, after the `CONNECT` handshake.
     fn connect(&self) -> UnixStream {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut s = loop {
-            match UnixStream::connect(&self.uds) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "no vsock socket: {e}");
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        handshake::connect(&mut s, AGENT_PORT).expect("the agent accepts the connection");
-        s
+        connect_agent(&self.uds, Duration::from_secs(30))
     }
 }
 
@@ -108,21 +93,7 @@ fn hello_artifact(test: &str, fuel: bool) -> PathBuf {
 
 /// A call of the artifact at `path` (named by digest `[digest; 32]`).
 fn request_for(path: &Path, digest: u8) -> Request {
-    Request {
-        version: PROTOCOL_VERSION,
-        artifact: Artifact {
-            digest: [digest; 32],
-            size: std::fs::metadata(path).unwrap().len(),
-        },
-        args: vec!["hello".into()],
-        env: Vec::new(),
-        stdin: Vec::new(),
-        dirs: Vec::new(),
-        limits: Limits::default(),
-        random_seed: [0; 32],
-        realtime_ns: 0,
-        stream: false,
-    }
+    agent_request(path, digest, vec!["hello".into()])
 }
 
 #[test]

@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 
 use bulwark_abi::layout;
 use bulwark_abi::vsock::handshake::{self, HandshakeError};
-use bulwark_proto::call::{
-    AGENT_PORT, Artifact, Limits, Outcome, PROTOCOL_VERSION, Request, Response,
-};
+use bulwark_proto::call::{AGENT_PORT, Outcome, Request, Response};
 use bulwark_proto::frame::{self, MAX_RESPONSE_FRAME};
 use bulwark_tests::*;
 use bulwark_vmm::outcome::code;
@@ -224,21 +222,7 @@ fn hello_artifact(test: &str) -> PathBuf {
 
 /// A call of the artifact at `path`.
 fn request_for(path: &Path) -> Request {
-    Request {
-        version: PROTOCOL_VERSION,
-        artifact: Artifact {
-            digest: [1; 32],
-            size: std::fs::metadata(path).unwrap().len(),
-        },
-        args: vec!["hello".into()],
-        env: Vec::new(),
-        stdin: Vec::new(),
-        dirs: Vec::new(),
-        limits: Limits::default(),
-        random_seed: [0; 32],
-        realtime_ns: 0,
-        stream: false,
-    }
+    agent_request(path, 1, vec!["hello".into()])
 }
 
 /// The reason of a refused call.

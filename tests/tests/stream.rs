@@ -13,10 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bulwark_abi::vsock::handshake;
-use bulwark_proto::call::{
-    AGENT_PORT, Artifact, Limits, Outcome, PROTOCOL_VERSION, Reply, Request, Response,
-};
+use bulwark_proto::call::{Artifact, Limits, Outcome, PROTOCOL_VERSION, Reply, Request, Response};
 use bulwark_proto::frame::{self, MAX_RESPONSE_FRAME};
 use bulwark_tests::*;
 
@@ -167,18 +164,7 @@ impl ToolVm {
 
     /// A connection to the agent with `request` sent on it.
     fn send(&self, request: &Request) -> UnixStream {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut s = loop {
-            match UnixStream::connect(&self.uds) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "no vsock socket: {e}");
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        handshake::connect(&mut s, AGENT_PORT).expect("the agent accepts the connection");
+        let mut s = connect_agent(&self.uds, Duration::from_secs(60));
         s.write_all(&frame::encode(request).unwrap()).unwrap();
         s
     }
