@@ -949,35 +949,34 @@ fn finished_response(f: Finished, sent: &[Entry], wanted: &[String]) -> RunRespo
 
 /// The entries of `after` that `wanted` asks for, unchanged files with the bytes that were sent.
 fn returned(after: Vec<Entry>, sent: &[Entry], wanted: &[String]) -> Vec<FileOut> {
+    // Both lists can hold thousands of paths: looked up, never scanned per entry.
+    let everything = wanted.iter().any(|w| w == ".");
+    let wanted: std::collections::BTreeSet<&str> = wanted.iter().map(String::as_str).collect();
+    // A path is asked for when it, or a directory above it, is named.
     let asked = |path: &str| {
-        wanted.iter().any(|w| {
-            w == "."
-                || path == w
-                || path
-                    .strip_prefix(w.as_str())
-                    .is_some_and(|r| r.starts_with('/'))
-        })
+        everything
+            || wanted.contains(path)
+            || path
+                .match_indices('/')
+                .any(|(at, _)| wanted.contains(&path[..at]))
+    };
+    let sent: BTreeMap<&str, &Node> = sent.iter().map(|e| (e.path.as_str(), &e.node)).collect();
+    let file = |bytes: Vec<u8>| {
+        let (text, exact) = text_and_exact(bytes);
+        ("file", exact.is_none().then_some(text), exact, None)
     };
     after
         .into_iter()
         .filter(|e| asked(&e.path))
         .filter_map(|e| {
-            let bytes = |b: Vec<u8>| text_and_exact(b);
             let (kind, content, content_base64, target) = match e.node {
                 Node::Dir => ("dir", None, None, None),
                 Node::Symlink(t) => ("symlink", None, None, Some(t)),
-                Node::File(b) => {
-                    let (text, exact) = bytes(b);
-                    ("file", exact.is_none().then_some(text), exact, None)
-                }
-                Node::Unchanged => {
-                    let original = sent.iter().find(|s| s.path == e.path)?;
-                    let Node::File(b) = &original.node else {
-                        return None;
-                    };
-                    let (text, exact) = bytes(b.clone());
-                    ("file", exact.is_none().then_some(text), exact, None)
-                }
+                Node::File(b) => file(b),
+                Node::Unchanged => match sent.get(e.path.as_str()) {
+                    Some(Node::File(b)) => file(b.clone()),
+                    _ => return None,
+                },
             };
             Some(FileOut {
                 path: e.path,
@@ -1016,5 +1015,53 @@ fn failed_response(e: &CallError) -> RunResponse {
             total: t.total_us,
             ..RunTimings::default()
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, node: Node) -> Entry {
+        Entry {
+            path: path.into(),
+            node,
+        }
+    }
+
+    #[test]
+    fn returned_files_are_the_named_paths_and_all_below_them() {
+        let after = vec![
+            entry("out", Node::Dir),
+            entry("out/a.txt", Node::File(b"a".to_vec())),
+            entry("outside.txt", Node::File(b"no".to_vec())),
+            entry("in.txt", Node::Unchanged),
+            entry("gone.txt", Node::Unchanged),
+            entry("bin", Node::File(vec![0xff])),
+        ];
+        let sent = vec![entry("in.txt", Node::File(b"kept".to_vec()))];
+        let paths = |wanted: &[&str]| -> Vec<String> {
+            let wanted: Vec<String> = wanted.iter().map(|w| (*w).to_owned()).collect();
+            returned(after.clone(), &sent, &wanted)
+                .into_iter()
+                .map(|f| f.path)
+                .collect()
+        };
+        assert_eq!(paths(&["out"]), ["out", "out/a.txt"]);
+        assert_eq!(paths(&["out/a.txt", "in.txt"]), ["out/a.txt", "in.txt"]);
+        assert_eq!(
+            paths(&["gone.txt"]),
+            Vec::<String>::new(),
+            "an unchanged file never sent"
+        );
+        assert_eq!(paths(&["."]).len(), 5);
+        let all = returned(after.clone(), &sent, &[".".into()]);
+        let kept = all.iter().find(|f| f.path == "in.txt").unwrap();
+        assert_eq!(kept.content.as_deref(), Some("kept"));
+        let bin = all.iter().find(|f| f.path == "bin").unwrap();
+        assert_eq!(
+            (bin.content.as_deref(), bin.content_base64.as_deref()),
+            (None, Some("/w=="))
+        );
     }
 }

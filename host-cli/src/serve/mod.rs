@@ -11,7 +11,7 @@ mod api;
 mod modules;
 mod pool;
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -283,7 +283,7 @@ fn bind_unix(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
         );
     }
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket_like() && m.uid() == me => {
+        Ok(m) if m.file_type().is_socket() && m.uid() == me => {
             // A socket nobody answers on is a stale one of ours: replace it.
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 bail!(
@@ -310,18 +310,6 @@ fn bind_unix(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot make {} private", path.display()))?;
     Ok(listener)
-}
-
-/// Whether a file type is a socket.
-trait SocketLike {
-    fn is_socket_like(&self) -> bool;
-}
-
-impl SocketLike for std::fs::FileType {
-    fn is_socket_like(&self) -> bool {
-        use std::os::unix::fs::FileTypeExt;
-        self.is_socket()
-    }
 }
 
 #[cfg(test)]
