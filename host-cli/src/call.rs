@@ -309,7 +309,7 @@ pub fn mem_mib_for(spec: &CallSpec) -> Result<u64, String> {
 /// Runs one call: checks the limits, reads (and, under a policy, checks) the module, compiles it
 /// through the cache, runs it in a VM from `vms` (or in this process with
 /// `Isolation::Wasm`), and writes the shared directories back when the tool exits 0.
-pub fn call(spec: &CallSpec, cancel: &Cancel, vms: &dyn VmSource) -> Result<Finished, CallError> {
+pub fn call(spec: CallSpec, cancel: &Cancel, vms: &dyn VmSource) -> Result<Finished, CallError> {
     call_with(spec, cancel, vms, None)
 }
 
@@ -320,7 +320,7 @@ pub type OutputSink<'a> = dyn FnMut(OutputStream, &[u8]) + 'a;
 /// `Isolation::Wasm`, all of it when the tool ends), each stream at most `max_output` bytes in
 /// all. The answer's own stdout and stderr are then empty.
 pub fn call_streaming(
-    spec: &CallSpec,
+    spec: CallSpec,
     cancel: &Cancel,
     vms: &dyn VmSource,
     sink: &mut OutputSink<'_>,
@@ -329,14 +329,14 @@ pub fn call_streaming(
 }
 
 fn call_with(
-    spec: &CallSpec,
+    mut spec: CallSpec,
     cancel: &Cancel,
     vms: &dyn VmSource,
     sink: Option<&mut OutputSink<'_>>,
 ) -> Result<Finished, CallError> {
     let started = Instant::now();
     let mut timings = Timings::default();
-    let result = call_timed(spec, cancel, vms, started, &mut timings, sink);
+    let result = call_timed(&mut spec, cancel, vms, started, &mut timings, sink);
     timings.total_us = local::micros(started.elapsed());
     match result {
         Ok(mut finished) => {
@@ -349,14 +349,15 @@ fn call_with(
 }
 
 fn call_timed(
-    spec: &CallSpec,
+    spec: &mut CallSpec,
     cancel: &Cancel,
     vms: &dyn VmSource,
     started: Instant,
     timings: &mut Timings,
     sink: Option<&mut OutputSink<'_>>,
 ) -> Result<Finished, CallError> {
-    let limits = &spec.limits;
+    // A copy: parts of `spec` move into the request below.
+    let limits = &spec.limits.clone();
     let shared_count = spec.dirs.len() + spec.files.len();
     // The agent refuses a call with more; so does the in-process run, so the two agree.
     if shared_count > MAX_SHARED_DIRS {
@@ -450,8 +451,9 @@ fn call_timed(
         trees: mut shared,
         hosts,
     } = dirs::read_all(&spec.dirs, budget(limits)).map_err(CallError::bulwark)?;
-    // The in-memory directories: after the --dir ones, never written back.
-    shared.extend(spec.files.iter().cloned());
+    // The in-memory directories: after the --dir ones, never written back. They and standard
+    // input (up to 64 MiB each) move into the request: the call owns its spec.
+    shared.extend(std::mem::take(&mut spec.files));
     let target = match spec.isolation {
         Isolation::Vm => Target::Guest,
         Isolation::Wasm => Target::Host,
@@ -528,7 +530,7 @@ fn call_timed(
         },
         args: argv(spec),
         env: spec.env.clone(),
-        stdin: spec.stdin.clone(),
+        stdin: std::mem::take(&mut spec.stdin),
         dirs: shared,
         limits: proto_limits(limits),
         random_seed: seed(),
@@ -809,7 +811,7 @@ fn finish(
 /// `--isolation wasm`: the call runs in this process (see `local`), from an artifact the compile
 /// cache holds for this host: no VM.
 fn call_in_process(
-    spec: &CallSpec,
+    spec: &mut CallSpec,
     artifact: &[u8],
     shared: Vec<SharedDir>,
     hosts: &[dirs::HostDir],
@@ -832,7 +834,7 @@ fn call_in_process(
             artifact,
             args: argv(spec),
             env: spec.env.clone(),
-            stdin: spec.stdin.clone(),
+            stdin: std::mem::take(&mut spec.stdin),
             limits: proto_limits(&spec.limits),
             preopens,
             deadline,

@@ -75,9 +75,9 @@ pub fn run(args: &RunArgs) -> ExitCode {
     let result = match stdin_bytes() {
         // --json prints the output inside its one object; otherwise it is printed as the tool
         // writes it.
-        Ok(stdin) if args.json => call::call(&spec(args, stdin), &cancel, &call::FreshVm),
+        Ok(stdin) if args.json => call::call(spec(args, stdin), &cancel, &call::FreshVm),
         Ok(stdin) => call::call_streaming(
-            &spec(args, stdin),
+            spec(args, stdin),
             &cancel,
             &call::FreshVm,
             &mut print_output,

@@ -348,7 +348,7 @@ impl Server {
         // The VMM dies with the thread that started it (PR_SET_PDEATHSIG): this blocking thread
         // lives until the call returns.
         let mut task =
-            tokio::task::spawn_blocking(move || call::call(&spec, &cancel, &FreshReapedVm));
+            tokio::task::spawn_blocking(move || call::call(spec, &cancel, &FreshReapedVm));
         let joined = tokio::select! {
             joined = &mut task => joined,
             () = ct.cancelled() => {

@@ -577,7 +577,7 @@ async fn stream_run(
                 call_cancel.cancel();
             }
         };
-        let result = call::call_streaming(&spec, &call_cancel, &worker.pool, &mut sink);
+        let result = call::call_streaming(spec, &call_cancel, &worker.pool, &mut sink);
         let outcome = match result {
             Ok(finished) => finished_response(finished, &sent, &wanted),
             Err(e) => failed_response(&e),
@@ -883,7 +883,7 @@ fn run_blocking(app: &App, req: RunRequest, cancel: &Cancel) -> Response {
         .first()
         .map(|d| d.entries.clone())
         .unwrap_or_default();
-    let result = call::call(&spec, cancel, &app.pool);
+    let result = call::call(spec, cancel, &app.pool);
     let body = match result {
         Ok(finished) => finished_response(finished, &sent, &wanted),
         Err(e) => failed_response(&e),
