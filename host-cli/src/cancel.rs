@@ -63,6 +63,57 @@ impl Cancel {
     }
 }
 
+/// The cancel tokens of the calls a long-lived process (`bulwark serve`, `bulwark mcp`) is
+/// running now, so that all of them can be cancelled at once.
+#[derive(Debug, Default)]
+pub struct Running {
+    next: std::sync::atomic::AtomicU64,
+    calls: Mutex<std::collections::HashMap<u64, Cancel>>,
+}
+
+impl Running {
+    /// Notes `cancel` as running until the returned guard drops.
+    pub fn enter(self: &Arc<Self>, cancel: &Cancel) -> Entered {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, cancel.clone());
+        Entered {
+            running: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// Cancels every call running now; how many there were.
+    pub fn cancel_all(&self) -> usize {
+        let calls = self.lock();
+        for c in calls.values() {
+            c.cancel();
+        }
+        calls.len()
+    }
+
+    /// Whether no call is running.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Cancel>> {
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A call's place in [`Running`]: dropping it forgets the call there.
+#[derive(Debug)]
+pub struct Entered {
+    running: Arc<Running>,
+    id: u64,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.running.lock().remove(&self.id);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +148,20 @@ mod tests {
         let status = child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn running_calls_are_cancelled_together_and_forgotten_when_done() {
+        let running = Arc::new(Running::default());
+        let (a, b) = (Cancel::new(), Cancel::new());
+        let entered_a = running.enter(&a);
+        {
+            let _entered_b = running.enter(&b);
+            assert!(!running.is_empty());
+        }
+        assert_eq!(running.cancel_all(), 1, "b was done, only a still runs");
+        assert!(a.is_cancelled() && !b.is_cancelled());
+        drop(entered_a);
+        assert!(running.is_empty());
     }
 }

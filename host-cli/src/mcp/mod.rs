@@ -13,8 +13,7 @@ mod manifest;
 mod result;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -29,7 +28,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::call::{self, CallError, CallSpec, Finished, VmSource};
-use crate::cancel::Cancel;
+use crate::cancel::{self, Cancel};
 use crate::cli::McpArgs;
 use crate::lang::{self, Lang};
 use manifest::Registered;
@@ -87,35 +86,29 @@ struct Server {
 
 /// The calls in flight: their cancel tokens, and the slots that bound how many run at once.
 struct Calls {
-    running: Mutex<HashMap<u64, Cancel>>,
-    next: AtomicU64,
+    running: Arc<cancel::Running>,
     slots: tokio::sync::Semaphore,
 }
 
 /// One call's place in [`Calls`]: dropping it (the call finished, or its request went away)
 /// cancels the call's token and forgets it.
-struct Running<'a> {
-    calls: &'a Calls,
-    id: u64,
+struct Running {
     cancel: Cancel,
+    _entered: cancel::Entered,
 }
 
 impl Calls {
     fn new() -> Self {
         Self {
-            running: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(0),
+            running: Arc::default(),
             slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS),
         }
     }
 
-    fn start(&self) -> Running<'_> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+    fn start(&self) -> Running {
         let cancel = Cancel::new();
-        self.lock().insert(id, cancel.clone());
         Running {
-            calls: self,
-            id,
+            _entered: self.running.enter(&cancel),
             cancel,
         }
     }
@@ -123,25 +116,18 @@ impl Calls {
     /// Cancels every call in flight and stops new ones from starting.
     fn cancel_all(&self) {
         self.slots.close();
-        for cancel in self.lock().values() {
-            cancel.cancel();
-        }
+        self.running.cancel_all();
     }
 
     /// Whether no call is in flight.
     fn idle(&self) -> bool {
-        self.lock().is_empty()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Cancel>> {
-        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+        self.running.is_empty()
     }
 }
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         self.cancel.cancel();
-        self.calls.lock().remove(&self.id);
     }
 }
 

@@ -21,7 +21,7 @@ use utoipa::{OpenApi, ToSchema};
 use super::modules::{Store, StoreError, parse_digest};
 use super::pool::{Pool, PoolStatus};
 use crate::call::{self, CallError, CallLimits, CallSpec, Finished};
-use crate::cancel::Cancel;
+use crate::cancel::{Cancel, Running};
 use crate::compile::hex;
 use crate::lang::{self, Lang};
 use crate::vm::OutputStream;
@@ -43,52 +43,6 @@ pub struct App {
     pub caps: Caps,
     /// The calls (and uploads) running now, to cancel when the server must stop at once.
     pub running: Arc<Running>,
-}
-
-/// The cancel tokens of the calls running now.
-#[derive(Default)]
-pub struct Running {
-    next: std::sync::atomic::AtomicU64,
-    calls: std::sync::Mutex<std::collections::HashMap<u64, Cancel>>,
-}
-
-impl Running {
-    /// Notes `cancel` until the returned guard drops.
-    fn enter(self: &Arc<Self>, cancel: &Cancel) -> RunningGuard {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.lock().insert(id, cancel.clone());
-        RunningGuard {
-            running: Arc::clone(self),
-            id,
-        }
-    }
-
-    /// Cancels every call running now; how many.
-    pub fn cancel_all(&self) -> usize {
-        let calls = self.lock();
-        for c in calls.values() {
-            c.cancel();
-        }
-        calls.len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Cancel>> {
-        self.calls
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// Removes its call from [`Running`] when dropped.
-struct RunningGuard {
-    running: Arc<Running>,
-    id: u64,
-}
-
-impl Drop for RunningGuard {
-    fn drop(&mut self) {
-        self.running.lock().remove(&self.id);
-    }
 }
 
 /// The largest limits a call may ask for (`bulwark serve --max-timeout` and friends): the

@@ -143,7 +143,7 @@ fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> any
 
 /// Resolves when Ctrl-C or SIGTERM arrives. A second one cancels the calls still running
 /// (their VMs are killed), so the server ends at once.
-async fn shutdown(running: Arc<api::Running>) {
+async fn shutdown(running: Arc<crate::cancel::Running>) {
     stop_signal().await;
     eprintln!(
         "bulwark serve: stopping: no new connections; finishing the calls in flight (Ctrl-C or SIGTERM again cancels them)"
