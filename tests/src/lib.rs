@@ -5,6 +5,7 @@
 //! `make test`) into `build/` at the repository root, or `$BULWARK_BUILD_DIR`.
 
 pub mod http;
+pub mod waiting;
 pub mod wat;
 
 use std::fs::OpenOptions;

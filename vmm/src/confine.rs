@@ -67,6 +67,55 @@ mod kvm_ioctl {
         0x46,
         kvm_bindings::kvm_userspace_memory_region
     );
+    // What a snapshot and a reset read and write (crate::reset).
+    vmm_sys_util::ioctl_ior_nr!(
+        KVM_GET_VCPU_EVENTS,
+        kvm_bindings::KVMIO,
+        0x9f,
+        kvm_bindings::kvm_vcpu_events
+    );
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_SET_VCPU_EVENTS,
+        kvm_bindings::KVMIO,
+        0xa0,
+        kvm_bindings::kvm_vcpu_events
+    );
+    vmm_sys_util::ioctl_ior_nr!(
+        KVM_GET_DEBUGREGS,
+        kvm_bindings::KVMIO,
+        0xa1,
+        kvm_bindings::kvm_debugregs
+    );
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_SET_DEBUGREGS,
+        kvm_bindings::KVMIO,
+        0xa2,
+        kvm_bindings::kvm_debugregs
+    );
+    vmm_sys_util::ioctl_ior_nr!(
+        KVM_GET_XSAVE,
+        kvm_bindings::KVMIO,
+        0xa4,
+        kvm_bindings::kvm_xsave
+    );
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_SET_XSAVE,
+        kvm_bindings::KVMIO,
+        0xa5,
+        kvm_bindings::kvm_xsave
+    );
+    vmm_sys_util::ioctl_ior_nr!(
+        KVM_GET_XCRS,
+        kvm_bindings::KVMIO,
+        0xa6,
+        kvm_bindings::kvm_xcrs
+    );
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_SET_XCRS,
+        kvm_bindings::KVMIO,
+        0xa7,
+        kvm_bindings::kvm_xcrs
+    );
 }
 
 /// A test-only misbehaviour of the confined VMM, to prove the confinement holds.
@@ -145,8 +194,11 @@ pub fn confine_process(
     let (vcpu_filter, main_filter, seccomp_state) = if seccomp {
         (
             Some(
-                confine::compile(vcpu_allow_list(config.vsock_guest_connections).map_err(err)?)
-                    .map_err(err)?,
+                confine::compile(
+                    vcpu_allow_list(config.vsock_guest_connections, config.reusable)
+                        .map_err(err)?,
+                )
+                .map_err(err)?,
             ),
             Some(confine::compile(main_allow_list(late).map_err(err)?).map_err(err)?),
             LayerState::Active("kill on any other call".into()),
@@ -233,21 +285,42 @@ fn common() -> Vec<SyscallRules> {
 
 /// The vCPU thread: run the guest, read registers for reports, and serve the vsock device
 /// (accept and read/write its Unix sockets, epoll; with `guest_connections`, create Unix
-/// sockets and connect them to host ports).
-fn vcpu_allow_list(guest_connections: bool) -> Result<Vec<SyscallRules>, confine::ConfineError> {
+/// sockets and connect them to host ports). With `reusable`, also snapshot and reset the VM:
+/// the vCPU's other state, RAM's memory slot, write-protecting RAM and finding its written
+/// pages ([`crate::reset`]).
+fn vcpu_allow_list(
+    guest_connections: bool,
+    reusable: bool,
+) -> Result<Vec<SyscallRules>, confine::ConfineError> {
     let mut list = common();
+    let mut ioctls = vec![
+        kvm_ioctl::KVM_RUN(),
+        kvm_ioctl::KVM_GET_REGS(),
+        kvm_ioctl::KVM_GET_SREGS(),
+        kvm_ioctl::KVM_SET_REGS(),
+        kvm_ioctl::KVM_SET_SREGS(),
+        libc::FIONBIO,
+    ];
+    if reusable {
+        ioctls.extend([
+            kvm_ioctl::KVM_GET_VCPU_EVENTS(),
+            kvm_ioctl::KVM_SET_VCPU_EVENTS(),
+            kvm_ioctl::KVM_GET_DEBUGREGS(),
+            kvm_ioctl::KVM_SET_DEBUGREGS(),
+            kvm_ioctl::KVM_GET_XSAVE(),
+            kvm_ioctl::KVM_SET_XSAVE(),
+            kvm_ioctl::KVM_GET_XCRS(),
+            kvm_ioctl::KVM_SET_XCRS(),
+            kvm_ioctl::KVM_SET_USER_MEMORY_REGION(),
+            crate::reset::tracker::abi::UFFDIO_WRITEPROTECT(),
+            crate::reset::tracker::abi::PAGEMAP_SCAN(),
+        ]);
+    }
     list.push(allow_if(
         libc::SYS_ioctl,
         1,
         SeccompCmpArgLen::Dword,
-        &[
-            kvm_ioctl::KVM_RUN(),
-            kvm_ioctl::KVM_GET_REGS(),
-            kvm_ioctl::KVM_GET_SREGS(),
-            kvm_ioctl::KVM_SET_REGS(),
-            kvm_ioctl::KVM_SET_SREGS(),
-            libc::FIONBIO,
-        ],
+        &ioctls,
     )?);
     if guest_connections {
         list.push(allow_if(
@@ -342,6 +415,7 @@ mod tests {
         let ioctl = list.iter().find(|(nr, _)| *nr == libc::SYS_ioctl).unwrap();
         assert_eq!(ioctl.1.len(), 1, "one rule: that ioctl on that descriptor");
         assert!(confine::compile(list).is_ok());
-        assert!(confine::compile(vcpu_allow_list(true).unwrap()).is_ok());
+        assert!(confine::compile(vcpu_allow_list(true, false).unwrap()).is_ok());
+        assert!(confine::compile(vcpu_allow_list(false, true).unwrap()).is_ok());
     }
 }

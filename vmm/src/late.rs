@@ -18,6 +18,15 @@
 //! unless it became the mapping's. Closing the socket without sending anything is fine: the
 //! guest then refuses calls that need an artifact until the VM is killed.
 //!
+//! # Commands (reusable VMs)
+//!
+//! A VMM started with `--reusable` also takes commands on this socket once its artifact is
+//! mapped: a message of [`HEADER_LEN`] bytes with no descriptor, the command's 8-byte name
+//! (`SNAPSHOT`, or `RESET` padded with NULs) then 8 zero bytes. Each is carried out on the vCPU
+//! thread ([`crate::reset::session`]) and answered with one line: `OK snapshot <pages>\n`,
+//! `OK reset <written> <copied> <zeroed> <micros>\n`, or `ERR <reason>\n`. After an `ERR`
+//! the caller must not reuse the VM.
+//!
 //! # Order
 //!
 //! The guest learns of the artifact from the boot info only, and only reads it when a call
@@ -46,6 +55,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::artifact::{ArtifactFile, ArtifactMapping};
 use crate::memory::GuestMemory;
+use crate::reset::session::{Command, ResetControl};
 
 /// Bytes of a message: offset and length, `u64` little-endian each.
 pub const HEADER_LEN: usize = 16;
@@ -92,9 +102,15 @@ pub enum Served {
     Nothing,
     /// A message was answered: the artifact's length if it was mapped, else the refusal.
     Answered(Result<u64, String>),
+    /// A command was answered: the text after `OK ` or `ERR `.
+    Commanded(Result<String, String>),
     /// The caller closed the socket (or it failed): it is not watched any more.
     Closed,
 }
+
+/// How long a snapshot or reset may take, from the command to its answer (the guest may have
+/// to get back to its wait first).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The late artifact's socket and, once received, its mapping.
 ///
@@ -106,6 +122,8 @@ pub struct LateArtifact {
     open: bool,
     readonly: bool,
     mapping: Option<ArtifactMapping>,
+    /// With `--reusable`: where snapshot and reset commands go.
+    reset: Option<ResetControl>,
 }
 
 impl LateArtifact {
@@ -131,6 +149,7 @@ impl LateArtifact {
             open: true,
             readonly: true,
             mapping: None,
+            reset: None,
         })
     }
 
@@ -146,6 +165,11 @@ impl LateArtifact {
             socket: self.socket.as_raw_fd(),
             vm: vm.as_raw_fd(),
         }
+    }
+
+    /// Takes snapshot and reset commands, handing them to `control` (a reusable VM).
+    pub fn accept_commands(&mut self, control: ResetControl) {
+        self.reset = Some(control);
     }
 
     /// Whether the socket is still watched (the caller has not closed it).
@@ -177,8 +201,9 @@ impl LateArtifact {
     }
 
     /// Reads one message without blocking and answers it: maps the artifact into `vm` (whose
-    /// guest RAM is `mem`) if it is the first good one.
-    pub fn serve(&mut self, vm: &VmFd, mem: &GuestMemory) -> Served {
+    /// guest RAM is `mem`) if it is the first good one; carries out a command, calling `kick`
+    /// to interrupt the vCPU thread until it takes it.
+    pub fn serve(&mut self, vm: &VmFd, mem: &GuestMemory, kick: &dyn Fn()) -> Served {
         if !self.open {
             return Served::Nothing;
         }
@@ -196,10 +221,24 @@ impl LateArtifact {
                 return Served::Closed;
             }
         };
-        let result = self.take(message, vm, mem);
-        let line = match &result {
-            Ok(_) => ANSWER_MAPPED.to_vec(),
-            Err(reason) => refusal_line(reason),
+        let (served, line) = match command_of(&message) {
+            Some(command) => {
+                drop(message);
+                let answer = self.command(command, kick);
+                let line = match &answer {
+                    Ok(text) => format!("OK {text}\n").into_bytes(),
+                    Err(reason) => refusal_line(reason),
+                };
+                (Served::Commanded(answer), line)
+            }
+            None => {
+                let result = self.take(message, vm, mem);
+                let line = match &result {
+                    Ok(_) => ANSWER_MAPPED.to_vec(),
+                    Err(reason) => refusal_line(reason),
+                };
+                (Served::Answered(result), line)
+            }
         };
         // Never blocking: a caller that does not read its answers loses them.
         // SAFETY: sends `line.len()` bytes from `line`, which lives across the call.
@@ -211,7 +250,18 @@ impl LateArtifact {
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
-        Served::Answered(result)
+        served
+    }
+
+    /// Carries out `command`, if this VM takes commands and has its artifact.
+    fn command(&mut self, command: Command, kick: &dyn Fn()) -> Result<String, String> {
+        let Some(control) = self.reset.as_mut() else {
+            return Err("this VM is not reusable (start the VMM with --reusable)".into());
+        };
+        if self.mapping.is_none() {
+            return Err("the artifact comes first: a VM snapshots with its artifact mapped".into());
+        }
+        control.ask(command, COMMAND_TIMEOUT, kick)
     }
 
     /// Checks `message` and maps its artifact; `Err` is the refusal's reason. The message's
@@ -280,6 +330,19 @@ impl LateArtifact {
             .map_err(|e| format!("cannot write the artifact's size into the boot info: {e}"))?;
         Ok(mapped)
     }
+}
+
+/// The command `message` is, if it is one: [`HEADER_LEN`] bytes, no descriptor, a known name
+/// and zeros after it.
+fn command_of(message: &Message) -> Option<Command> {
+    let plain = message.len == HEADER_LEN
+        && message.fds.is_empty()
+        && !message.truncated
+        && !message.other_control
+        && message.bytes[8..HEADER_LEN].iter().all(|&b| b == 0);
+    plain
+        .then(|| Command::from_wire(&message.bytes[..8]))
+        .flatten()
 }
 
 /// One message as received.

@@ -15,6 +15,7 @@ pub mod late;
 pub mod loader;
 pub mod memory;
 pub mod outcome;
+pub mod reset;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;

@@ -61,6 +61,21 @@ struct Args {
     #[arg(long, conflicts_with = "artifact_from_stdin")]
     artifact_later: bool,
 
+    /// Make the VM reusable: once its artifact is mapped, it takes SNAPSHOT and RESET commands
+    /// on the same socket (16 bytes, no descriptor: the 8-byte name, NUL-padded, then 8 zero
+    /// bytes). SNAPSHOT saves the VM when its agent next rests (listening, no connection);
+    /// RESET puts back every page of RAM written since, the vCPU and the devices, closing all
+    /// vsock connections. Answers: `OK snapshot <pages>`, `OK reset <written> <copied>
+    /// <zeroed> <micros>`, or `ERR <reason>` (then do not reuse the VM). Needs Linux 6.7+
+    /// (PAGEMAP_SCAN); see vmm/src/reset/.
+    #[arg(long, requires = "artifact_later")]
+    reusable: bool,
+
+    /// With --reusable, keep a full copy of guest RAM at the snapshot and compare all of RAM
+    /// with it after each reset; a difference answers ERR. For tests: costs a copy of RAM.
+    #[arg(long, requires = "reusable")]
+    verify_reset: bool,
+
     /// Where the artifact starts in that file (a multiple of 4096).
     #[arg(
         long,
@@ -274,6 +289,8 @@ fn main() -> ExitCode {
     config.console_limit = args.console_limit;
     config.timeout = args.timeout;
     config.kvm_stats = args.timings;
+    config.reusable = args.reusable;
+    config.verify_reset = args.verify_reset;
     config.kvm_device = args.kvm_device;
     config.vsock_uds = args.vsock_uds;
     config.cid = args.cid;

@@ -159,24 +159,33 @@ pub unsafe fn guest_writable_view(
 /// unmaps a region when its last clone drops) for as long as any vCPU of `vm` can run, and must
 /// not call this twice for the same VM (the slot numbers would be reused).
 pub unsafe fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|_| MemoryError::NoHostAddress)?;
-        let region_desc = kvm_userspace_memory_region {
-            slot: u32::try_from(slot).map_err(|_| MemoryError::NoHostAddress)?,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: [host, host + len) is the mapping of `region`, which the caller keeps alive
-        // while a vCPU of `vm` can run (this function's contract). The regions of one
-        // `GuestMemoryMmap` overlap neither in guest-physical nor in host addresses, and each
-        // gets its own slot number, so no slot replaces or overlaps another.
+    for region_desc in slots(mem)? {
+        // SAFETY: [host, host + len) is the mapping of a region of `mem`, which the caller
+        // keeps alive while a vCPU of `vm` can run (this function's contract). The regions of
+        // one `GuestMemoryMmap` overlap neither in guest-physical nor in host addresses, and
+        // each gets its own slot number, so no slot replaces or overlaps another.
         unsafe { vm.set_user_memory_region(region_desc) }.map_err(MemoryError::Register)?;
     }
     Ok(())
+}
+
+/// The KVM memory slots [`register`] gives `mem`: one per region, numbered from 0.
+pub fn slots(mem: &GuestMemory) -> Result<Vec<kvm_userspace_memory_region>, MemoryError> {
+    mem.iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|_| MemoryError::NoHostAddress)?;
+            Ok(kvm_userspace_memory_region {
+                slot: u32::try_from(slot).map_err(|_| MemoryError::NoHostAddress)?,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            })
+        })
+        .collect()
 }
 
 /// Size of guest RAM in bytes.

@@ -67,6 +67,8 @@ pub struct Vcpu {
     pub trap_entry: Option<u64>,
     /// The exception delivered last, reported if the guest says it was not a Wasm trap.
     pub delivered: Option<VmExit>,
+    /// Snapshot and reset, for a reusable VM ([`crate::reset`]).
+    pub reuse: Option<crate::reset::session::Reuse>,
 }
 
 /// What serving one exit decided.
@@ -111,7 +113,15 @@ impl Vcpu {
                     exits += 1;
                     serve(exit, &mut self.pio, &mut self.mmio)
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if let Err(detail) = self.serve_reuse(false) {
+                        break VmExit::DeviceBroken {
+                            detail,
+                            rip: self.rip()?,
+                        };
+                    }
+                    Step::Continue
+                }
                 Err(source) => {
                     return Err(VcpuError::Kvm {
                         what: "KVM_RUN",
@@ -121,6 +131,14 @@ impl Vcpu {
             };
             match step {
                 Step::Continue | Step::Request(DeviceRequest::None) => {}
+                Step::Request(DeviceRequest::Waited) => {
+                    if let Err(detail) = self.serve_reuse(true) {
+                        break VmExit::DeviceBroken {
+                            detail,
+                            rip: self.rip()?,
+                        };
+                    }
+                }
                 Step::Request(DeviceRequest::Exit(status)) => break VmExit::Exited { status },
                 Step::Request(DeviceRequest::ExceptionReported(vector)) => {
                     if let Some(exit) = self.exception(vector)? {
@@ -197,6 +215,27 @@ impl Vcpu {
                 kvm,
             },
         ))
+    }
+
+    /// Serves the snapshot or reset the main thread asked for, if it asked (see
+    /// [`crate::reset::session`]); `after_wait`: the vCPU exited on a wait-register read.
+    fn serve_reuse(&mut self, after_wait: bool) -> Result<(), String> {
+        let Some(reuse) = self.reuse.as_mut().filter(|r| r.wanted()) else {
+            return Ok(());
+        };
+        reuse
+            .serve(
+                crate::reset::session::VcpuParts {
+                    fd: &mut self.fd,
+                    mem: &self.mem,
+                    pio: &mut self.pio,
+                    mmio: &mut self.mmio,
+                    trap_entry: &mut self.trap_entry,
+                    delivered: &mut self.delivered,
+                },
+                after_wait,
+            )
+            .map_err(|e| format!("VM reuse: {e}"))
     }
 
     fn rip(&self) -> Result<u64, VcpuError> {

@@ -91,6 +91,12 @@ pub struct VmConfig {
     pub remove_vsock_socket: bool,
     /// Whether to read KVM's counters for the report (opening them costs ~0.25 ms of set-up).
     pub kvm_stats: bool,
+    /// Whether the VM takes snapshot and reset commands on the late artifact's socket
+    /// ([`crate::reset`]); needs [`VmConfig::artifact_later`].
+    pub reusable: bool,
+    /// With `reusable`: keep a copy of all of RAM at the snapshot and check every reset against
+    /// it (tests; costs a copy of RAM).
+    pub verify_reset: bool,
 }
 
 impl VmConfig {
@@ -113,6 +119,8 @@ impl VmConfig {
             cpu_probe: None,
             vsock_guest_connections: false,
             kvm_stats: false,
+            reusable: false,
+            verify_reset: false,
         }
     }
 }
@@ -271,7 +279,7 @@ pub fn terminate_requested() -> bool {
 /// then guest memory and the late artifact, so KVM never holds a slot whose memory is gone.
 pub struct Vm {
     vcpu: Vcpu,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     /// Keeps guest RAM mapped until after `vm_fd` is closed.
     mem: GuestMemory,
     /// With `--artifact-later`: the socket the artifact comes on, and then its mapping.
@@ -366,6 +374,13 @@ impl Vm {
             .as_ref()
             .map(|socket| LateArtifact::new(Arc::clone(socket)))
             .transpose()?;
+        if (config.reusable || config.verify_reset) && !(late.is_some() && config.reusable) {
+            return Err(VmError::Config(
+                "--reusable needs --artifact-later (snapshot and reset commands come on its \
+                 socket), and --verify-reset needs --reusable"
+                    .into(),
+            ));
+        }
         let sink = SharedSink::new(console_sink(config)?);
         if config.cid <= bulwark_abi::vsock::HOST_CID || config.cid >= u64::from(u32::MAX) {
             return Err(VmError::Config(format!(
@@ -391,9 +406,13 @@ impl Vm {
         // Guest memory before the VM: on an error below, locals drop in reverse order, so the
         // VM's descriptor is closed before its memory is unmapped.
         let mem = memory::create(config.mem_mib)?;
-        memory::prefer_huge_pages(&mem, info.heap_start);
+        // A reusable VM keeps 4 KiB pages: a reset restores what was written page by page, and
+        // a huge page written anywhere would be restored whole.
+        if !config.reusable {
+            memory::prefer_huge_pages(&mem, info.heap_start);
+        }
         loader::load(&mem, &image)?;
-        let vm_fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
         // SAFETY: registered once, for this new VM. Its only vCPU, created next, can run only
         // through `Vcpu::run`, and the `Vcpu` it is moved into holds a clone of `mem` (its
         // `mem` field), which keeps the mapping alive for as long as the vCPU exists.
@@ -447,17 +466,33 @@ impl Vm {
             Box::new(Serial::new(sink.clone())),
         )?;
         let stop = Arc::new(AtomicBool::new(false));
+        let attention = Arc::new(AtomicBool::new(false));
         pio.insert(
             u64::from(ports::CONTROL_BASE),
             u64::from(ports::CONTROL_PORT_COUNT),
             Box::new(Control::new(
                 vsock.clone(),
                 Arc::clone(&stop),
+                Arc::clone(&attention),
                 mem.clone(),
                 sink,
                 Windows::new(mem.clone(), mem_size, info.heap_start),
             )),
         )?;
+        let reuse = match late.as_mut().filter(|_| config.reusable) {
+            Some(late) => {
+                let (control, end) = crate::reset::session::link(attention);
+                late.accept_commands(control);
+                Some(reusable(
+                    end,
+                    &mem,
+                    &vm_fd,
+                    vsock.clone(),
+                    config.verify_reset,
+                )?)
+            }
+            None => None,
+        };
         let mut mmio = Bus::new();
         if let Some(vsock) = vsock {
             // The device sees only what the guest may have it write (layout.rs): not the page
@@ -494,6 +529,7 @@ impl Vm {
                 stats,
                 trap_entry: None,
                 delivered: None,
+                reuse,
             },
             vm_fd,
             mem,
@@ -576,7 +612,13 @@ impl Vm {
                     // cannot keep this thread from the timeout.
                     if late.readable(wait) {
                         for _ in 0..LATE_MESSAGES_PER_ROUND {
-                            if !matches!(late.serve(&vm_fd, &mem), Served::Answered(_)) {
+                            let kick = || {
+                                let _ = thread.kill(SIGRTMIN());
+                            };
+                            if !matches!(
+                                late.serve(&vm_fd, &mem, &kick),
+                                Served::Answered(_) | Served::Commanded(_)
+                            ) {
                                 break;
                             }
                         }
@@ -613,6 +655,40 @@ impl Vm {
         let (exit, times) = result?;
         Ok(RunReport { exit, times })
     }
+}
+
+/// The vCPU's side of VM reuse: a write tracker over guest RAM and RAM's memory slot.
+fn reusable(
+    end: crate::reset::session::LinkEnd,
+    mem: &GuestMemory,
+    vm_fd: &Arc<VmFd>,
+    vsock: Option<Arc<Mutex<VsockDevice>>>,
+    verify: bool,
+) -> Result<crate::reset::session::Reuse, VmError> {
+    let reuse = |e: String| VmError::Config(format!("--reusable: {e}"));
+    let slots = memory::slots(mem)?;
+    let [ram] = slots.as_slice() else {
+        return Err(reuse(format!(
+            "guest RAM must be one region, not {}: give the VM less RAM",
+            slots.len()
+        )));
+    };
+    let len = usize::try_from(ram.memory_size).map_err(|e| reuse(e.to_string()))?;
+    // SAFETY: the range is guest RAM's private anonymous mapping (memory::create), page
+    // aligned; the `Reuse` holding the tracker moves into the `Vcpu`, whose clone of `mem`
+    // keeps the mapping alive for as long as the tracker lives. Nothing else registers a
+    // userfaultfd on it.
+    let tracker =
+        unsafe { crate::reset::tracker::WriteTracker::new(ram.userspace_addr as *mut u8, len) }
+            .map_err(|e| reuse(e.to_string()))?;
+    Ok(crate::reset::session::Reuse::new(
+        end,
+        tracker,
+        Arc::clone(vm_fd),
+        *ram,
+        vsock,
+        verify,
+    ))
 }
 
 /// Builds the VM described by `config` and runs it to its end, unconfined (tests and tools

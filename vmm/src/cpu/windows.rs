@@ -107,6 +107,14 @@ pub struct Windows {
     mapped: BTreeMap<u64, u64>,
 }
 
+/// Where the windows stand, for a VM reset ([`crate::reset`]): the page tables themselves are
+/// guest RAM and restored with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowsState {
+    next_table: u64,
+    mapped: BTreeMap<u64, u64>,
+}
+
 /// What one 2 MiB block of a request needs.
 enum Plan {
     /// A 2 MiB page (the block is whole, aligned on both sides, and empty).
@@ -118,6 +126,22 @@ enum Plan {
 }
 
 impl Windows {
+    /// Where the windows stand now.
+    pub fn save(&self) -> WindowsState {
+        WindowsState {
+            next_table: self.next_table,
+            mapped: self.mapped.clone(),
+        }
+    }
+
+    /// Puts back what [`Windows::save`] found. The page tables must be restored with guest RAM
+    /// at the same time, and KVM's own mappings of them dropped (entries go from present back
+    /// to absent here): [`crate::reset`] does both.
+    pub fn restore(&mut self, state: &WindowsState) {
+        self.next_table = state.next_table;
+        self.mapped.clone_from(&state.mapped);
+    }
+
     /// The windows of a VM whose guest RAM is `mem`, of `mem_size` bytes, with its heap from
     /// `heap_start`; none is mapped (the PDPTs `cpu::paging::write` left empty).
     pub fn new(mem: GuestMemory, mem_size: u64, heap_start: u64) -> Self {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::BusDevice;
+use super::{BusDevice, DeviceState, RestoreError};
 
 /// Errors from registering a device.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +65,25 @@ impl Bus {
             .is_some_and(|end| end <= entry.len);
         fits.then_some((offset, entry.device.as_mut()))
     }
+
+    /// Every device's state, in address order (see [`BusDevice::save`]).
+    pub fn save(&self) -> Vec<DeviceState> {
+        self.ranges.values().map(|e| e.device.save()).collect()
+    }
+
+    /// Puts back states [`Bus::save`] took of this bus (see [`BusDevice::restore`]).
+    pub fn restore(&mut self, states: &[DeviceState]) -> Result<(), RestoreError> {
+        if states.len() != self.ranges.len() {
+            return Err(RestoreError {
+                device: "bus",
+                why: format!("{} states for {} devices", states.len(), self.ranges.len()),
+            });
+        }
+        for (entry, state) in self.ranges.values_mut().zip(states) {
+            entry.device.restore(state)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -85,6 +104,31 @@ mod tests {
         fn write(&mut self, _offset: u64, _data: &[u8]) -> Result<DeviceRequest, BadAccess> {
             Ok(DeviceRequest::None)
         }
+        fn save(&self) -> DeviceState {
+            Box::new(self.0)
+        }
+        fn restore(&mut self, state: &DeviceState) -> Result<(), RestoreError> {
+            self.0 = *state.downcast_ref::<&'static str>().ok_or(RestoreError {
+                device: "dummy",
+                why: "not a name".into(),
+            })?;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn saves_and_restores_every_device_in_order() {
+        let mut bus = Bus::new();
+        bus.insert(0x10, 1, Box::new(Dummy("a"))).unwrap();
+        bus.insert(0x20, 1, Box::new(Dummy("b"))).unwrap();
+        let saved = bus.save();
+        let mut other = Bus::new();
+        other.insert(0x10, 1, Box::new(Dummy("x"))).unwrap();
+        other.insert(0x20, 1, Box::new(Dummy("y"))).unwrap();
+        other.restore(&saved).unwrap();
+        assert_eq!(other.get(0x10, 1).unwrap().1.name(), "a");
+        assert_eq!(other.get(0x20, 1).unwrap().1.name(), "b");
+        assert!(other.restore(&saved[..1]).is_err(), "a state per device");
     }
 
     #[test]

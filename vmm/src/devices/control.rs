@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::serial::SharedSink;
 use super::virtio::mmio::lock;
 use super::virtio::vsock::VsockDevice;
-use super::{BadAccess, BusDevice, DeviceRequest};
+use super::{BadAccess, BusDevice, DeviceRequest, DeviceState, RestoreError};
 use crate::cpu::windows::Windows;
 use crate::memory::GuestMemory;
 
@@ -29,6 +29,9 @@ const MAP_WINDOW: u64 = (ports::CONTROL_MAP_WINDOW - ports::CONTROL_BASE) as u64
 pub struct Control {
     vsock: Option<Arc<Mutex<VsockDevice>>>,
     stop: Arc<AtomicBool>,
+    /// Set when the VMM needs the vCPU between two guest instructions (a snapshot or reset,
+    /// [`crate::reset`]): a wait in progress returns at once.
+    attention: Arc<AtomicBool>,
     mem: GuestMemory,
     console: SharedSink,
     /// Bound of the next wait, in microseconds (0: none).
@@ -39,11 +42,12 @@ pub struct Control {
 
 impl Control {
     /// A control block whose wait register sleeps on `vsock` (if the VM has one) until it has
-    /// something for the guest or `stop` is set, whose console records go to `console`, and
-    /// whose map requests go to `windows`.
+    /// something for the guest or `stop` or `attention` is set, whose console records go to
+    /// `console`, and whose map requests go to `windows`.
     pub fn new(
         vsock: Option<Arc<Mutex<VsockDevice>>>,
         stop: Arc<AtomicBool>,
+        attention: Arc<AtomicBool>,
         mem: GuestMemory,
         console: SharedSink,
         windows: Windows,
@@ -51,6 +55,7 @@ impl Control {
         Self {
             vsock,
             stop,
+            attention,
             mem,
             console,
             wait_limit_us: 0,
@@ -108,7 +113,7 @@ impl BusDevice for Control {
         let limit = std::mem::take(&mut self.wait_limit_us);
         let limit = (limit > 0).then(|| std::time::Duration::from_micros(u64::from(limit)));
         let bits = match &self.vsock {
-            Some(vsock) => match lock(vsock).wait(&self.stop, limit) {
+            Some(vsock) => match lock(vsock).wait(&self.stop, &self.attention, limit) {
                 Ok(bits) => bits,
                 Err(fault) => return Ok(DeviceRequest::DeviceBroken(format!("vsock: {fault}"))),
             },
@@ -116,7 +121,7 @@ impl BusDevice for Control {
             None => 0,
         };
         data.copy_from_slice(&bits.to_le_bytes());
-        Ok(DeviceRequest::None)
+        Ok(DeviceRequest::Waited)
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<DeviceRequest, BadAccess> {
@@ -143,6 +148,22 @@ impl BusDevice for Control {
             }),
         }
     }
+
+    fn save(&self) -> DeviceState {
+        Box::new((self.wait_limit_us, self.windows.save()))
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), RestoreError> {
+        let (limit, windows) = state
+            .downcast_ref::<(u32, crate::cpu::windows::WindowsState)>()
+            .ok_or_else(|| RestoreError {
+                device: "control port",
+                why: "not a control port's state".into(),
+            })?;
+        self.wait_limit_us = *limit;
+        self.windows.restore(windows);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -168,7 +189,10 @@ mod tests {
         let sink = SharedSink::new(CappedSink::new(Box::new(out.clone()), 1 << 20));
         let mem = crate::memory::create(4).unwrap();
         let windows = Windows::new(mem.clone(), 4 << 20, 4 << 20);
-        (Control::new(None, Arc::default(), mem, sink, windows), out)
+        (
+            Control::new(None, Arc::default(), Arc::default(), mem, sink, windows),
+            out,
+        )
     }
 
     #[test]
@@ -225,7 +249,7 @@ mod tests {
     fn wait_without_vsock_returns_at_once() {
         let (mut c, _) = control();
         let mut v = [0xffu8; 4];
-        assert_eq!(c.read(WAIT, &mut v), Ok(DeviceRequest::None));
+        assert_eq!(c.read(WAIT, &mut v), Ok(DeviceRequest::Waited));
         assert_eq!(v, [0; 4]);
         assert!(c.read(WAIT, &mut [0; 2]).is_err());
         // A bound applies to the next wait only.
@@ -233,10 +257,22 @@ mod tests {
             c.write(WAIT_LIMIT, &500u32.to_le_bytes()),
             Ok(DeviceRequest::None)
         );
-        assert_eq!(c.read(WAIT, &mut v), Ok(DeviceRequest::None));
+        assert_eq!(c.read(WAIT, &mut v), Ok(DeviceRequest::Waited));
         assert_eq!(u32::from_le_bytes(v), ports::wait_result::TIMED_OUT);
-        assert_eq!(c.read(WAIT, &mut v), Ok(DeviceRequest::None));
+        assert_eq!(c.read(WAIT, &mut v), Ok(DeviceRequest::Waited));
         assert_eq!(v, [0; 4]);
         assert!(c.write(WAIT_LIMIT, &[0; 2]).is_err());
+    }
+
+    #[test]
+    fn restore_puts_back_the_wait_bound() {
+        let (mut c, _) = control();
+        let saved = c.save();
+        c.write(WAIT_LIMIT, &500u32.to_le_bytes()).unwrap();
+        c.restore(&saved).unwrap();
+        let mut v = [0xffu8; 4];
+        c.read(WAIT, &mut v).unwrap();
+        assert_eq!(v, [0; 4], "the bound set after the save is gone");
+        assert!(c.restore(&(Box::new(()) as DeviceState)).is_err());
     }
 }

@@ -21,6 +21,9 @@ pub enum DeviceRequest {
     /// The guest's trap entry did not handle the exception it was given: the VM must stop
     /// with that exception.
     TrapUnhandled,
+    /// The guest read the wait register and it returned: the guest is between two steps of
+    /// its own, the place a snapshot is taken ([`crate::reset`]).
+    Waited,
 }
 
 /// A guest access a device refuses (wrong size or offset): fatal for the VM.
@@ -37,6 +40,20 @@ pub struct BadAccess {
     pub len: usize,
 }
 
+/// A device's state as [`BusDevice::save`] took it, for [`BusDevice::restore`] only (VM
+/// reset, [`crate::reset`]).
+pub type DeviceState = Box<dyn std::any::Any + Send>;
+
+/// A device state that does not fit the device it is given back to.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{device}: cannot restore its state: {why}")]
+pub struct RestoreError {
+    /// Name of the device.
+    pub device: &'static str,
+    /// What was wrong.
+    pub why: String,
+}
+
 /// A device on a [`bus::Bus`].
 pub trait BusDevice: Send {
     /// Name used in error reports.
@@ -45,4 +62,9 @@ pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]) -> Result<DeviceRequest, BadAccess>;
     /// The guest writes `data` at `offset` from the device's base.
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<DeviceRequest, BadAccess>;
+    /// Everything the guest can change in the device, for a later [`BusDevice::restore`].
+    fn save(&self) -> DeviceState;
+    /// Puts the device back as [`BusDevice::save`] found it, dropping whatever it holds since
+    /// (vsock connections, pending output to the guest).
+    fn restore(&mut self, state: &DeviceState) -> Result<(), RestoreError>;
 }

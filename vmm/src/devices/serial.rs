@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use vm_superio::{Serial as Uart, Trigger};
 
-use super::{BadAccess, BusDevice, DeviceRequest};
+use super::{BadAccess, BusDevice, DeviceRequest, DeviceState, RestoreError};
 
 /// Console bytes recorded at most by default.
 pub const DEFAULT_CONSOLE_LIMIT: u64 = 16 << 20;
@@ -151,6 +151,26 @@ impl BusDevice for Serial {
         let _ = self.uart.write(o, data[0]);
         Ok(DeviceRequest::None)
     }
+
+    fn save(&self) -> DeviceState {
+        Box::new(self.uart.state())
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), RestoreError> {
+        let fail = |why: String| RestoreError {
+            device: "serial port",
+            why,
+        };
+        let state = state
+            .downcast_ref::<vm_superio::serial::SerialState>()
+            .ok_or_else(|| fail("not a serial port's state".into()))?;
+        // Output written so far stays written: the console is the host's record.
+        let _ = self.flush();
+        let sink = self.uart.writer_mut().clone();
+        self.uart = Uart::from_state(state, NoInterrupt, vm_superio::serial::NoEvents, sink)
+            .map_err(|e| fail(format!("{e:?}")))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -187,6 +207,30 @@ mod tests {
         s.read(5, &mut lsr).unwrap();
         assert_ne!(lsr[0] & 0x20, 0, "transmitter holding register empty");
         assert!(s.write(0, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn a_restored_uart_has_the_saved_registers() {
+        let out = Shared::default();
+        let mut s = Serial::new(SharedSink::new(CappedSink::new(
+            Box::new(out.clone()),
+            1024,
+        )));
+        s.write(7, &[0x5a]).unwrap(); // scratch register
+        let saved = s.save();
+        s.write(7, &[0x11]).unwrap();
+        s.restore(&saved).unwrap();
+        let mut scratch = [0u8];
+        s.read(7, &mut scratch).unwrap();
+        assert_eq!(scratch[0], 0x5a);
+        s.write(0, b"x").unwrap();
+        s.flush().unwrap();
+        assert_eq!(
+            out.0.lock().unwrap().as_slice(),
+            b"x",
+            "same console after restore"
+        );
+        assert!(s.restore(&(Box::new(1u8) as DeviceState)).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use bulwark_abi::virtio::mmio::{MAGIC_VALUE, VENDOR_ID, VERSION, reg};
 use virtio_queue::{Queue, QueueT};
 
 use super::{DeviceFault, VIRTIO_F_VERSION_1, VirtioDevice, status};
-use crate::devices::{BadAccess, BusDevice, DeviceRequest};
+use crate::devices::{BadAccess, BusDevice, DeviceRequest, DeviceState, RestoreError};
 use crate::memory::GuestMemory;
 
 /// A virtio device behind an MMIO register window.
@@ -303,9 +303,56 @@ pub fn lock<D: ?Sized>(device: &Mutex<D>) -> std::sync::MutexGuard<'_, D> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The transport's registers and queue set-up, with its device's state.
+struct TransportState {
+    queues: Vec<virtio_queue::QueueState>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    device: DeviceState,
+}
+
 impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     fn name(&self) -> &'static str {
         "virtio-mmio"
+    }
+
+    fn save(&self) -> DeviceState {
+        Box::new(TransportState {
+            queues: self.queues.iter().map(Queue::state).collect(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            device: lock(&self.device).save(),
+        })
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), RestoreError> {
+        let fail = |why: String| RestoreError {
+            device: "virtio-mmio",
+            why,
+        };
+        let state = state
+            .downcast_ref::<TransportState>()
+            .ok_or_else(|| fail("not a virtio-mmio transport's state".into()))?;
+        self.queues = state
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(*q))
+            .collect::<Result<_, _>>()
+            .map_err(|e| fail(format!("a saved queue: {e:?}")))?;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        lock(&self.device)
+            .restore(&state.device)
+            .map_err(|e| fail(e.0))
     }
 
     fn read(&mut self, offset: u64, data: &mut [u8]) -> Result<DeviceRequest, BadAccess> {

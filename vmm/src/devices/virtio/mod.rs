@@ -36,4 +36,8 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: u32) -> Result<(), DeviceFault>;
     /// The guest reset the device: forget the queues and every piece of state.
     fn reset(&mut self);
+    /// Everything the guest can change in the device (see [`crate::devices::BusDevice::save`]).
+    fn save(&self) -> crate::devices::DeviceState;
+    /// Puts back what [`VirtioDevice::save`] found, closing whatever the device opened since.
+    fn restore(&mut self, state: &crate::devices::DeviceState) -> Result<(), DeviceFault>;
 }

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use bulwark_abi::ports::wait_result;
 use bulwark_abi::virtio::vsock::{DEVICE_ID, F_STREAM, QUEUE_COUNT, QUEUE_MAX_SIZE};
 use bulwark_abi::vsock::{HEADER_LEN, MAX_PACKET_DATA};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
 
 use super::muxer::{Muxer, MuxerError};
 use super::packet;
+use crate::devices::DeviceState;
 use crate::devices::virtio::{DeviceFault, VirtioDevice};
 use crate::memory::GuestMemory;
 
@@ -129,9 +130,20 @@ impl VsockDevice {
         Ok(count)
     }
 
+    /// Closes every connection (see [`Muxer::drop_connections`]).
+    pub fn drop_connections(&mut self) {
+        self.muxer.drop_connections();
+    }
+
     /// The guest waits: serve TX, deliver to RX, and block until something was delivered,
-    /// `stop` is set, or `limit` (if any) passed. Returns the [`wait_result`] bits.
-    pub fn wait(&mut self, stop: &AtomicBool, limit: Option<Duration>) -> Result<u32, DeviceFault> {
+    /// `stop` or `attention` is set, or `limit` (if any) passed. Returns the [`wait_result`]
+    /// bits.
+    pub fn wait(
+        &mut self,
+        stop: &AtomicBool,
+        attention: &AtomicBool,
+        limit: Option<Duration>,
+    ) -> Result<u32, DeviceFault> {
         let deadline = limit.map(|l| Instant::now() + l);
         if self.mem.is_none() {
             return Ok(if limit.is_some() {
@@ -151,8 +163,12 @@ impl VsockDevice {
             if self.process_rx()? > 0 {
                 return Ok(tx_bit | wait_result::VSOCK_RX);
             }
-            if stop.load(Ordering::Acquire) || (self.muxer.has_work() && timeout != 0) {
-                // Stopping, or work is pending that the guest gave no RX buffers for.
+            if stop.load(Ordering::Acquire)
+                || attention.load(Ordering::Acquire)
+                || (self.muxer.has_work() && timeout != 0)
+            {
+                // Stopping, wanted by the VMM, or work is pending that the guest gave no RX
+                // buffers for.
                 return Ok(tx_bit);
             }
             timeout = match deadline {
@@ -227,6 +243,25 @@ impl VirtioDevice for VsockDevice {
     fn reset(&mut self) {
         self.mem = None;
         self.queues.clear();
+    }
+
+    fn save(&self) -> DeviceState {
+        let queues: Vec<QueueState> = self.queues.iter().map(Queue::state).collect();
+        Box::new((self.mem.clone(), queues))
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceFault> {
+        let (mem, queues) = state
+            .downcast_ref::<(Option<GuestMemory>, Vec<QueueState>)>()
+            .ok_or_else(|| DeviceFault("not a vsock device's state".into()))?;
+        self.queues = queues
+            .iter()
+            .map(|q| Queue::try_from(*q))
+            .collect::<Result<_, _>>()
+            .map_err(|e| DeviceFault(format!("a saved vsock queue: {e:?}")))?;
+        self.mem.clone_from(mem);
+        self.muxer.drop_connections();
+        Ok(())
     }
 }
 
@@ -635,12 +670,16 @@ mod tests {
     fn wait_returns_when_stopped_and_when_data_arrives() {
         let mut rig = Rig::new("wait");
         let stop = AtomicBool::new(true);
-        assert_eq!(rig.dev.wait(&stop, None), Ok(0));
+        assert_eq!(rig.dev.wait(&stop, &AtomicBool::new(false), None), Ok(0));
         stop.store(false, Ordering::Release);
         // With nothing to deliver, a bounded wait ends when its bound passes.
         let started = Instant::now();
         assert_eq!(
-            rig.dev.wait(&stop, Some(Duration::from_millis(30))),
+            rig.dev.wait(
+                &stop,
+                &AtomicBool::new(false),
+                Some(Duration::from_millis(30))
+            ),
             Ok(wait_result::TIMED_OUT)
         );
         assert!(started.elapsed() >= Duration::from_millis(30), "cut short");
@@ -648,7 +687,11 @@ mod tests {
         client.write_all(b"CONNECT 1\n").unwrap();
         rig.offer_rx();
         assert_eq!(
-            rig.dev.wait(&stop, Some(Duration::from_secs(60))),
+            rig.dev.wait(
+                &stop,
+                &AtomicBool::new(false),
+                Some(Duration::from_secs(60))
+            ),
             Ok(wait_result::VSOCK_RX),
             "data ends a bounded wait before its bound"
         );

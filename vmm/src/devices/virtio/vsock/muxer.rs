@@ -143,6 +143,23 @@ impl Muxer {
         self.conns.len()
     }
 
+    /// Closes every connection and pending client and forgets what was queued for the guest:
+    /// the guest is being put back to a state with no connection ([`crate::reset`]). The
+    /// listening socket stays. Closed sockets leave the epoll set as they close.
+    pub fn drop_connections(&mut self) {
+        self.conns.clear();
+        self.by_fd.clear();
+        self.clients.clear();
+        self.readable.clear();
+        self.control.clear();
+    }
+
+    /// Whether nothing is connected or connecting: no connection, no pending client, nothing
+    /// queued for the guest.
+    pub fn is_idle(&self) -> bool {
+        self.conns.is_empty() && self.clients.is_empty() && self.control.is_empty()
+    }
+
     /// Whether a packet is waiting to go to the guest.
     pub fn has_work(&self) -> bool {
         !self.control.is_empty()
