@@ -158,6 +158,9 @@ pub struct Timings {
     pub vmm_peak_rss_kib: Option<u64>,
     /// KVM's counts for the VM, when measured.
     pub vmm: vm::VmmReport,
+    /// The VM had served an earlier call of the same tenant and module, and was reset to its
+    /// snapshot since.
+    pub reused: bool,
 }
 
 /// A call whose tool ran (to an exit, a trap, or a refusal inside the guest).
@@ -234,8 +237,47 @@ impl CallError {
     }
 }
 
+/// Which calls may share a kept VM, one after another: the same tenant, the same module
+/// compiled the same way (the artifact mapped into the VM is fixed at its snapshot), and
+/// enough RAM.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ReuseKey {
+    /// The tenant ([`VmSource::tenant`]).
+    pub tenant: String,
+    /// The module's SHA-256.
+    pub module: [u8; 32],
+    /// Compiled with fuel metering (a call with a fuel budget).
+    pub metered: bool,
+    /// The VM RAM the call needs, in MiB (a kept VM serves it if it has at least this much).
+    pub mem_mib: u64,
+}
+
+/// How a call's VM ended its call, for [`VmSource::give_back`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallEnd {
+    /// The tool ran to its end and exited (any exit code), its output within the caps, its
+    /// answer accepted; not cancelled. Only such a VM may be reset and serve another call.
+    Clean,
+    /// The VM answered, but the call did not end cleanly (a trap, no fuel left, a refusal, an
+    /// agent failure, output cut at the cap, an answer the host refused, a cancel).
+    Answered,
+    /// No answer: a timeout, a cancel, or an error talking to the VM.
+    Unanswered,
+}
+
 /// Where a call's VM comes from.
+///
+/// A source that keeps VMs for reuse is made per call, for the tenant the call runs for
+/// ([`VmSource::tenant`]); the key it is given then names that tenant and the call's module.
 pub trait VmSource: Sync {
+    /// The tenant the calls from this source run for, as the API's caller names it (an opaque
+    /// string): a source that keeps VMs may give such a call one that served an earlier call
+    /// of the same tenant and module ([`ReuseKey`]), reset to its snapshot in between. `None`
+    /// (the default): each call gets a VM no other call ran in.
+    fn tenant(&self) -> Option<&str> {
+        None
+    }
+
     /// A running VM with `mem_mib` MiB of RAM and `artifact` mapped, ready for one call
     /// before `deadline`; with `measure`, a fresh one of the call's own whose VMM reports KVM's
     /// counts (it is not given back through [`VmSource::retire`]).
@@ -257,6 +299,28 @@ pub trait VmSource: Sync {
         } else {
             drop(vm);
         }
+    }
+
+    /// [`VmSource::vm`] for a call that may reuse a kept VM: `reuse` is the call's key (`None`
+    /// when it has no tenant, or is measured). By default every call gets a VM of its own.
+    fn vm_for(
+        &self,
+        mem_mib: u64,
+        artifact: &Entry,
+        deadline: Instant,
+        measure: bool,
+        reuse: Option<&ReuseKey>,
+    ) -> anyhow::Result<vm::Vm> {
+        let _ = reuse;
+        self.vm(mem_mib, artifact, deadline, measure)
+    }
+
+    /// Gives back the VM of a call (not a measured one) that is over, with how it ended and
+    /// the call's key: a source that keeps VMs may reset a [`CallEnd::Clean`] one and keep it
+    /// for the next call of the same key. By default it is retired ([`VmSource::retire`]).
+    fn give_back(&self, vm: vm::Vm, end: CallEnd, reuse: Option<&ReuseKey>) {
+        let _ = reuse;
+        self.retire(vm, end != CallEnd::Unanswered);
     }
 }
 
@@ -539,15 +603,26 @@ fn call_timed(
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
         stream: sink.is_some(),
     };
+    // A measured call has a VM of its own, never kept (see `VmSource::vm`).
+    let reuse = match (vms.tenant(), spec.measure) {
+        (Some(tenant), false) => Some(ReuseKey {
+            tenant: tenant.to_owned(),
+            module: digest,
+            metered: limits.fuel.is_some(),
+            mem_mib,
+        }),
+        _ => None,
+    };
     let vm_started = Instant::now();
     let mut vm = vms
-        .vm(mem_mib, &artifact, deadline, spec.measure)
+        .vm_for(mem_mib, &artifact, deadline, spec.measure, reuse.as_ref())
         .map_err(CallError::bulwark)?;
     vm.watch(cancel);
     timings.vm_start_us = local::micros(vm_started.elapsed());
+    timings.reused = vm.resets() > 0;
     if cancel.is_cancelled() {
         if !spec.measure {
-            vms.retire(vm, false);
+            vms.give_back(vm, CallEnd::Unanswered, reuse.as_ref());
         }
         return Err(CallError::Cancelled);
     }
@@ -563,6 +638,8 @@ fn call_timed(
     if spec.measure {
         timings.vmm_peak_rss_kib = vm.peak_rss_kib();
     }
+    // A VM that may be kept waits until its answer is checked; any other is retired now.
+    let mut held = None;
     if spec.measure {
         // Measuring: the VMM is stopped with SIGTERM and says what KVM counted (a measured call
         // always has a VM of its own, see `VmSource::vm`).
@@ -571,24 +648,54 @@ fn call_timed(
         } else {
             drop(vm);
         }
+    } else if answered && reuse.is_some() {
+        held = Some(vm);
     } else {
-        vms.retire(vm, answered);
+        let end = if answered {
+            CallEnd::Answered
+        } else {
+            CallEnd::Unanswered
+        };
+        vms.give_back(vm, end, reuse.as_ref());
     }
+    let give_back = |vm, clean: bool| {
+        let end = if clean && !cancel.is_cancelled() {
+            CallEnd::Clean
+        } else {
+            CallEnd::Answered
+        };
+        vms.give_back(vm, end, reuse.as_ref());
+    };
     if cancel.is_cancelled() {
+        if let Some(vm) = held {
+            give_back(vm, false);
+        }
         return Err(CallError::Cancelled);
     }
-    match outcome {
+    let (result, clean) = match outcome {
         Ok(Some(mut response)) => {
             cap_output(&mut response, limits.max_output);
+            // The tool ran to its exit, whatever its code, and all its output was kept.
+            let ran_out =
+                matches!(response.outcome, Outcome::Exited(_)) && !response.output_truncated;
             let after = std::mem::take(&mut response.dirs);
-            finish(response, &hosts, &request.dirs, after, budget(limits))
+            let result = finish(response, &hosts, &request.dirs, after, budget(limits));
+            let clean = ran_out && result.is_ok();
+            (result, clean)
         }
-        Ok(None) => Err(CallError::TimedOut {
-            message: run_timed_out(spec),
-            timings: Timings::default(),
-        }),
-        Err(e) => Err(CallError::bulwark(e)),
+        Ok(None) => (
+            Err(CallError::TimedOut {
+                message: run_timed_out(spec),
+                timings: Timings::default(),
+            }),
+            false,
+        ),
+        Err(e) => (Err(CallError::bulwark(e)), false),
+    };
+    if let Some(vm) = held {
+        give_back(vm, clean);
     }
+    result
 }
 
 /// The message of a call whose tool ran out of time.

@@ -62,7 +62,8 @@ pub enum Command {
     )]
     Js(JsArgs),
     /// Serve tool calls over HTTP: a Unix socket by default (mode 0600), TCP only with a bearer
-    /// token. Keeps VMs booted ahead of calls (a warm pool); each VM serves one call.
+    /// token. Keeps VMs booted ahead of calls (a warm pool); each VM serves one call (with
+    /// --reuse, calls of one tenant and module may share a VM, reset between them).
     ///
     /// Endpoints: POST /v1/modules (upload a module, get its digest; it is compiled once),
     /// POST /v1/runs (run a module by digest or inline, or Python/JavaScript code), GET /v1/health,
@@ -576,6 +577,22 @@ pub struct ServeArgs {
     /// costs the host nothing.
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
     pub pool_mem_mib: u64,
+
+    /// Let a call that names its `tenant` get a VM kept from an earlier call of the same
+    /// tenant, module and memory size, reset to its snapshot in between (every page that call
+    /// wrote, the vCPU and the devices). A VM is never kept after a trap, timeout, cut output or
+    /// error. Off: every call gets a VM of its own.
+    #[arg(long)]
+    pub reuse: bool,
+
+    /// With --reuse: most VMs kept idle for reuse, all tenants together; the oldest is killed
+    /// beyond it.
+    #[arg(long, value_name = "N", default_value_t = 8, requires = "reuse")]
+    pub reuse_idle: usize,
+
+    /// With --reuse: a VM kept idle longer than this is killed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration, requires = "reuse")]
+    pub reuse_ttl: std::time::Duration,
 }
 
 /// Arguments of `bulwark mcp`.

@@ -72,6 +72,18 @@ pub struct Vm {
     artifact_socket: Option<UnixStream>,
     /// A connection to the agent, handshake done ([`Vm::wait_listening`]), for the next call.
     agent: Option<UnixStream>,
+    /// Started with `--reusable` ([`Vm::start_reusable`]): its socket path stays (each call
+    /// after a reset connects again), and its artifact socket stays open for commands.
+    reusable: bool,
+    /// A reusable VM's artifact socket once its artifact is mapped: where
+    /// [`Vm::snapshot`] and [`Vm::reset`] send their commands.
+    control: Option<UnixStream>,
+    /// Whether its snapshot was taken ([`Vm::snapshot`]): only then can it be reset.
+    snapshotted: bool,
+    /// Resets that succeeded: how many calls it served before the one it is ready for now.
+    resets: u64,
+    /// Its RAM in MiB.
+    mem_mib: u64,
 }
 
 /// A `Vm` moves between threads (the pool's spawner starts it, a caller's thread uses it).
@@ -84,8 +96,9 @@ const _: () = {
 enum ArtifactSource<'a> {
     /// At spawn: the cache entry's descriptor is its standard input.
     AtStart(&'a Entry),
-    /// Later: its standard input is this end of a socketpair (see [`Vm::provide_artifact`]).
-    Later(UnixStream),
+    /// Later: its standard input is this end of a socketpair (see [`Vm::provide_artifact`]);
+    /// with `reusable`, the VMM also takes snapshot and reset commands there.
+    Later(UnixStream, bool),
 }
 
 /// The socket's file name in the VM's private directory.
@@ -102,6 +115,16 @@ const DEATH_GRACE: Duration = Duration::from_secs(1);
 const LATE_HEADER_LEN: usize = 16;
 /// Longest answer line the VMM sends to it (`OK\n` or `ERR <reason>\n`).
 const MAX_LATE_ANSWER: usize = 512;
+/// Bytes of a command to a reusable VMM (sent on the artifact socket once the artifact is
+/// mapped, no descriptor): the command's name in ASCII, NUL-padded to 8 bytes, then 8 zeros.
+const COMMAND_LEN: usize = 16;
+/// The command that takes a reusable VM's snapshot.
+const SNAPSHOT: [u8; 8] = *b"SNAPSHOT";
+/// The command that resets a reusable VM to its snapshot.
+const RESET: [u8; 8] = *b"RESET\0\0\0";
+/// The environment variable that makes reusable VMs check each reset against a full copy of
+/// their RAM (`--verify-reset`): `1` turns it on (a test aid; it costs a copy of all RAM).
+pub const VERIFY_RESET_ENV: &str = "BULWARK_VERIFY_RESET";
 
 impl Vm {
     /// Starts `bulwark-vmm` with the guest image, a vsock device and `artifact` mapped into the
@@ -152,6 +175,7 @@ impl Vm {
             cmd.arg("--timeout")
                 .arg(format!("{:.3}", timeout.as_secs_f64()));
         }
+        let reusable = matches!(artifact, ArtifactSource::Later(_, true));
         let stdin = match artifact {
             ArtifactSource::AtStart(entry) => {
                 cmd.arg("--artifact-from-stdin")
@@ -167,8 +191,14 @@ impl Vm {
                     }
                 }
             }
-            ArtifactSource::Later(socket) => {
+            ArtifactSource::Later(socket, reusable) => {
                 cmd.arg("--artifact-later");
+                if reusable {
+                    cmd.arg("--reusable");
+                    if std::env::var_os(VERIFY_RESET_ENV).is_some_and(|v| v == "1") {
+                        cmd.arg("--verify-reset");
+                    }
+                }
                 Stdio::from(std::os::fd::OwnedFd::from(socket))
             }
         };
@@ -194,6 +224,11 @@ impl Vm {
             watched: None,
             artifact_socket: None,
             agent: None,
+            reusable,
+            control: None,
+            snapshotted: false,
+            resets: 0,
+            mem_mib,
         })
     }
 
@@ -227,8 +262,12 @@ impl Vm {
     /// Removes the VM's socket directory: once a connection to the agent is made, the path has
     /// done its work (a guest may not open connections to the host here), and nothing is left
     /// behind when the call ends.
+    /// A reusable VM keeps its path until it ends: after each reset the next call connects
+    /// again.
     fn remove_socket_dir(&self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.reusable {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 
     /// Why the VMM ended, if it has (its one-line report).
@@ -481,15 +520,31 @@ impl Vm {
     pub fn start_waiting(mem_mib: u64, report: bool) -> anyhow::Result<Self> {
         let vmm = locate("BULWARK_VMM", "bulwark-vmm")?;
         let guest = locate("BULWARK_GUEST", "bulwark-guest.elf")?;
-        Self::start_waiting_with(&vmm, &guest, mem_mib, report)
+        Self::start_waiting_with(&vmm, &guest, mem_mib, report, false)
     }
 
-    /// [`Vm::start_waiting`] with the VMM and guest image given.
+    /// [`Vm::start_waiting`] for a VM that can serve several calls of one tenant and module:
+    /// the VMM runs with `--reusable` (and `--verify-reset` when [`VERIFY_RESET_ENV`] is `1`).
+    /// Its life: [`Vm::provide_artifact`], [`Vm::snapshot`] (before any connection to the
+    /// agent), then [`Vm::wait_listening`] and [`Vm::call`]; after each call that ended
+    /// cleanly, [`Vm::reset`] and again [`Vm::wait_listening`] and [`Vm::call`].
+    ///
+    /// The same rule as [`Vm::start_waiting`]: call it from a thread that lives as long as the
+    /// VM.
+    pub fn start_reusable(mem_mib: u64) -> anyhow::Result<Self> {
+        let vmm = locate("BULWARK_VMM", "bulwark-vmm")?;
+        let guest = locate("BULWARK_GUEST", "bulwark-guest.elf")?;
+        Self::start_waiting_with(&vmm, &guest, mem_mib, false, true)
+    }
+
+    /// [`Vm::start_waiting`] with the VMM and guest image given; `reusable`: see
+    /// [`Vm::start_reusable`].
     fn start_waiting_with(
         vmm: &Path,
         guest: &Path,
         mem_mib: u64,
         report: bool,
+        reusable: bool,
     ) -> anyhow::Result<Self> {
         let (ours, theirs) =
             UnixStream::pair().context("cannot create the socket to give the VMM its artifact")?;
@@ -497,7 +552,7 @@ impl Vm {
             vmm,
             guest,
             mem_mib,
-            ArtifactSource::Later(theirs),
+            ArtifactSource::Later(theirs, reusable),
             None,
             report,
         )?;
@@ -527,47 +582,25 @@ impl Vm {
         if let Err(e) = sent {
             return Err(self.lost(e, "sending the artifact to the VMM"));
         }
-        let mut answer = Vec::new();
-        let read = loop {
-            let mut chunk = [0u8; MAX_LATE_ANSWER];
-            let remaining = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
-            if let Err(e) = socket.set_read_timeout(Some(remaining)) {
-                break Err(e);
-            }
-            match socket.read(&mut chunk) {
-                Ok(0) => break Ok(false),
-                Ok(n) => {
-                    answer.extend_from_slice(&chunk[..n]);
-                    if answer.contains(&b'\n') || answer.len() >= MAX_LATE_ANSWER {
-                        break Ok(true);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
-            }
-        };
-        match read {
-            Ok(true) => {}
-            Ok(false) => {
+        let answer = match read_answer(socket, deadline) {
+            Ok(Some(answer)) => answer,
+            Ok(None) => {
                 return Err(self.closed("the VMM closed its artifact socket without answering"));
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if timed_out(&e) => {
                 bail!("the VMM did not answer in time when given the artifact");
             }
             Err(e) => return Err(self.lost(e, "reading the VMM's answer to the artifact")),
-        }
+        };
         let line = String::from_utf8_lossy(&answer);
         let line = line.lines().next().unwrap_or("");
         if line == "OK" {
-            // Mapped: a VM takes one artifact, so the socket has done its work.
-            self.artifact_socket = None;
+            // Mapped: a VM takes one artifact, so the socket has done its work, unless the VM
+            // is reusable: it then carries the snapshot and reset commands.
+            let socket = self.artifact_socket.take();
+            if self.reusable {
+                self.control = socket;
+            }
             return Ok(());
         }
         match line.strip_prefix("ERR ") {
@@ -576,9 +609,120 @@ impl Vm {
         }
     }
 
+    /// Takes a reusable VM's snapshot (its memory, vCPU and device state), to which each
+    /// [`Vm::reset`] returns it; answers the pages of guest RAM saved. Send it after
+    /// [`Vm::provide_artifact`] and before the first [`Vm::wait_listening`] or [`Vm::call`]: the
+    /// VMM takes it when the guest next waits idle with no connection. A VM snapshots once.
+    ///
+    /// Any failure (a refusal, no answer by `deadline`, the VMM gone) leaves the VM unusable
+    /// for commands: kill it.
+    pub fn snapshot(&mut self, deadline: Instant) -> anyhow::Result<u64> {
+        if self.snapshotted {
+            bail!("this VM has its snapshot already");
+        }
+        if self.agent.is_some() {
+            bail!("a snapshot must be taken before anything connects to the agent");
+        }
+        let line = self.command(SNAPSHOT, "snapshot", deadline)?;
+        let pages = parse_ok(&line, "snapshot", 1).ok_or_else(|| {
+            anyhow::anyhow!("the VMM gave an unexpected answer to SNAPSHOT: {line:?}")
+        })?;
+        self.snapshotted = true;
+        Ok(pages[0])
+    }
+
+    /// Resets a reusable VM to its snapshot once its call is over: its connection to the agent
+    /// (if any is left) is dropped first, then the VMM restores every page the call wrote,
+    /// the vCPU and the devices; afterwards the guest is as at the snapshot (agent listening,
+    /// artifact mapped), ready for [`Vm::wait_listening`] and the next [`Vm::call`].
+    ///
+    /// Any failure (a refusal, no answer by `deadline`, the VMM gone) means the VM must be
+    /// killed, never used again; it takes no further command.
+    pub fn reset(&mut self, deadline: Instant) -> anyhow::Result<ResetStats> {
+        if !self.snapshotted {
+            bail!("this VM has no snapshot to reset to");
+        }
+        // The VMM drops any connection left, but the host's end must not outlive the reset.
+        self.agent = None;
+        let line = self.command(RESET, "reset", deadline)?;
+        let figures = parse_ok(&line, "reset", 4).ok_or_else(|| {
+            anyhow::anyhow!("the VMM gave an unexpected answer to RESET: {line:?}")
+        })?;
+        self.resets += 1;
+        Ok(ResetStats {
+            pages_written: figures[0],
+            pages_copied: figures[1],
+            pages_zeroed: figures[2],
+            micros: figures[3],
+        })
+    }
+
+    /// Whether this VM has its snapshot: it can be reset and serve another call.
+    pub fn is_snapshotted(&self) -> bool {
+        self.snapshotted
+    }
+
+    /// How many times this VM was reset: more than 0 means the call it serves now is not its
+    /// first.
+    pub fn resets(&self) -> u64 {
+        self.resets
+    }
+
+    /// The VM's RAM in MiB.
+    pub fn mem_mib(&self) -> u64 {
+        self.mem_mib
+    }
+
+    /// Sends a reusable VM's command `name` and returns its answer line (without `\n`) when it
+    /// starts with `OK `. The socket is given back only then: after any failure, or an
+    /// `ERR`, the VM takes no more commands.
+    fn command(&mut self, name: [u8; 8], what: &str, deadline: Instant) -> anyhow::Result<String> {
+        let Some(mut socket) = self.control.take() else {
+            bail!(
+                "this VM takes no commands: it is not reusable, has no artifact yet, or a command failed before"
+            );
+        };
+        let mut message = [0u8; COMMAND_LEN];
+        message[..8].copy_from_slice(&name);
+        let sent = (Until {
+            s: &mut socket,
+            deadline,
+        })
+        .write_all(&message);
+        match sent {
+            Ok(()) => {}
+            Err(e) if timed_out(&e) => bail!("the VMM did not take the {what} command in time"),
+            Err(e) => return Err(self.lost(e, &format!("sending the {what} command to the VMM"))),
+        }
+        let answer = match read_answer(&mut socket, deadline) {
+            Ok(Some(answer)) => answer,
+            Ok(None) => {
+                return Err(self.closed(&format!(
+                    "the VMM closed its command socket without answering {what}"
+                )));
+            }
+            Err(e) if timed_out(&e) => bail!("the VMM did not answer {what} in time"),
+            Err(e) => return Err(self.lost(e, &format!("reading the VMM's answer to {what}"))),
+        };
+        // One line, and nothing after it: a command gets one answer.
+        let text = String::from_utf8_lossy(&answer);
+        let Some(line) = text.strip_suffix('\n').filter(|l| !l.contains('\n')) else {
+            bail!("the VMM gave an unexpected answer to {what}: {text:?}");
+        };
+        if let Some(reason) = line.strip_prefix("ERR ") {
+            bail!("the VMM refused to {what}: {reason}");
+        }
+        if !line.starts_with("OK ") {
+            bail!("the VMM gave an unexpected answer to {what}: {line:?}");
+        }
+        self.control = Some(socket);
+        Ok(line.to_owned())
+    }
+
     /// Waits until the guest's agent accepts a connection (the VM is booted and listening),
     /// at most until `deadline`, and keeps that connection, handshake done, for the next
-    /// [`Vm::call`]. The VM's socket directory is removed once connected.
+    /// [`Vm::call`]. The VM's socket directory is removed once connected (a reusable VM's only
+    /// when it ends: its next call, after a reset, connects again).
     pub fn wait_listening(&mut self, deadline: Instant) -> anyhow::Result<()> {
         if self.agent.is_some() {
             return Ok(());
@@ -631,6 +775,55 @@ fn timed_out(e: &std::io::Error) -> bool {
         e.kind(),
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
     )
+}
+
+/// Reads one answer line from the VMM's artifact (or command) socket before `deadline`: the
+/// bytes up to and with the first `\n` (or [`MAX_LATE_ANSWER`] bytes without one);
+/// `Ok(None)`: the VMM closed it first.
+fn read_answer(socket: &mut UnixStream, deadline: Instant) -> std::io::Result<Option<Vec<u8>>> {
+    let mut answer = Vec::new();
+    let mut until = Until {
+        s: socket,
+        deadline,
+    };
+    loop {
+        let mut chunk = [0u8; MAX_LATE_ANSWER];
+        let room = MAX_LATE_ANSWER - answer.len();
+        match until.read(&mut chunk[..room]) {
+            Ok(0) => return Ok(None),
+            Ok(n) => {
+                answer.extend_from_slice(&chunk[..n]);
+                if answer.contains(&b'\n') || answer.len() >= MAX_LATE_ANSWER {
+                    return Ok(Some(answer));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The `count` numbers of an answer line `OK <word> <n>...`, if it is exactly that.
+fn parse_ok(line: &str, word: &str, count: usize) -> Option<Vec<u64>> {
+    let mut parts = line.split(' ');
+    if parts.next() != Some("OK") || parts.next() != Some(word) {
+        return None;
+    }
+    let numbers: Vec<u64> = parts.map(|p| p.parse().ok()).collect::<Option<_>>()?;
+    (numbers.len() == count).then_some(numbers)
+}
+
+/// What one [`Vm::reset`] did, as the VMM reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetStats {
+    /// Pages of guest RAM the call wrote.
+    pub pages_written: u64,
+    /// Pages copied back from the snapshot.
+    pub pages_copied: u64,
+    /// Pages made zero again (they were zero at the snapshot).
+    pub pages_zeroed: u64,
+    /// How long the reset took in the VMM, in microseconds.
+    pub micros: u64,
 }
 
 /// Bytes of one descriptor in a control message.
@@ -711,6 +904,14 @@ impl Vm {
     pub fn watch(&mut self, cancel: &Cancel) {
         cancel.watch_vmm(self.child.id());
         self.watched = Some(cancel.clone());
+    }
+
+    /// Undoes [`Vm::watch`]: the call is over, and the VM outlives it (it is kept for reuse),
+    /// so cancelling that call must no longer kill it.
+    pub fn unwatch(&mut self) {
+        if let Some(cancel) = self.watched.take() {
+            cancel.forget_vmm();
+        }
     }
 
     /// Asks the VMM to stop (SIGTERM), waits up to [`DEATH_GRACE`] for it to end, and returns
@@ -963,7 +1164,7 @@ mod tests {
         let entry = hello_entry(&dir);
         let deadline = || Instant::now() + Duration::from_secs(20);
 
-        let mut vm = Vm::start_waiting_with(&vmm, &guest, 256, false).unwrap();
+        let mut vm = Vm::start_waiting_with(&vmm, &guest, 256, false, false).unwrap();
         vm.wait_listening(deadline()).unwrap();
         let bad = Entry {
             file: entry.file.try_clone().unwrap(),
@@ -1023,7 +1224,7 @@ mod tests {
         let (mut ready, mut provide) = (Vec::new(), Vec::new());
         for i in 0..50 {
             let t0 = Instant::now();
-            let mut vm = Vm::start_waiting_with(&vmm, &guest, 256, false).unwrap();
+            let mut vm = Vm::start_waiting_with(&vmm, &guest, 256, false, false).unwrap();
             vm.wait_listening(deadline()).unwrap();
             let t1 = Instant::now();
             vm.provide_artifact(&entry, deadline()).unwrap();
@@ -1084,6 +1285,142 @@ mod tests {
         }
         drop(ours);
         dripper.join().unwrap();
+    }
+
+    /// A reusable `Vm` whose "VMM" is `sleep` and whose command socket's other end is
+    /// returned, to play the VMM's side of the command protocol.
+    fn fake_reusable_vm() -> (Vm, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let child = Command::new("sleep")
+            .arg("30")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let dir = private_dir().unwrap();
+        let uds = dir.join(SOCKET_NAME);
+        let vm = Vm {
+            child,
+            dir,
+            uds,
+            abandoned: false,
+            watched: None,
+            artifact_socket: None,
+            agent: None,
+            reusable: true,
+            control: Some(ours),
+            snapshotted: false,
+            resets: 0,
+            mem_mib: 2,
+        };
+        (vm, theirs)
+    }
+
+    /// Reads one command on the VMM's side and answers `answer`.
+    fn answer_command(vmm: &mut UnixStream, expect: &[u8; 8], answer: &[u8]) {
+        let mut command = [0u8; COMMAND_LEN];
+        vmm.read_exact(&mut command).unwrap();
+        assert_eq!(&command[..8], expect);
+        assert_eq!(command[8..], [0; 8]);
+        vmm.write_all(answer).unwrap();
+    }
+
+    #[test]
+    fn snapshot_and_reset_speak_the_command_protocol() {
+        let (mut vm, mut vmm) = fake_reusable_vm();
+        let deadline = || Instant::now() + Duration::from_secs(5);
+        let e = vm.reset(deadline()).unwrap_err();
+        assert!(e.to_string().contains("no snapshot"), "{e:#}");
+        let side = std::thread::spawn(move || {
+            answer_command(&mut vmm, b"SNAPSHOT", b"OK snapshot 1234\n");
+            answer_command(&mut vmm, b"RESET\0\0\0", b"OK reset 10 7 3 250\n");
+            answer_command(&mut vmm, b"RESET\0\0\0", b"OK reset 1 1 0 9\n");
+            answer_command(&mut vmm, b"RESET\0\0\0", b"ERR memory differs at 0x1000\n");
+            vmm
+        });
+        assert_eq!(vm.snapshot(deadline()).unwrap(), 1234);
+        assert!(vm.is_snapshotted());
+        let e = vm.snapshot(deadline()).unwrap_err();
+        assert!(e.to_string().contains("already"), "{e:#}");
+        assert_eq!(
+            vm.reset(deadline()).unwrap(),
+            ResetStats {
+                pages_written: 10,
+                pages_copied: 7,
+                pages_zeroed: 3,
+                micros: 250
+            }
+        );
+        assert_eq!(vm.reset(deadline()).unwrap().micros, 9);
+        assert_eq!(vm.resets(), 2);
+        let e = vm.reset(deadline()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("refused to reset: memory differs at 0x1000"),
+            "{e:#}"
+        );
+        // After a refusal the VM takes no more commands: it is to be killed.
+        let e = vm.reset(deadline()).unwrap_err();
+        assert!(e.to_string().contains("takes no commands"), "{e:#}");
+        assert_eq!(vm.resets(), 2);
+        drop(side.join().unwrap());
+    }
+
+    #[test]
+    fn a_bad_late_or_missing_answer_to_a_command_fails_it() {
+        // Garbage, a second line, a wrong count, a wrong word: each refused.
+        for answer in [
+            &b"OK snapshot x\n"[..],
+            b"OK snapshot 1\nOK\n",
+            b"OK snapshot 1 2\n",
+            b"OK reset 1\n",
+            b"YES\n",
+        ] {
+            let (mut vm, mut vmm) = fake_reusable_vm();
+            let answer = answer.to_vec();
+            let side = std::thread::spawn(move || {
+                answer_command(&mut vmm, b"SNAPSHOT", &answer);
+                vmm
+            });
+            let e = vm
+                .snapshot(Instant::now() + Duration::from_secs(5))
+                .unwrap_err();
+            assert!(e.to_string().contains("unexpected answer"), "{e:#}");
+            assert!(!vm.is_snapshotted());
+            drop(side.join().unwrap());
+        }
+        // No answer by the deadline.
+        let (mut vm, vmm) = fake_reusable_vm();
+        let started = Instant::now();
+        let e = vm
+            .snapshot(Instant::now() + Duration::from_millis(100))
+            .unwrap_err();
+        assert!(e.to_string().contains("in time"), "{e:#}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(vmm);
+        // The VMM closed the socket (the fake VMM process is still running, so this is not
+        // its report).
+        let (mut vm, vmm) = fake_reusable_vm();
+        drop(vmm);
+        let e = vm
+            .snapshot(Instant::now() + Duration::from_secs(5))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("snapshot"), "{e:#}");
+        assert!(!vm.is_snapshotted());
+    }
+
+    #[test]
+    fn answer_lines_parse_only_in_their_exact_form() {
+        assert_eq!(parse_ok("OK snapshot 5", "snapshot", 1), Some(vec![5]));
+        assert_eq!(
+            parse_ok("OK reset 1 2 3 4", "reset", 4),
+            Some(vec![1, 2, 3, 4])
+        );
+        assert_eq!(parse_ok("OK reset 1 2 3", "reset", 4), None);
+        assert_eq!(parse_ok("OK reset 1 2 3 4 5", "reset", 4), None);
+        assert_eq!(parse_ok("OK snapshot -1", "snapshot", 1), None);
+        assert_eq!(parse_ok("OK  snapshot 1", "snapshot", 1), None);
+        assert_eq!(parse_ok("OK reset 1 2 3 4", "snapshot", 4), None);
+        assert_eq!(parse_ok("ERR snapshot 1", "snapshot", 1), None);
     }
 
     #[test]

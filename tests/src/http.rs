@@ -204,6 +204,16 @@ impl Server {
     /// Starts `bulwark serve --socket SOCKET ARGS` with the compile cache `cache` and the built
     /// guest image, its log in `log` beside the socket, and waits until it answers.
     pub fn start(socket: &Path, cache: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(socket, cache, args, &[])
+    }
+
+    /// [`Server::start`], with the environment variables `env` set for the server.
+    pub fn start_with_env(
+        socket: &Path,
+        cache: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = socket.with_extension("log");
         let log_file = std::fs::File::create(&log)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
@@ -215,6 +225,7 @@ impl Server {
             .current_dir(crate::repo_root())
             .env("BULWARK_GUEST", crate::guest_image())
             .env("BULWARK_CACHE_DIR", cache)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log_file)

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use utoipa::{OpenApi, ToSchema};
 
 use super::modules::{Store, StoreError, parse_digest};
-use super::pool::{Pool, PoolStatus};
+use super::pool::{Pool, PoolStatus, ReuseStatus};
 use crate::call::{self, CallError, CallLimits, CallSpec, Finished};
 use crate::cancel::{Cancel, Running};
 use crate::compile::hex;
@@ -30,6 +30,8 @@ use crate::vm::OutputStream;
 pub const WORK_DIR: &str = "/work";
 /// Most files (and directories) a run may send or ask back.
 const MAX_FILES: usize = 10_000;
+/// Longest `tenant`, in bytes.
+pub const MAX_TENANT: usize = 128;
 
 /// What every handler shares.
 pub struct App {
@@ -143,7 +145,9 @@ pub struct RunLimits {
     pub max_files: Option<u32>,
 }
 
-/// `POST /v1/runs`: one tool call, in a VM no other call has run in.
+/// `POST /v1/runs`: one tool call, in a VM no other call has run in (with `bulwark serve
+/// --reuse` and a `tenant`: at most an earlier call of the same tenant and module, see
+/// `tenant`).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
@@ -175,6 +179,14 @@ pub struct RunRequest {
     /// The call's limits.
     #[serde(default)]
     pub limits: RunLimits,
+    /// The tenant the call runs for: an opaque name (1 to 128 bytes, no control characters)
+    /// that the API's caller, such as an agent platform, sets per tenant of its own. Only with
+    /// `bulwark serve --reuse` does it matter: the call may then get a VM kept from an earlier
+    /// call of the same tenant, module and memory size, reset to its snapshot in between (every
+    /// page that call wrote restored, vCPU and devices too; a VM is never kept after a trap,
+    /// timeout, cut output or error). Without `--reuse`, a call with a tenant runs exactly as
+    /// one without: in a VM of its own.
+    pub tenant: Option<String>,
 }
 
 /// How a run ended.
@@ -266,6 +278,9 @@ pub struct RunResponse {
     pub fuel_consumed: Option<u64>,
     /// Where the time went.
     pub timings_us: RunTimings,
+    /// The VM had served an earlier call of the same `tenant` and module (`bulwark serve
+    /// --reuse`), and was reset to its snapshot since.
+    pub reused: bool,
 }
 
 /// The answer to `POST /v1/modules`.
@@ -372,7 +387,8 @@ impl Drop for CancelOnDrop {
         ModuleStored,
         Health,
         ApiError,
-        PoolStatus
+        PoolStatus,
+        ReuseStatus
     ))
 )]
 pub struct ApiDoc;
@@ -507,7 +523,11 @@ async fn stream_run(
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let _running = worker.running.enter(&call_cancel);
-        let (spec, wanted) = match spec_of(&worker, req, &call_cancel) {
+        let Prepared {
+            spec,
+            wanted,
+            tenant,
+        } = match spec_of(&worker, req, &call_cancel) {
             Ok(s) => {
                 let _ = spec_tx.send(None);
                 s
@@ -531,7 +551,8 @@ async fn stream_run(
                 call_cancel.cancel();
             }
         };
-        let result = call::call_streaming(spec, &call_cancel, &worker.pool, &mut sink);
+        let vms = worker.pool.for_call(tenant);
+        let result = call::call_streaming(spec, &call_cancel, &vms, &mut sink);
         let outcome = match result {
             Ok(finished) => finished_response(finished, &sent, &wanted),
             Err(e) => failed_response(&e),
@@ -637,13 +658,30 @@ impl OutputLine {
 /// The server's log line for a finished run, with the pool's state.
 fn log_run(app: &App, r: &RunResponse, streamed: bool) {
     let pool = app.pool.status();
+    let reuse = &pool.reuse;
+    let reuse = if reuse.enabled {
+        format!(
+            "; reuse {} idle, {} hits, {} resets (last {} µs), {} reset failures, {} not kept, {} evicted, {} expired",
+            reuse.idle,
+            reuse.hits,
+            reuse.resets,
+            reuse.last_reset_us.unwrap_or(0),
+            reuse.reset_failures,
+            reuse.not_kept,
+            reuse.evicted,
+            reuse.expired
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "bulwark serve: run{} {:?} exit {} in {} µs (vm {} µs); pool {}/{} ready, {} hits, {} misses, {} failures",
+        "bulwark serve: run{} {:?} exit {} in {} µs (vm {} µs, {}); pool {}/{} ready, {} hits, {} misses, {} failures{reuse}",
         if streamed { " (streamed)" } else { "" },
         r.status,
         r.exit_code,
         r.timings_us.total,
         r.timings_us.vm_start,
+        if r.reused { "reused" } else { "fresh" },
         pool.ready,
         pool.target,
         pool.hits,
@@ -682,7 +720,10 @@ fn base64(field: &str, value: &str) -> Result<Vec<u8>, Reject> {
 }
 
 /// The call a request asks for, or the answer for a bad one.
-fn spec_of(app: &App, req: RunRequest, cancel: &Cancel) -> Result<(CallSpec, Vec<String>), Reject> {
+fn spec_of(app: &App, req: RunRequest, cancel: &Cancel) -> Result<Prepared, Reject> {
+    if let Some(tenant) = &req.tenant {
+        check_tenant(tenant)?;
+    }
     let mut spec = match (&req.module, &req.module_base64, req.language, req.code) {
         (Some(digest), None, None, None) => {
             let digest = parse_digest(digest)
@@ -769,7 +810,29 @@ fn spec_of(app: &App, req: RunRequest, cancel: &Cancel) -> Result<(CallSpec, Vec
     if req.return_files.len() > MAX_FILES {
         return Err(bad(format!("return_files names over {MAX_FILES} paths")));
     }
-    Ok((spec, req.return_files))
+    Ok(Prepared {
+        spec,
+        wanted: req.return_files,
+        tenant: req.tenant,
+    })
+}
+
+/// A run's call, checked: the spec, the `return_files`, the tenant.
+struct Prepared {
+    spec: CallSpec,
+    wanted: Vec<String>,
+    tenant: Option<String>,
+}
+
+/// Refuses a `tenant` that is empty, longer than [`MAX_TENANT`] bytes, or holds a control
+/// character.
+fn check_tenant(tenant: &str) -> Result<(), Reject> {
+    if tenant.is_empty() || tenant.len() > MAX_TENANT || tenant.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "tenant must be 1 to {MAX_TENANT} bytes with no control characters"
+        )));
+    }
+    Ok(())
 }
 
 /// The `/work` tree of a run's `files`: each file, after the directories that hold it.
@@ -828,7 +891,11 @@ fn work_dir(files: Vec<FileIn>) -> Result<SharedDir, Reject> {
 
 /// Runs the call a request asks for, on a blocking thread.
 fn run_blocking(app: &App, req: RunRequest, cancel: &Cancel) -> Response {
-    let (spec, wanted) = match spec_of(app, req, cancel) {
+    let Prepared {
+        spec,
+        wanted,
+        tenant,
+    } = match spec_of(app, req, cancel) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
@@ -837,7 +904,7 @@ fn run_blocking(app: &App, req: RunRequest, cancel: &Cancel) -> Response {
         .first()
         .map(|d| d.entries.clone())
         .unwrap_or_default();
-    let result = call::call(spec, cancel, &app.pool);
+    let result = call::call(spec, cancel, &app.pool.for_call(tenant));
     let body = match result {
         Ok(finished) => finished_response(finished, &sent, &wanted),
         Err(e) => failed_response(&e),
@@ -898,6 +965,7 @@ fn finished_response(f: Finished, sent: &[Entry], wanted: &[String]) -> RunRespo
             guest_instantiate: r.timings.instantiate_us,
             guest_run: r.timings.run_us,
         },
+        reused: f.timings.reused,
     }
 }
 
@@ -944,6 +1012,10 @@ fn returned(after: Vec<Entry>, sent: &[Entry], wanted: &[String]) -> Vec<FileOut
 }
 
 fn failed_response(e: &CallError) -> RunResponse {
+    let reused = match e {
+        CallError::TimedOut { timings, .. } => timings.reused,
+        _ => false,
+    };
     let (status, timings) = match e {
         CallError::TimedOut { timings, .. } => (RunStatus::TimedOut, Some(timings)),
         CallError::Cancelled => (RunStatus::Cancelled, None),
@@ -969,6 +1041,7 @@ fn failed_response(e: &CallError) -> RunResponse {
             total: t.total_us,
             ..RunTimings::default()
         }),
+        reused,
     }
 }
 

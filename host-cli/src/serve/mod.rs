@@ -72,7 +72,15 @@ enum Listener {
 /// Starts the pool and serves the API on `listener` until Ctrl-C or SIGTERM.
 fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> anyhow::Result<()> {
     let store = modules::Store::open()?;
-    let pool = pool::Pool::start(args.pool, args.pool_mem_mib)?;
+    let pool = pool::Pool::start(
+        args.pool,
+        args.pool_mem_mib,
+        pool::ReusePolicy {
+            enabled: args.reuse,
+            max_idle: args.reuse_idle,
+            ttl: args.reuse_ttl,
+        },
+    )?;
     let app = Arc::new(api::App {
         store,
         pool,
@@ -112,8 +120,9 @@ fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> any
                 l.set_nonblocking(true)?;
                 let l = tokio::net::TcpListener::from_std(l.try_clone()?)?;
                 eprintln!(
-                    "bulwark serve: listening on http://{addr} (bearer token required); pool of {} VMs",
-                    args.pool
+                    "bulwark serve: listening on http://{addr} (bearer token required); pool of {} VMs{}",
+                    args.pool,
+                    reuse_note(args)
                 );
                 axum::serve(l, router)
                     .with_graceful_shutdown(shutdown(Arc::clone(&app.running)))
@@ -124,10 +133,11 @@ fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> any
                 l.set_nonblocking(true)?;
                 let l = tokio::net::UnixListener::from_std(l.try_clone()?)?;
                 eprintln!(
-                    "bulwark serve: listening on {} (curl --unix-socket {} http://localhost/v1/health); pool of {} VMs",
+                    "bulwark serve: listening on {} (curl --unix-socket {} http://localhost/v1/health); pool of {} VMs{}",
                     path.display(),
                     path.display(),
-                    args.pool
+                    args.pool,
+                    reuse_note(args)
                 );
                 axum::serve(l, router)
                     .with_graceful_shutdown(shutdown(Arc::clone(&app.running)))
@@ -136,9 +146,21 @@ fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> any
             }
         }
     });
-    eprintln!("bulwark serve: stopped; destroying the pool's VMs");
+    eprintln!("bulwark serve: stopped; destroying the pool's VMs and the kept ones");
     app.pool.stop();
     served
+}
+
+/// What the start-up line says of reuse.
+fn reuse_note(args: &ServeArgs) -> String {
+    if args.reuse {
+        format!(
+            "; reuse on for calls with a tenant (at most {} kept idle, each at most {:?})",
+            args.reuse_idle, args.reuse_ttl
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// Resolves when Ctrl-C or SIGTERM arrives. A second one cancels the calls still running
