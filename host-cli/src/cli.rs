@@ -569,9 +569,24 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub max_files_size: u64,
 
-    /// VMs kept booted ahead of calls (0: every call starts its own VM).
+    /// VMs kept booted ahead of calls of Wasm modules (0: each such call starts its own VM).
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub pool: usize,
+
+    /// VMs kept booted ahead of Python calls (`language: python`). Their heap is on huge pages:
+    /// CPython touches tens of MiB.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub pool_python: usize,
+
+    /// VMs kept booted ahead of JavaScript calls (`language: javascript`), on huge pages too.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub pool_javascript: usize,
+
+    /// What backs the heap of the Wasm pool's VMs: `small` (4 KiB) pages start a call that
+    /// touches little memory fastest (the first touch of a huge page zeroes 2 MiB); `huge`
+    /// pages take fewer faults for a tool that touches much.
+    #[arg(long, value_name = "PAGES", default_value = "small")]
+    pub pool_pages: PoolPages,
 
     /// RAM of each pooled VM, in MiB; calls that need more start their own VM. Untouched RAM
     /// costs the host nothing.
@@ -593,6 +608,15 @@ pub struct ServeArgs {
     /// With --reuse: a VM kept idle longer than this is killed.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration, requires = "reuse")]
     pub reuse_ttl: std::time::Duration,
+}
+
+/// What backs the heap of pooled VMs (`bulwark serve --pool-pages`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoolPages {
+    /// 4 KiB pages.
+    Small,
+    /// Transparent huge pages (2 MiB) where the kernel has them.
+    Huge,
 }
 
 /// Arguments of `bulwark mcp`.

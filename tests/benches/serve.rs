@@ -10,7 +10,8 @@
 //!    of the client's whole request, and the medians of the server's own parts (`vm_start`:
 //!    taking a pooled VM and mapping the module; `call`: request to answer over vsock; the
 //!    guest's load + instantiate + run). Beside it, interleaved, `bulwark run examples/hello.wat`
-//!    as a whole process.
+//!    as a whole process. The same with the pool on huge pages, and with reuse for one tenant
+//!    (paced: each call after the last one's VM was reset and kept; the reset's time too).
 //! 2. Throughput: `BULWARK_BENCH_THROUGHPUT_CALLS` hello calls (default 300) at concurrency 1, 4
 //!    and 16 (a 429 is retried after 5 ms and counted).
 //! 3. Memory: the resident set of each ready pooled VMM, and of the server.
@@ -99,29 +100,92 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-fn latency(cache: &Path, hello: &Value, runs: usize) {
-    let server = start(cache, &["--pool", "2", "--max-concurrent", "8"]);
-    // Warm: the module is compiled, the pool full.
-    call(&server.socket, hello);
+/// One way of serving hello for [`latency`].
+struct Mode {
+    /// What the figures are of.
+    label: &'static str,
+    /// `bulwark serve`'s arguments.
+    args: &'static [&'static str],
+    /// Whether calls name a tenant (and the server reuses VMs).
+    tenant: bool,
+}
+
+/// The modes [`latency`] measures, side by side: the default pool (small pages), a pool on
+/// huge pages, and reuse for one tenant.
+const MODES: [Mode; 3] = [
+    Mode {
+        label: "warm pool of 2, small pages (the default)",
+        args: &["--pool", "2"],
+        tenant: false,
+    },
+    Mode {
+        label: "warm pool of 2, huge pages (--pool-pages huge)",
+        args: &["--pool", "2", "--pool-pages", "huge"],
+        tenant: false,
+    },
+    Mode {
+        label: "reuse for one tenant (--reuse, \"tenant\" in each call)",
+        args: &["--pool", "2", "--reuse"],
+        tenant: true,
+    },
+];
+
+/// Waits until the server is ready for the next call of `mode`: its pool full, and with reuse a
+/// VM reset and kept; returns the last reset's time in the VMM then, in µs.
+fn wait_ready(socket: &Path, mode: &Mode, calls_so_far: usize) -> Option<f64> {
+    wait_pool_full(socket);
+    if !mode.tenant || calls_so_far == 0 {
+        return None;
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pool = http::json(socket, "GET", "/v1/pool", None).unwrap().json();
+        if pool["reuse"]["idle"] == 1 {
+            return pool["reuse"]["last_reset_us"].as_f64();
+        }
+        assert!(Instant::now() < until, "no VM kept: {pool}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn latency(cache: &Path, module: &Value, runs: usize, mode: &Mode, with_cli: bool) {
+    let mut args = mode.args.to_vec();
+    args.extend([
+        "--pool-python",
+        "0",
+        "--pool-javascript",
+        "0",
+        "--max-concurrent",
+        "8",
+    ]);
+    let server = start(cache, &args);
+    let mut hello = module.clone();
+    if mode.tenant {
+        hello["tenant"] = json!("bench");
+    }
+    // Warm: the module is compiled, the pool full (with reuse: the tenant's VM started).
+    call(&server.socket, &hello);
     let mut paced = Vec::new();
     let mut back_to_back = Vec::new();
     let (mut vm_start, mut vm_call, mut guest) = (Vec::new(), Vec::new(), Vec::new());
+    let mut resets = Vec::new();
     let mut cli = Vec::new();
-    for _ in 0..runs {
-        wait_pool_full(&server.socket);
+    for i in 0..runs {
+        resets.extend(wait_ready(&server.socket, mode, i + 1));
         let t = Instant::now();
-        let (a, _) = call(&server.socket, hello);
+        let (a, _) = call(&server.socket, &hello);
         paced.push(ms(t.elapsed()));
         assert_eq!(a["stdout"], "hello from a Bulwark micro-VM\n", "{a}");
+        assert_eq!(a["reused"], json!(mode.tenant), "{a}");
         vm_start.push(us(&a, "vm_start"));
         vm_call.push(us(&a, "call"));
         guest.push(us(&a, "guest_load") + us(&a, "guest_instantiate") + us(&a, "guest_run"));
     }
     for i in 0..runs {
         let t = Instant::now();
-        call(&server.socket, hello);
+        call(&server.socket, &hello);
         back_to_back.push(ms(t.elapsed()));
-        if i % 10 == 0 {
+        if with_cli && i % 10 == 0 {
             // `bulwark run`, interleaved, whole process.
             let t = Instant::now();
             let out = Command::new(workspace_binary("bulwark", "BULWARK_CLI"))
@@ -136,9 +200,12 @@ fn latency(cache: &Path, hello: &Value, runs: usize) {
             assert!(out.status.success());
         }
     }
-    println!("== hello through the API (Unix socket, warm pool of 2), {runs} calls each");
     println!(
-        "  paced (pool full):  p50 {:.3} ms  p90 {:.3} ms  max {:.3} ms",
+        "== hello through the API (Unix socket), {}: {runs} calls each",
+        mode.label
+    );
+    println!(
+        "  paced (ready):      p50 {:.3} ms  p90 {:.3} ms  max {:.3} ms",
         quantile(&mut paced, 50),
         quantile(&mut paced, 90),
         quantile(&mut paced, 100)
@@ -149,25 +216,34 @@ fn latency(cache: &Path, hello: &Value, runs: usize) {
         quantile(&mut vm_call, 50),
         quantile(&mut guest, 50)
     );
+    if !resets.is_empty() {
+        println!(
+            "    reset after each call, in the VMM (off the call's path): p50 {:.0} µs, max {:.0} µs",
+            quantile(&mut resets, 50),
+            quantile(&mut resets, 100)
+        );
+    }
     println!(
         "  back to back:       p50 {:.3} ms  p90 {:.3} ms  max {:.3} ms",
         quantile(&mut back_to_back, 50),
         quantile(&mut back_to_back, 90),
         quantile(&mut back_to_back, 100)
     );
-    println!(
-        "  bulwark run (whole process, {} runs interleaved): p50 {:.3} ms",
-        cli.len(),
-        quantile(&mut cli, 50)
-    );
-    let ready = vmm_children(server.child.id());
-    let rss: Vec<u64> = ready.iter().filter_map(|&p| rss_kib(p)).collect();
-    println!(
-        "== memory: {} ready pooled VMMs, RSS {:?} KiB each; the server {} KiB",
-        ready.len(),
-        rss,
-        rss_kib(server.child.id()).unwrap_or(0)
-    );
+    if with_cli {
+        println!(
+            "  bulwark run (whole process, {} runs interleaved): p50 {:.3} ms",
+            cli.len(),
+            quantile(&mut cli, 50)
+        );
+        let ready = vmm_children(server.child.id());
+        let rss: Vec<u64> = ready.iter().filter_map(|&p| rss_kib(p)).collect();
+        println!(
+            "== memory: {} ready pooled VMMs, RSS {:?} KiB each; the server {} KiB",
+            ready.len(),
+            rss,
+            rss_kib(server.child.id()).unwrap_or(0)
+        );
+    }
 }
 
 fn throughput(cache: &Path, hello: &Value, calls: usize) {
@@ -178,6 +254,10 @@ fn throughput(cache: &Path, hello: &Value, calls: usize) {
             &[
                 "--pool",
                 "4",
+                "--pool-python",
+                "0",
+                "--pool-javascript",
+                "0",
                 "--max-concurrent",
                 &concurrency.max(4).to_string(),
             ],
@@ -216,7 +296,19 @@ fn upload(socket: &Path, module: &[u8]) -> String {
 
 fn soak(cache: &Path, hello_wat: &[u8], calls: usize) {
     let concurrency = 32;
-    let server = start(cache, &["--pool", "4", "--max-concurrent", "32"]);
+    let server = start(
+        cache,
+        &[
+            "--pool",
+            "4",
+            "--pool-python",
+            "0",
+            "--pool-javascript",
+            "0",
+            "--max-concurrent",
+            "32",
+        ],
+    );
     let kinds = [
         (
             json!({"module": upload(&server.socket, hello_wat)}),
@@ -325,7 +417,10 @@ fn main() {
         .env("BULWARK_CACHE_DIR", &cache)
         .stdin(Stdio::null())
         .output();
-    latency(&cache, &hello, env_count("BULWARK_BENCH_RUNS", 200));
+    let runs = env_count("BULWARK_BENCH_RUNS", 200);
+    for (i, mode) in MODES.iter().enumerate() {
+        latency(&cache, &hello, runs, mode, i == 0);
+    }
     throughput(
         &cache,
         &hello,

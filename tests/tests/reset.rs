@@ -15,7 +15,7 @@ use bulwark_tests::*;
 
 /// Reads its standard input (n bytes), grows linear memory by n pages, exits 7 if any byte of
 /// the new pages is not zero, fills them, and writes its input back. What a call leaves in
-/// memory must never reach the next.
+/// memory must never reach the next. With no input it reads past its one page, which must trap.
 const GROW_AND_ECHO: &str = r#"(module
   (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
@@ -27,6 +27,8 @@ const GROW_AND_ECHO: &str = r#"(module
     (i32.store (i32.const 4) (i32.const 4096))
     (drop (call $read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
     (local.set $n (i32.load (i32.const 8)))
+    ;; No input: read 10 Wasm pages past a memory of one page, which must trap.
+    (if (i32.eqz (local.get $n)) (then (drop (i32.load (i32.const 655360)))))
     (local.set $p (i32.mul (memory.grow (local.get $n)) (i32.const 65536)))
     (local.set $end (i32.mul (memory.size) (i32.const 65536)))
     (block $done
@@ -127,6 +129,14 @@ fn a_reset_vm_serves_call_after_call_with_ram_as_at_the_snapshot() {
             "round {round}: the call grew memory into pages the snapshot did not hold: {answer}"
         );
     }
+    // The last call had 36 pages mapped in its window; after the reset, a memory of one page
+    // must fault past its end again (nothing KVM built from the old window entries survives).
+    let r = vm.call(&request(&grow, b""));
+    assert!(
+        matches!(&r.outcome, Outcome::Trap(m) if m.contains("out of bounds")),
+        "{:?}",
+        r.outcome
+    );
     assert!(vm.alive());
 }
 

@@ -150,7 +150,33 @@ pub unsafe fn guest_writable_view(
     GuestMemory::from_regions(regions).map_err(|_| MemoryError::NoHostAddress)
 }
 
-/// Registers every region of `mem` with the VM, one KVM slot per region.
+/// How guest RAM is cut into KVM memory slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slots {
+    /// One slot per region (slots 0 and 1).
+    PerRegion,
+    /// As `PerRegion`, but the windows' page tables ([`layout::WINDOW_TABLES`]) in a slot of
+    /// their own, [`WINDOW_TABLES_SLOT`], cut out of the first region (whose rest is slots 0
+    /// and [`ABOVE_WINDOW_TABLES_SLOT`]). A reusable VM's reset removes and re-adds that slot
+    /// alone, which makes KVM drop what it built from those tables and nothing else
+    /// ([`crate::reset::session`]).
+    WindowTablesApart,
+}
+
+/// The slot of the windows' page tables with [`Slots::WindowTablesApart`] (RAM's regions take
+/// 0 and 1, the artifact 2).
+pub const WINDOW_TABLES_SLOT: u32 = 3;
+/// The slot of the first region's RAM past the windows' page tables, with
+/// [`Slots::WindowTablesApart`].
+pub const ABOVE_WINDOW_TABLES_SLOT: u32 = 4;
+const _: () = assert!(
+    WINDOW_TABLES_SLOT > 1
+        && ABOVE_WINDOW_TABLES_SLOT > 1
+        && WINDOW_TABLES_SLOT != crate::artifact::ARTIFACT_SLOT
+        && ABOVE_WINDOW_TABLES_SLOT != crate::artifact::ARTIFACT_SLOT
+);
+
+/// Registers guest RAM `mem` with the VM, in the slots `how` says ([`slots`]).
 ///
 /// # Safety
 ///
@@ -158,34 +184,48 @@ pub unsafe fn guest_writable_view(
 /// `vm` runs. The caller must keep that mapping alive (some clone of `mem` holds it: vm-memory
 /// unmaps a region when its last clone drops) for as long as any vCPU of `vm` can run, and must
 /// not call this twice for the same VM (the slot numbers would be reused).
-pub unsafe fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
-    for region_desc in slots(mem)? {
-        // SAFETY: [host, host + len) is the mapping of a region of `mem`, which the caller
-        // keeps alive while a vCPU of `vm` can run (this function's contract). The regions of
-        // one `GuestMemoryMmap` overlap neither in guest-physical nor in host addresses, and
-        // each gets its own slot number, so no slot replaces or overlaps another.
+pub unsafe fn register(vm: &VmFd, mem: &GuestMemory, how: Slots) -> Result<(), MemoryError> {
+    for region_desc in slots(mem, how)? {
+        // SAFETY: [host, host + len) is part of the mapping of a region of `mem`, which the
+        // caller keeps alive while a vCPU of `vm` can run (this function's contract). The
+        // regions of one `GuestMemoryMmap` overlap neither in guest-physical nor in host
+        // addresses, the parts of a cut region do not overlap either, and each slot has its
+        // own number, so no slot replaces or overlaps another.
         unsafe { vm.set_user_memory_region(region_desc) }.map_err(MemoryError::Register)?;
     }
     Ok(())
 }
 
-/// The KVM memory slots [`register`] gives `mem`: one per region, numbered from 0.
-pub fn slots(mem: &GuestMemory) -> Result<Vec<kvm_userspace_memory_region>, MemoryError> {
-    mem.iter()
-        .enumerate()
-        .map(|(slot, region)| {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|_| MemoryError::NoHostAddress)?;
-            Ok(kvm_userspace_memory_region {
-                slot: u32::try_from(slot).map_err(|_| MemoryError::NoHostAddress)?,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            })
-        })
-        .collect()
+/// The KVM memory slots [`register`] gives `mem`, cut as `how` says.
+pub fn slots(
+    mem: &GuestMemory,
+    how: Slots,
+) -> Result<Vec<kvm_userspace_memory_region>, MemoryError> {
+    let mut out = Vec::new();
+    for (index, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| MemoryError::NoHostAddress)? as u64;
+        let start = region.start_addr().0;
+        let end = start + region.len();
+        let slot = |slot, from: u64, to: u64| kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: from,
+            memory_size: to - from,
+            userspace_addr: host + (from - start),
+        };
+        let index = u32::try_from(index).map_err(|_| MemoryError::NoHostAddress)?;
+        let tables = layout::WINDOW_TABLES..layout::WINDOW_TABLES + layout::WINDOW_TABLES_SIZE;
+        if how == Slots::WindowTablesApart && start <= tables.start && tables.end < end {
+            out.push(slot(index, start, tables.start));
+            out.push(slot(WINDOW_TABLES_SLOT, tables.start, tables.end));
+            out.push(slot(ABOVE_WINDOW_TABLES_SLOT, tables.end, end));
+        } else {
+            out.push(slot(index, start, end));
+        }
+    }
+    Ok(out)
 }
 
 /// Size of guest RAM in bytes.

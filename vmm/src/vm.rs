@@ -417,10 +417,18 @@ impl Vm {
         }
         loader::load(&mem, &image)?;
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
+        // A reusable VM's reset drops KVM's mappings built from the windows' page tables by
+        // removing their slot: without this quirk, KVM drops just those, not all of RAM's.
+        let slots = if config.reusable {
+            disable_slot_zap_all(&vm_fd);
+            memory::Slots::WindowTablesApart
+        } else {
+            memory::Slots::PerRegion
+        };
         // SAFETY: registered once, for this new VM. Its only vCPU, created next, can run only
         // through `Vcpu::run`, and the `Vcpu` it is moved into holds a clone of `mem` (its
         // `mem` field), which keeps the mapping alive for as long as the vCPU exists.
-        unsafe { memory::register(&vm_fd, &mem) }?;
+        unsafe { memory::register(&vm_fd, &mem, slots) }?;
         let readonly = kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem);
         if let Some(late) = &mut late {
             late.set_readonly(readonly);
@@ -670,13 +678,17 @@ fn reusable(
     verify: bool,
 ) -> Result<crate::reset::session::Reuse, VmError> {
     let reuse = |e: String| VmError::Config(format!("--reusable: {e}"));
-    let slots = memory::slots(mem)?;
-    let [ram] = slots.as_slice() else {
+    let regions = memory::slots(mem, memory::Slots::PerRegion)?;
+    let [ram] = regions.as_slice() else {
         return Err(reuse(format!(
             "guest RAM must be one region, not {}: give the VM less RAM",
-            slots.len()
+            regions.len()
         )));
     };
+    let tables = memory::slots(mem, memory::Slots::WindowTablesApart)?
+        .into_iter()
+        .find(|s| s.slot == memory::WINDOW_TABLES_SLOT)
+        .ok_or_else(|| reuse("guest RAM does not hold the windows' page tables".into()))?;
     let len = usize::try_from(ram.memory_size).map_err(|e| reuse(e.to_string()))?;
     // SAFETY: the range is guest RAM's private anonymous mapping (memory::create), page
     // aligned; the `Reuse` holding the tracker moves into the `Vcpu`, whose clone of `mem`
@@ -689,10 +701,27 @@ fn reusable(
         end,
         tracker,
         Arc::clone(vm_fd),
-        *ram,
+        tables,
         vsock,
         verify,
     ))
+}
+
+/// Turns off KVM's `SLOT_ZAP_ALL` quirk where KVM offers that, so that removing a memory slot
+/// drops only the mappings of that slot's memory (Linux 6.12+). Without it, a reset drops all
+/// of them: slower, still correct.
+fn disable_slot_zap_all(vm_fd: &VmFd) {
+    let cap = libc::c_ulong::from(kvm_bindings::KVM_CAP_DISABLE_QUIRKS2);
+    let offered = u64::try_from(vm_fd.check_extension_raw(cap)).unwrap_or(0);
+    let quirk = u64::from(kvm_bindings::KVM_X86_QUIRK_SLOT_ZAP_ALL);
+    if offered & quirk != 0 {
+        let mut enable = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_DISABLE_QUIRKS2,
+            ..Default::default()
+        };
+        enable.args[0] = quirk;
+        let _ = vm_fd.enable_cap(&enable);
+    }
 }
 
 /// Builds the VM described by `config` and runs it to its end, unconfined (tests and tools

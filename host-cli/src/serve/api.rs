@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use utoipa::{OpenApi, ToSchema};
 
 use super::modules::{Store, StoreError, parse_digest};
-use super::pool::{Pool, PoolStatus, ReuseStatus};
+use super::pool::{Pool, PoolStatus, ReuseStatus, Runtime, RuntimeStatus};
 use crate::call::{self, CallError, CallLimits, CallSpec, Finished};
 use crate::cancel::{Cancel, Running};
 use crate::compile::hex;
@@ -388,6 +388,8 @@ impl Drop for CancelOnDrop {
         Health,
         ApiError,
         PoolStatus,
+        RuntimeStatus,
+        Runtime,
         ReuseStatus
     ))
 )]
@@ -527,6 +529,7 @@ async fn stream_run(
             spec,
             wanted,
             tenant,
+            runtime,
         } = match spec_of(&worker, req, &call_cancel) {
             Ok(s) => {
                 let _ = spec_tx.send(None);
@@ -551,7 +554,7 @@ async fn stream_run(
                 call_cancel.cancel();
             }
         };
-        let vms = worker.pool.for_call(tenant);
+        let vms = worker.pool.for_call(runtime, tenant);
         let result = call::call_streaming(spec, &call_cancel, &vms, &mut sink);
         let outcome = match result {
             Ok(finished) => finished_response(finished, &sent, &wanted),
@@ -724,6 +727,11 @@ fn spec_of(app: &App, req: RunRequest, cancel: &Cancel) -> Result<Prepared, Reje
     if let Some(tenant) = &req.tenant {
         check_tenant(tenant)?;
     }
+    let runtime = match req.language {
+        None => Runtime::Wasm,
+        Some(Language::Python) => Runtime::Python,
+        Some(Language::Javascript) => Runtime::Javascript,
+    };
     let mut spec = match (&req.module, &req.module_base64, req.language, req.code) {
         (Some(digest), None, None, None) => {
             let digest = parse_digest(digest)
@@ -814,6 +822,7 @@ fn spec_of(app: &App, req: RunRequest, cancel: &Cancel) -> Result<Prepared, Reje
         spec,
         wanted: req.return_files,
         tenant: req.tenant,
+        runtime,
     })
 }
 
@@ -822,6 +831,8 @@ struct Prepared {
     spec: CallSpec,
     wanted: Vec<String>,
     tenant: Option<String>,
+    /// Which pool serves the call.
+    runtime: Runtime,
 }
 
 /// Refuses a `tenant` that is empty, longer than [`MAX_TENANT`] bytes, or holds a control
@@ -895,6 +906,7 @@ fn run_blocking(app: &App, req: RunRequest, cancel: &Cancel) -> Response {
         spec,
         wanted,
         tenant,
+        runtime,
     } = match spec_of(app, req, cancel) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
@@ -904,7 +916,7 @@ fn run_blocking(app: &App, req: RunRequest, cancel: &Cancel) -> Response {
         .first()
         .map(|d| d.entries.clone())
         .unwrap_or_default();
-    let result = call::call(spec, cancel, &app.pool.for_call(tenant));
+    let result = call::call(spec, cancel, &app.pool.for_call(runtime, tenant));
     let body = match result {
         Ok(finished) => finished_response(finished, &sent, &wanted),
         Err(e) => failed_response(&e),

@@ -23,7 +23,8 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 
-use crate::cli::ServeArgs;
+use crate::cli::{PoolPages, ServeArgs};
+use crate::vm::HeapPages;
 
 /// Shortest bearer token accepted.
 const MIN_TOKEN_LEN: usize = 32;
@@ -72,8 +73,22 @@ enum Listener {
 /// Starts the pool and serves the API on `listener` until Ctrl-C or SIGTERM.
 fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> anyhow::Result<()> {
     let store = modules::Store::open()?;
+    let language = |target| pool::RuntimePolicy {
+        target,
+        pages: HeapPages::Huge,
+    };
     let pool = pool::Pool::start(
-        args.pool,
+        [
+            pool::RuntimePolicy {
+                target: args.pool,
+                pages: match args.pool_pages {
+                    PoolPages::Small => HeapPages::Small,
+                    PoolPages::Huge => HeapPages::Huge,
+                },
+            },
+            language(args.pool_python),
+            language(args.pool_javascript),
+        ],
         args.pool_mem_mib,
         pool::ReusePolicy {
             enabled: args.reuse,
@@ -120,8 +135,8 @@ fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> any
                 l.set_nonblocking(true)?;
                 let l = tokio::net::TcpListener::from_std(l.try_clone()?)?;
                 eprintln!(
-                    "bulwark serve: listening on http://{addr} (bearer token required); pool of {} VMs{}",
-                    args.pool,
+                    "bulwark serve: listening on http://{addr} (bearer token required); {}{}",
+                    pool_note(args),
                     reuse_note(args)
                 );
                 axum::serve(l, router)
@@ -133,10 +148,10 @@ fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> any
                 l.set_nonblocking(true)?;
                 let l = tokio::net::UnixListener::from_std(l.try_clone()?)?;
                 eprintln!(
-                    "bulwark serve: listening on {} (curl --unix-socket {} http://localhost/v1/health); pool of {} VMs{}",
+                    "bulwark serve: listening on {} (curl --unix-socket {} http://localhost/v1/health); {}{}",
                     path.display(),
                     path.display(),
-                    args.pool,
+                    pool_note(args),
                     reuse_note(args)
                 );
                 axum::serve(l, router)
@@ -149,6 +164,20 @@ fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> any
     eprintln!("bulwark serve: stopped; destroying the pool's VMs and the kept ones");
     app.pool.stop();
     served
+}
+
+/// The pools, in words, for the log.
+fn pool_note(args: &ServeArgs) -> String {
+    format!(
+        "pools of {} Wasm VMs ({} pages), {} Python, {} JavaScript",
+        args.pool,
+        match args.pool_pages {
+            PoolPages::Small => "small",
+            PoolPages::Huge => "huge",
+        },
+        args.pool_python,
+        args.pool_javascript
+    )
 }
 
 /// What the start-up line says of reuse.

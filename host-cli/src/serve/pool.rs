@@ -1,7 +1,10 @@
 //! The warm pool: VMs booted to "agent listening" before any call needs them.
 //!
-//! A permanent spawner thread keeps `target` VMs ready (it must be permanent: a VMM dies with
-//! the thread that spawned it, `PR_SET_PDEATHSIG`). A call takes one, has its artifact mapped
+//! There is one pool per runtime ([`Runtime`]): plain Wasm modules, Python and JavaScript
+//! code. They differ in what backs the guest heap: Wasm tools mostly touch little memory and
+//! get small pages by default (`--pool-pages`), the language runtimes touch tens of MiB and get
+//! huge pages. A permanent spawner thread per runtime keeps its target of VMs ready (it must be
+//! permanent: a VMM dies with the thread that spawned it, `PR_SET_PDEATHSIG`). A call takes one, has its artifact mapped
 //! into it (`vm::Vm::provide_artifact`), runs, and the VM is destroyed: a pooled VM never
 //! serves two calls, so no call runs where another tenant's ran. A reaper thread kills and
 //! reaps used VMs off the call's path. A call the pool cannot serve (it needs more RAM than a
@@ -30,7 +33,58 @@ use serde::Serialize;
 
 use crate::cache::Entry;
 use crate::call::{CallEnd, FreshVm, ReuseKey, VmSource};
-use crate::vm::Vm;
+use crate::vm::{HeapPages, Vm};
+
+/// What a pooled VM is kept for: each runtime has its own pool, target and heap pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// A WebAssembly module of the caller's.
+    Wasm,
+    /// Python code, run by the CPython runtime.
+    Python,
+    /// JavaScript code, run by the QuickJS runtime.
+    Javascript,
+}
+
+impl Runtime {
+    /// Every runtime, in the order of [`PoolStatus::runtimes`].
+    pub const ALL: [Runtime; 3] = [Runtime::Wasm, Runtime::Python, Runtime::Javascript];
+
+    fn index(self) -> usize {
+        match self {
+            Runtime::Wasm => 0,
+            Runtime::Python => 1,
+            Runtime::Javascript => 2,
+        }
+    }
+}
+
+/// One runtime's pool: how many VMs it keeps ready and what backs their heap.
+#[derive(Clone, Copy, Debug)]
+pub struct RuntimePolicy {
+    /// VMs kept ready.
+    pub target: usize,
+    /// What backs their guest heap.
+    pub pages: HeapPages,
+}
+
+/// One runtime's pool in `GET /v1/pool`.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct RuntimeStatus {
+    /// The runtime.
+    pub runtime: Runtime,
+    /// VMs it keeps ready.
+    pub target: usize,
+    /// VMs ready now.
+    pub ready: usize,
+    /// Whether their guest heap is on 4 KiB pages (else on transparent huge pages).
+    pub small_pages: bool,
+    /// Calls it served.
+    pub hits: u64,
+    /// Calls of this runtime that found it empty and started their own VM.
+    pub misses: u64,
+}
 
 /// How long the spawner waits after a VM failed to start before it tries again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -96,10 +150,12 @@ pub struct ReuseStatus {
 /// What `GET /v1/pool` shows.
 #[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct PoolStatus {
-    /// VMs the pool keeps ready.
+    /// VMs the pool keeps ready, all runtimes together.
     pub target: usize,
-    /// VMs ready now.
+    /// VMs ready now, all runtimes together.
     pub ready: usize,
+    /// Each runtime's pool.
+    pub runtimes: Vec<RuntimeStatus>,
     /// RAM of each pooled VM, in MiB.
     pub mem_mib: u64,
     /// Calls served by a pooled VM.
@@ -129,7 +185,8 @@ struct Kept {
 }
 
 struct State {
-    ready: VecDeque<Vm>,
+    /// Ready VMs, per runtime ([`Runtime::index`]).
+    ready: [VecDeque<Vm>; 3],
     /// VMs kept for reuse, oldest first.
     kept: VecDeque<Kept>,
     /// The keys of the VMs being reset now (each the VM's own RAM as `mem_mib`).
@@ -147,6 +204,8 @@ struct Inner {
     /// Signalled when a reset ends (the VM kept, or killed).
     reset_done: Condvar,
     mem_mib: u64,
+    /// Each runtime's pool ([`Runtime::index`]).
+    runtimes: [RuntimePolicy; 3],
     reuse: ReusePolicy,
 }
 
@@ -238,18 +297,36 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts the pool's threads: `target` VMs of `mem_mib` MiB are kept ready (none when 0);
-    /// `reuse` says which VMs may serve more than one call.
-    pub fn start(target: usize, mem_mib: u64, reuse: ReusePolicy) -> anyhow::Result<Self> {
+    /// Starts the pool's threads: each runtime's target of VMs of `mem_mib` MiB is kept ready
+    /// (`runtimes`, in [`Runtime::ALL`]'s order); `reuse` says which VMs may serve more than
+    /// one call.
+    pub fn start(
+        runtimes: [RuntimePolicy; 3],
+        mem_mib: u64,
+        reuse: ReusePolicy,
+    ) -> anyhow::Result<Self> {
+        let target = runtimes.iter().map(|r| r.target).sum();
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
-                ready: VecDeque::new(),
+                ready: Default::default(),
                 kept: VecDeque::new(),
                 resetting: Vec::new(),
                 in_flight: 0,
                 status: PoolStatus {
                     target,
                     mem_mib,
+                    runtimes: Runtime::ALL
+                        .iter()
+                        .zip(&runtimes)
+                        .map(|(&runtime, policy)| RuntimeStatus {
+                            runtime,
+                            target: policy.target,
+                            ready: 0,
+                            small_pages: policy.pages == HeapPages::Small,
+                            hits: 0,
+                            misses: 0,
+                        })
+                        .collect(),
                     reuse: ReuseStatus {
                         enabled: reuse.enabled,
                         max_idle: reuse.max_idle,
@@ -263,6 +340,7 @@ impl Pool {
             wake: Condvar::new(),
             reset_done: Condvar::new(),
             mem_mib,
+            runtimes,
             reuse,
         });
         let (reaper, used) = mpsc::channel::<Vm>();
@@ -310,11 +388,13 @@ impl Pool {
         } else {
             (None, None)
         };
-        if target > 0 {
-            let spawner = Arc::clone(&inner);
-            std::thread::Builder::new()
-                .name("bulwark-pool".into())
-                .spawn(move || fill(&spawner, target))?;
+        for runtime in Runtime::ALL {
+            if inner.runtimes[runtime.index()].target > 0 {
+                let spawner = Arc::clone(&inner);
+                std::thread::Builder::new()
+                    .name(format!("bulwark-pool-{runtime:?}").to_lowercase())
+                    .spawn(move || fill(&spawner, runtime))?;
+            }
         }
         Ok(Self {
             inner,
@@ -324,11 +404,13 @@ impl Pool {
         })
     }
 
-    /// The source of one call's VM, for `tenant` when the call names one: with `--reuse`, such
-    /// a call may get a VM kept from an earlier call of the same tenant and module.
-    pub fn for_call(&self, tenant: Option<String>) -> CallVms<'_> {
+    /// The source of one call's VM: from `runtime`'s pool, or for `tenant` when the call names
+    /// one: with `--reuse`, such a call may get a VM kept from an earlier call of the same
+    /// tenant and module.
+    pub fn for_call(&self, runtime: Runtime, tenant: Option<String>) -> CallVms<'_> {
         CallVms {
             pool: self,
+            runtime,
             tenant: tenant.filter(|_| self.inner.reuse.enabled),
         }
     }
@@ -337,9 +419,12 @@ impl Pool {
     pub fn status(&self) -> PoolStatus {
         let state = self.inner.lock();
         let mut status = PoolStatus {
-            ready: state.ready.len(),
+            ready: state.ready.iter().map(VecDeque::len).sum(),
             ..state.status.clone()
         };
+        for (runtime, ready) in status.runtimes.iter_mut().zip(&state.ready) {
+            runtime.ready = ready.len();
+        }
         status.reuse.idle = state.kept.len();
         status.reuse.resetting = state.resetting.len();
         status
@@ -351,7 +436,7 @@ impl Pool {
             let mut state = self.inner.lock();
             state.stopping = true;
             (
-                state.ready.drain(..).collect(),
+                state.ready.iter_mut().flat_map(|r| r.drain(..)).collect(),
                 state.kept.drain(..).collect(),
             )
         };
@@ -446,9 +531,9 @@ impl Pool {
         }
     }
 
-    fn take(&self) -> Option<Vm> {
+    fn take(&self, runtime: Runtime) -> Option<Vm> {
         let mut state = self.inner.lock();
-        let vm = state.ready.pop_front();
+        let vm = state.ready[runtime.index()].pop_front();
         if vm.is_some() {
             self.inner.wake.notify_all();
         }
@@ -473,16 +558,18 @@ impl Drop for Pool {
     }
 }
 
-/// The spawner thread: keeps `target` VMs ready until the pool stops. While calls run and a VM
-/// is still ready, it waits: starting a VM takes a few milliseconds of CPU, which the calls in
-/// flight would otherwise wait for; an empty pool is refilled at once.
-fn fill(inner: &Inner, target: usize) {
+/// The spawner thread of `runtime`: keeps its target of VMs ready until the pool stops. While
+/// calls run and a VM is still ready, it waits: starting a VM takes a few milliseconds of CPU,
+/// which the calls in flight would otherwise wait for; an empty pool is refilled at once.
+fn fill(inner: &Inner, runtime: Runtime) {
+    let RuntimePolicy { target, pages } = inner.runtimes[runtime.index()];
     loop {
         {
             let mut state = inner.lock();
-            while !state.stopping
-                && (state.ready.len() >= target || (!state.ready.is_empty() && state.in_flight > 0))
-            {
+            while !state.stopping && {
+                let ready = &state.ready[runtime.index()];
+                ready.len() >= target || (!ready.is_empty() && state.in_flight > 0)
+            } {
                 state = inner
                     .wake
                     .wait(state)
@@ -492,7 +579,7 @@ fn fill(inner: &Inner, target: usize) {
                 return;
             }
         }
-        let started = Vm::start_waiting(inner.mem_mib, false).and_then(|mut vm| {
+        let started = Vm::start_waiting(inner.mem_mib, false, pages).and_then(|mut vm| {
             vm.wait_listening(Instant::now() + READY_TIMEOUT)?;
             Ok(vm)
         });
@@ -503,7 +590,7 @@ fn fill(inner: &Inner, target: usize) {
                 if state.stopping {
                     return;
                 }
-                state.ready.push_back(vm);
+                state.ready[runtime.index()].push_back(vm);
             }
             Err(e) => {
                 let message = format!("{e:#}");
@@ -519,9 +606,11 @@ fn fill(inner: &Inner, target: usize) {
     }
 }
 
-impl VmSource for Pool {
+/// The pool as the VM source of calls of one runtime ([`CallVms`]).
+impl Pool {
     fn vm(
         &self,
+        runtime: Runtime,
         mem_mib: u64,
         artifact: &Entry,
         deadline: Instant,
@@ -539,10 +628,13 @@ impl VmSource for Pool {
         }
         // A pooled VM that cannot take the artifact (it died, say) is dropped, and the call
         // starts its own.
-        while let Some(mut vm) = self.take() {
+        while let Some(mut vm) = self.take(runtime) {
             match vm.provide_artifact(artifact, deadline) {
                 Ok(()) => {
-                    self.handed_out(|s| s.hits += 1);
+                    self.handed_out(|s| {
+                        s.hits += 1;
+                        s.runtimes[runtime.index()].hits += 1;
+                    });
                     return Ok(vm);
                 }
                 Err(e) => {
@@ -560,7 +652,10 @@ impl VmSource for Pool {
             }
         }
         let vm = FreshVm.vm(mem_mib, artifact, deadline, measure)?;
-        self.handed_out(|s| s.misses += 1);
+        self.handed_out(|s| {
+            s.misses += 1;
+            s.runtimes[runtime.index()].misses += 1;
+        });
         Ok(vm)
     }
 
@@ -575,6 +670,7 @@ impl VmSource for Pool {
 
     fn vm_for(
         &self,
+        runtime: Runtime,
         mem_mib: u64,
         artifact: &Entry,
         deadline: Instant,
@@ -605,7 +701,7 @@ impl VmSource for Pool {
                 }
             }
         }
-        self.vm(mem_mib, artifact, deadline, measure)
+        self.vm(runtime, mem_mib, artifact, deadline, measure)
     }
 
     fn give_back(&self, vm: Vm, end: CallEnd, reuse: Option<&ReuseKey>) {
@@ -646,6 +742,7 @@ impl VmSource for Pool {
 /// The VM source of one call: the pool, for the call's tenant (see [`Pool::for_call`]).
 pub struct CallVms<'a> {
     pool: &'a Pool,
+    runtime: Runtime,
     tenant: Option<String>,
 }
 
@@ -661,7 +758,8 @@ impl VmSource for CallVms<'_> {
         deadline: Instant,
         measure: bool,
     ) -> anyhow::Result<Vm> {
-        self.pool.vm(mem_mib, artifact, deadline, measure)
+        self.pool
+            .vm(self.runtime, mem_mib, artifact, deadline, measure)
     }
 
     fn retire(&self, vm: Vm, answered: bool) {
@@ -677,7 +775,7 @@ impl VmSource for CallVms<'_> {
         reuse: Option<&ReuseKey>,
     ) -> anyhow::Result<Vm> {
         self.pool
-            .vm_for(mem_mib, artifact, deadline, measure, reuse)
+            .vm_for(self.runtime, mem_mib, artifact, deadline, measure, reuse)
     }
 
     fn give_back(&self, vm: Vm, end: CallEnd, reuse: Option<&ReuseKey>) {

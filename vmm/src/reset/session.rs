@@ -12,9 +12,10 @@
 //!   `attention` flag), so it does not sleep through the request.
 //! - **Reset** may happen at any such point: everything is replaced. It restores every page
 //!   written since the snapshot ([`MemorySnapshot::restore`]), the devices (closing every vsock
-//!   connection), the vCPU's registers, the trap entry, and drops KVM's own mappings of guest
-//!   RAM (the page tables changed under them: linear-memory windows went from present to
-//!   absent) by removing and re-adding RAM's memory slot.
+//!   connection), the vCPU's registers, the trap entry, and drops what KVM built from the
+//!   windows' page tables (they changed under it: linear-memory windows went from present to
+//!   absent, and a Wasm access past its memory must fault again) by removing and re-adding
+//!   their memory slot ([`crate::memory::Slots::WindowTablesApart`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,8 +83,8 @@ pub struct Reuse {
     pending: Option<Command>,
     tracker: WriteTracker,
     vm: Arc<VmFd>,
-    /// Guest RAM's memory slot, as registered.
-    ram_slot: kvm_userspace_memory_region,
+    /// The memory slot of the windows' page tables, as registered.
+    tables_slot: kvm_userspace_memory_region,
     vsock: Option<Arc<std::sync::Mutex<VsockDevice>>>,
     verify: bool,
     snapshot: Option<Snapshot>,
@@ -182,14 +183,14 @@ impl ResetControl {
 }
 
 impl Reuse {
-    /// The vCPU's end of `link`, tracking writes with `tracker` to the RAM `vm` has in
-    /// `ram_slot`; `vsock` is looked at to tell whether the guest rests; `verify` keeps a copy
+    /// The vCPU's end of `link`, tracking writes to guest RAM with `tracker`; `tables_slot` is
+    /// the slot of the windows' page tables in `vm`; `vsock` is looked at to tell whether the guest rests; `verify` keeps a copy
     /// of all of RAM to check each reset against.
     pub fn new(
         link: LinkEnd,
         tracker: WriteTracker,
         vm: Arc<VmFd>,
-        ram_slot: kvm_userspace_memory_region,
+        tables_slot: kvm_userspace_memory_region,
         vsock: Option<Arc<std::sync::Mutex<VsockDevice>>>,
         verify: bool,
     ) -> Self {
@@ -200,7 +201,7 @@ impl Reuse {
             pending: None,
             tracker,
             vm,
-            ram_slot,
+            tables_slot,
             vsock,
             verify,
             snapshot: None,
@@ -313,21 +314,22 @@ impl Reuse {
         ))
     }
 
-    /// Drops every mapping KVM built of guest RAM (its shadow or nested page tables, which
-    /// may hold window entries the reset just removed) by deleting RAM's slot and adding it
-    /// back unchanged.
+    /// Drops what KVM built from the windows' page tables (its shadow page tables, on kvm_pvm,
+    /// which may still hold window entries the reset just removed) by deleting their memory
+    /// slot and adding it back unchanged. Where KVM zaps all slots on a deletion (its
+    /// `SLOT_ZAP_ALL` quirk on), this drops everything: slower, as correct.
     fn forget_guest_mappings(&self) -> Result<(), String> {
-        let mut gone = self.ram_slot;
+        let mut gone = self.tables_slot;
         gone.memory_size = 0;
-        // SAFETY: deleting the slot KVM has for guest RAM (size 0 deletes) while the only
-        // vCPU is out of KVM_RUN, on this thread; re-adding the same host range, which the
-        // `Vcpu`'s clone of guest memory keeps mapped as long as the vCPU can run (the same
-        // contract as `memory::register`).
+        // SAFETY: deleting the slot (size 0 deletes) of the windows' page tables while the only
+        // vCPU is out of KVM_RUN, on this thread; re-adding the same part of guest RAM's host
+        // mapping, which the `Vcpu`'s clone of guest memory keeps mapped as long as the vCPU
+        // can run (the contract of `memory::register`, which registered it so).
         unsafe { self.vm.set_user_memory_region(gone) }
-            .map_err(|e| format!("removing guest RAM's memory slot: {e}"))?;
+            .map_err(|e| format!("removing the window tables' memory slot: {e}"))?;
         // SAFETY: as above: the same slot, range and host mapping as registered at build.
-        unsafe { self.vm.set_user_memory_region(self.ram_slot) }
-            .map_err(|e| format!("adding guest RAM's memory slot back: {e}"))
+        unsafe { self.vm.set_user_memory_region(self.tables_slot) }
+            .map_err(|e| format!("adding the window tables' memory slot back: {e}"))
     }
 }
 
