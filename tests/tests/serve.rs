@@ -56,7 +56,10 @@ fn calls_run_from_the_pool_by_digest_inline_and_as_python_with_files() {
         return;
     }
     let socket = socket_in("calls");
-    let server = serve(&["--pool", "1"], &socket);
+    let server = serve(
+        &["--pool", "1", "--pool-python", "1", "--pool-javascript", "0"],
+        &socket,
+    );
     let mode = std::fs::metadata(&server.socket)
         .unwrap()
         .permissions()
@@ -79,9 +82,9 @@ fn calls_run_from_the_pool_by_digest_inline_and_as_python_with_files() {
         (200, &json!(digest), &json!(false))
     );
 
-    // Let the pool fill, then a call takes a pooled VM.
+    // Let the pools fill (one Wasm VM, one Python VM), then a call takes a pooled VM.
     let until = Instant::now() + Duration::from_secs(10);
-    while request(&socket, "GET", "/v1/pool", None).1["ready"] != 1 {
+    while request(&socket, "GET", "/v1/pool", None).1["ready"] != 2 {
         assert!(Instant::now() < until, "the pool never filled");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -100,6 +103,14 @@ fn calls_run_from_the_pool_by_digest_inline_and_as_python_with_files() {
     let (_, pool) = request(&socket, "GET", "/v1/pool", None);
     assert!(pool["hits"].as_u64().unwrap() >= 1, "{pool}");
     assert_eq!(pool["failures"], 0, "{pool}");
+    let wasm = &pool["runtimes"][0];
+    assert_eq!(
+        (&wasm["runtime"], &wasm["target"], &wasm["small_pages"]),
+        (&json!("wasm"), &json!(1), &json!(true)),
+        "{pool}"
+    );
+    assert!(wasm["hits"].as_u64().unwrap() >= 1, "{pool}");
+    assert_eq!(pool["runtimes"][1]["hits"], 0, "no Python call yet: {pool}");
 
     // An inline module that traps.
     let trap = json!({"module_base64": base64(wat::TRAP.as_bytes())});
@@ -195,6 +206,17 @@ fn calls_run_from_the_pool_by_digest_inline_and_as_python_with_files() {
             run["stderr"].as_str().unwrap().contains("ValueError: no"),
             "{run}"
         );
+        // Python calls come from the Python pool, on huge pages.
+        let (_, pool) = request(&socket, "GET", "/v1/pool", None);
+        let python = &pool["runtimes"][1];
+        assert_eq!(
+            (&python["runtime"], &python["small_pages"]),
+            (&json!("python"), &json!(false)),
+            "{pool}"
+        );
+        let served = python["hits"].as_u64().unwrap() + python["misses"].as_u64().unwrap();
+        assert!(served >= 2, "{pool}");
+        assert!(python["hits"].as_u64().unwrap() >= 1, "{pool}");
     }
     drop(server);
 }
