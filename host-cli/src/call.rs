@@ -278,64 +278,47 @@ pub trait VmSource: Sync {
         None
     }
 
-    /// A running VM with `mem_mib` MiB of RAM and `artifact` mapped, ready for one call
-    /// before `deadline`; with `measure`, a fresh one of the call's own whose VMM reports KVM's
-    /// counts (it is not given back through [`VmSource::retire`]).
-    fn vm(
-        &self,
-        mem_mib: u64,
-        artifact: &Entry,
-        deadline: Instant,
-        measure: bool,
-    ) -> anyhow::Result<vm::Vm>;
-
-    /// Ends the VM of a call (not a measured one) that is over; `answered`: the VM answered.
-    /// By default an answered VM is killed and not waited for (a process that exits right after
-    /// the call lets init reap it), and any other is killed and waited for. A long-lived process
-    /// overrides this to reap it off the call's path.
-    fn retire(&self, vm: vm::Vm, answered: bool) {
-        if answered {
-            vm.end_without_waiting();
-        } else {
-            drop(vm);
-        }
-    }
-
-    /// [`VmSource::vm`] for a call that may reuse a kept VM: `reuse` is the call's key (`None`
-    /// when it has no tenant, or is measured). By default every call gets a VM of its own.
-    fn vm_for(
-        &self,
-        mem_mib: u64,
-        artifact: &Entry,
-        deadline: Instant,
-        measure: bool,
-        reuse: Option<&ReuseKey>,
-    ) -> anyhow::Result<vm::Vm> {
-        let _ = reuse;
-        self.vm(mem_mib, artifact, deadline, measure)
-    }
+    /// A running VM for the call `req` describes, ready before its deadline.
+    fn vm(&self, req: &VmRequest<'_>) -> anyhow::Result<vm::Vm>;
 
     /// Gives back the VM of a call (not a measured one) that is over, with how it ended and
     /// the call's key: a source that keeps VMs may reset a [`CallEnd::Clean`] one and keep it
-    /// for the next call of the same key. By default it is retired ([`VmSource::retire`]).
+    /// for the next call of the same key. By default an answered VM is killed and not waited
+    /// for (a process that exits right after the call lets init reap it), and any other is
+    /// killed and waited for; a long-lived process overrides this to reap it off the call's
+    /// path.
     fn give_back(&self, vm: vm::Vm, end: CallEnd, reuse: Option<&ReuseKey>) {
         let _ = reuse;
-        self.retire(vm, end != CallEnd::Unanswered);
+        if end == CallEnd::Unanswered {
+            drop(vm);
+        } else {
+            vm.end_without_waiting();
+        }
     }
+}
+
+/// What a call asks of its [`VmSource`].
+#[derive(Clone, Copy, Debug)]
+pub struct VmRequest<'a> {
+    /// RAM the VM needs, in MiB.
+    pub mem_mib: u64,
+    /// The compiled module to map into it.
+    pub artifact: &'a Entry,
+    /// When the VM must be ready by.
+    pub deadline: Instant,
+    /// A fresh VM of the call's own whose VMM reports KVM's counts; it is not given back
+    /// ([`VmSource::give_back`]).
+    pub measure: bool,
+    /// The call's key when it may reuse a kept VM (it names a tenant and is not measured).
+    pub reuse: Option<&'a ReuseKey>,
 }
 
 /// A fresh VM for every call, started by the calling thread.
 pub struct FreshVm;
 
 impl VmSource for FreshVm {
-    fn vm(
-        &self,
-        mem_mib: u64,
-        artifact: &Entry,
-        deadline: Instant,
-        measure: bool,
-    ) -> anyhow::Result<vm::Vm> {
-        vm::Vm::start(mem_mib, artifact, deadline, measure)
+    fn vm(&self, req: &VmRequest<'_>) -> anyhow::Result<vm::Vm> {
+        vm::Vm::start(req.mem_mib, req.artifact, req.deadline, req.measure)
     }
 }
 
@@ -615,7 +598,13 @@ fn call_timed(
     };
     let vm_started = Instant::now();
     let mut vm = vms
-        .vm_for(mem_mib, &artifact, deadline, spec.measure, reuse.as_ref())
+        .vm(&VmRequest {
+            mem_mib,
+            artifact: &artifact,
+            deadline,
+            measure: spec.measure,
+            reuse: reuse.as_ref(),
+        })
         .map_err(CallError::bulwark)?;
     vm.watch(cancel);
     timings.vm_start_us = local::micros(vm_started.elapsed());

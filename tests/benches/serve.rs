@@ -55,9 +55,12 @@ fn quantile(v: &mut [f64], percent: usize) -> f64 {
     v[(v.len() - 1) * percent / 100]
 }
 
+/// A server with `args` and no Python or JavaScript pool (every call here is a Wasm module).
 fn start(cache: &Path, args: &[&str]) -> Server {
     let socket = http::socket_dir("bench-serve").join("api.sock");
-    Server::start(&socket, cache, args)
+    let mut args = args.to_vec();
+    args.extend(["--pool-python", "0", "--pool-javascript", "0"]);
+    Server::start(&socket, cache, &args)
 }
 
 fn wait_pool_full(socket: &Path) {
@@ -150,14 +153,7 @@ fn wait_ready(socket: &Path, mode: &Mode, calls_so_far: usize) -> Option<f64> {
 
 fn latency(cache: &Path, module: &Value, runs: usize, mode: &Mode, with_cli: bool) {
     let mut args = mode.args.to_vec();
-    args.extend([
-        "--pool-python",
-        "0",
-        "--pool-javascript",
-        "0",
-        "--max-concurrent",
-        "8",
-    ]);
+    args.extend(["--max-concurrent", "8"]);
     let server = start(cache, &args);
     let mut hello = module.clone();
     if mode.tenant {
@@ -254,10 +250,6 @@ fn throughput(cache: &Path, hello: &Value, calls: usize) {
             &[
                 "--pool",
                 "4",
-                "--pool-python",
-                "0",
-                "--pool-javascript",
-                "0",
                 "--max-concurrent",
                 &concurrency.max(4).to_string(),
             ],
@@ -296,19 +288,7 @@ fn upload(socket: &Path, module: &[u8]) -> String {
 
 fn soak(cache: &Path, hello_wat: &[u8], calls: usize) {
     let concurrency = 32;
-    let server = start(
-        cache,
-        &[
-            "--pool",
-            "4",
-            "--pool-python",
-            "0",
-            "--pool-javascript",
-            "0",
-            "--max-concurrent",
-            "32",
-        ],
-    );
+    let server = start(cache, &["--pool", "4", "--max-concurrent", "32"]);
     let kinds = [
         (
             json!({"module": upload(&server.socket, hello_wat)}),

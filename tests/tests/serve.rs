@@ -57,7 +57,14 @@ fn calls_run_from_the_pool_by_digest_inline_and_as_python_with_files() {
     }
     let socket = socket_in("calls");
     let server = serve(
-        &["--pool", "1", "--pool-python", "1", "--pool-javascript", "0"],
+        &[
+            "--pool",
+            "1",
+            "--pool-python",
+            "1",
+            "--pool-javascript",
+            "0",
+        ],
         &socket,
     );
     let mode = std::fs::metadata(&server.socket)

@@ -136,17 +136,11 @@ impl Drop for Running {
 struct FreshReapedVm;
 
 impl VmSource for FreshReapedVm {
-    fn vm(
-        &self,
-        mem_mib: u64,
-        artifact: &crate::cache::Entry,
-        deadline: Instant,
-        measure: bool,
-    ) -> anyhow::Result<crate::vm::Vm> {
-        call::FreshVm.vm(mem_mib, artifact, deadline, measure)
+    fn vm(&self, req: &call::VmRequest<'_>) -> anyhow::Result<crate::vm::Vm> {
+        call::FreshVm.vm(req)
     }
 
-    fn retire(&self, vm: crate::vm::Vm, _answered: bool) {
+    fn give_back(&self, vm: crate::vm::Vm, _end: call::CallEnd, _reuse: Option<&call::ReuseKey>) {
         // Dropping a VM kills its VMM and waits for it (about a millisecond). Should no thread
         // start, the closure, and the VM with it, is dropped right here instead.
         let _ = std::thread::Builder::new()

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::cache::Entry;
-use crate::call::{CallEnd, FreshVm, ReuseKey, VmSource};
+use crate::call::{CallEnd, FreshVm, ReuseKey, VmRequest, VmSource};
 use crate::vm::{HeapPages, Vm};
 
 /// What a pooled VM is kept for: each runtime has its own pool, target and heap pages.
@@ -608,84 +608,18 @@ fn fill(inner: &Inner, runtime: Runtime) {
 
 /// The pool as the VM source of calls of one runtime ([`CallVms`]).
 impl Pool {
-    fn vm(
-        &self,
-        runtime: Runtime,
-        mem_mib: u64,
-        artifact: &Entry,
-        deadline: Instant,
-        measure: bool,
-    ) -> anyhow::Result<Vm> {
-        if measure || mem_mib > self.inner.mem_mib {
-            if measure {
-                // A measured VM is not given back (`VmSource::vm`): not counted in flight.
-                self.count(|s| s.bypassed += 1);
-                return FreshVm.vm(mem_mib, artifact, deadline, measure);
-            }
-            let vm = FreshVm.vm(mem_mib, artifact, deadline, measure)?;
-            self.handed_out(|s| s.bypassed += 1);
-            return Ok(vm);
-        }
-        // A pooled VM that cannot take the artifact (it died, say) is dropped, and the call
-        // starts its own.
-        while let Some(mut vm) = self.take(runtime) {
-            match vm.provide_artifact(artifact, deadline) {
-                Ok(()) => {
-                    self.handed_out(|s| {
-                        s.hits += 1;
-                        s.runtimes[runtime.index()].hits += 1;
-                    });
-                    return Ok(vm);
-                }
-                Err(e) => {
-                    vm.kill();
-                    let message = format!("{e:#}");
-                    eprintln!(
-                        "bulwark serve: pool: a ready VM could not take its artifact: {message}"
-                    );
-                    self.count(|s| {
-                        s.failures += 1;
-                        s.last_error = Some(message);
-                    });
-                    let _ = self.reaper.send(vm);
-                }
-            }
-        }
-        let vm = FreshVm.vm(mem_mib, artifact, deadline, measure)?;
-        self.handed_out(|s| {
-            s.misses += 1;
-            s.runtimes[runtime.index()].misses += 1;
-        });
-        Ok(vm)
-    }
-
-    fn retire(&self, vm: Vm, answered: bool) {
-        let end = if answered {
-            CallEnd::Answered
-        } else {
-            CallEnd::Unanswered
-        };
-        self.give_back(vm, end, None);
-    }
-
-    fn vm_for(
-        &self,
-        runtime: Runtime,
-        mem_mib: u64,
-        artifact: &Entry,
-        deadline: Instant,
-        measure: bool,
-        reuse: Option<&ReuseKey>,
-    ) -> anyhow::Result<Vm> {
-        if let (Some(key), Some(spawner), false) = (reuse, &self.spawner, measure) {
-            if let Some(vm) = self.take_kept(key, deadline) {
+    /// A VM for `req`: a kept one for its reuse key, else one of `runtime`'s pool, else one
+    /// of the call's own.
+    fn vm(&self, runtime: Runtime, req: &VmRequest<'_>) -> anyhow::Result<Vm> {
+        if let (Some(key), Some(spawner), false) = (req.reuse, &self.spawner, req.measure) {
+            if let Some(vm) = self.take_kept(key, req.deadline) {
                 self.handed_out(|s| s.reuse.hits += 1);
                 return Ok(vm);
             }
             // As big as a pooled VM at least: a later call of the key whose input is a little
             // bigger still fits.
-            let vm_mib = mem_mib.max(self.inner.mem_mib);
-            match self.start_reusable(spawner, vm_mib, artifact, deadline) {
+            let vm_mib = req.mem_mib.max(self.inner.mem_mib);
+            match self.start_reusable(spawner, vm_mib, req.artifact, req.deadline) {
                 Ok(vm) => {
                     self.handed_out(|s| s.reuse.started += 1);
                     return Ok(vm);
@@ -701,7 +635,47 @@ impl Pool {
                 }
             }
         }
-        self.vm(runtime, mem_mib, artifact, deadline, measure)
+        if req.measure || req.mem_mib > self.inner.mem_mib {
+            if req.measure {
+                // A measured VM is not given back (`VmRequest::measure`): not counted in
+                // flight.
+                self.count(|s| s.bypassed += 1);
+                return FreshVm.vm(req);
+            }
+            let vm = FreshVm.vm(req)?;
+            self.handed_out(|s| s.bypassed += 1);
+            return Ok(vm);
+        }
+        // A pooled VM that cannot take the artifact (it died, say) is dropped, and the call
+        // starts its own.
+        while let Some(mut vm) = self.take(runtime) {
+            match vm.provide_artifact(req.artifact, req.deadline) {
+                Ok(()) => {
+                    self.handed_out(|s| {
+                        s.hits += 1;
+                        s.runtimes[runtime.index()].hits += 1;
+                    });
+                    return Ok(vm);
+                }
+                Err(e) => {
+                    let message = format!("{e:#}");
+                    eprintln!(
+                        "bulwark serve: pool: a ready VM could not take its artifact: {message}"
+                    );
+                    self.count(|s| {
+                        s.failures += 1;
+                        s.last_error = Some(message);
+                    });
+                    self.discard(vm);
+                }
+            }
+        }
+        let vm = FreshVm.vm(req)?;
+        self.handed_out(|s| {
+            s.misses += 1;
+            s.runtimes[runtime.index()].misses += 1;
+        });
+        Ok(vm)
     }
 
     fn give_back(&self, vm: Vm, end: CallEnd, reuse: Option<&ReuseKey>) {
@@ -751,31 +725,8 @@ impl VmSource for CallVms<'_> {
         self.tenant.as_deref()
     }
 
-    fn vm(
-        &self,
-        mem_mib: u64,
-        artifact: &Entry,
-        deadline: Instant,
-        measure: bool,
-    ) -> anyhow::Result<Vm> {
-        self.pool
-            .vm(self.runtime, mem_mib, artifact, deadline, measure)
-    }
-
-    fn retire(&self, vm: Vm, answered: bool) {
-        self.pool.retire(vm, answered);
-    }
-
-    fn vm_for(
-        &self,
-        mem_mib: u64,
-        artifact: &Entry,
-        deadline: Instant,
-        measure: bool,
-        reuse: Option<&ReuseKey>,
-    ) -> anyhow::Result<Vm> {
-        self.pool
-            .vm_for(self.runtime, mem_mib, artifact, deadline, measure, reuse)
+    fn vm(&self, req: &VmRequest<'_>) -> anyhow::Result<Vm> {
+        self.pool.vm(self.runtime, req)
     }
 
     fn give_back(&self, vm: Vm, end: CallEnd, reuse: Option<&ReuseKey>) {
