@@ -630,4 +630,10 @@ pub struct McpArgs {
     /// Wall-clock limit of each call.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub timeout: std::time::Duration,
+
+    /// VMs kept booted ahead of calls of each runtime that has a tool (registered modules,
+    /// Python, JavaScript): a call then skips the VM's start. Each VM still serves one call.
+    /// 0: every call starts its own VM.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub pool: usize,
 }

@@ -364,8 +364,16 @@ async fn a_cancelled_call_stops_its_vm() {
     register(&tools, "spin", LOOP_WAT, &json!({"type": "object"}));
     register(&tools, "echo", ECHO_WAT, &echo_schema());
     let (runtimes, _, _) = runtimes();
+    // No pool: the only VMM the server has is then the call's.
     let (client, server) = connect_with_pid(
-        &["--tools", tools.to_str().unwrap(), "--timeout", "300s"],
+        &[
+            "--tools",
+            tools.to_str().unwrap(),
+            "--timeout",
+            "300s",
+            "--pool",
+            "0",
+        ],
         &runtimes,
     )
     .await;

@@ -27,10 +27,12 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::call::{self, CallError, CallSpec, Finished, VmSource};
+use crate::call::{self, CallError, CallSpec, Finished};
 use crate::cancel::{self, Cancel};
 use crate::cli::McpArgs;
 use crate::lang::{self, Lang};
+use crate::serve::pool::{self, Runtime};
+use crate::vm::HeapPages;
 use manifest::Registered;
 use result::RunResult;
 
@@ -42,6 +44,9 @@ const MAX_CODE_ARGS: usize = 1024;
 
 /// Most bytes of a language call's arguments, all together.
 const MAX_CODE_ARGS_BYTES: usize = 1 << 20;
+
+/// RAM of a pooled VM, in MiB (as `bulwark serve`'s default).
+const POOL_MEM_MIB: u64 = 1024;
 
 /// How long shutdown waits for cancelled calls to end before the process exits anyway (their
 /// VMMs die with it).
@@ -71,6 +76,17 @@ enum Kind {
     Module(Registered),
 }
 
+impl Kind {
+    /// The pool its calls take a VM from.
+    fn runtime(&self) -> Runtime {
+        match self {
+            Kind::Code(Lang::Python) => Runtime::Python,
+            Kind::Code(Lang::Js) => Runtime::Javascript,
+            Kind::Module(_) => Runtime::Wasm,
+        }
+    }
+}
+
 /// The server: its tools, their limits, and the calls in flight.
 #[derive(Clone)]
 struct Server {
@@ -82,6 +98,8 @@ struct Server {
     timeout: Duration,
     /// Calls in flight.
     calls: Arc<Calls>,
+    /// The VMs booted ahead of calls, per runtime.
+    pool: Arc<pool::Pool>,
 }
 
 /// The calls in flight: their cancel tokens, and the slots that bound how many run at once.
@@ -131,24 +149,6 @@ impl Drop for Running {
     }
 }
 
-/// A fresh VM per call ([`call::FreshVm`]), reaped off the call's path once its call is
-/// answered: this process lives on, so a VMM it killed must not stay a zombie.
-struct FreshReapedVm;
-
-impl VmSource for FreshReapedVm {
-    fn vm(&self, req: &call::VmRequest<'_>) -> anyhow::Result<crate::vm::Vm> {
-        call::FreshVm.vm(req)
-    }
-
-    fn give_back(&self, vm: crate::vm::Vm, _end: call::CallEnd, _reuse: Option<&call::ReuseKey>) {
-        // Dropping a VM kills its VMM and waits for it (about a millisecond). Should no thread
-        // start, the closure, and the VM with it, is dropped right here instead.
-        let _ = std::thread::Builder::new()
-            .name("bulwark-reap".into())
-            .spawn(move || drop(vm));
-    }
-}
-
 /// Runs `bulwark mcp`.
 pub fn run(args: &McpArgs) -> anyhow::Result<()> {
     let registered = manifest::load(&args.tools)?;
@@ -156,7 +156,29 @@ pub fn run(args: &McpArgs) -> anyhow::Result<()> {
         .into_iter()
         .filter(|l| lang::available(*l))
         .collect();
-    let server = Server::new(&langs, registered, args.timeout)?;
+    // One pool per runtime that has a tool. A pooled VM has RAM to spare for any call of the
+    // default limits, its input and in-memory files included (untouched RAM costs nothing).
+    let target = |present: bool| pool::RuntimePolicy {
+        target: if present { args.pool } else { 0 },
+        pages: HeapPages::Huge,
+    };
+    let pool = pool::Pool::start(
+        [
+            pool::RuntimePolicy {
+                pages: HeapPages::Small,
+                ..target(!registered.is_empty())
+            },
+            target(langs.contains(&Lang::Python)),
+            target(langs.contains(&Lang::Js)),
+        ],
+        POOL_MEM_MIB,
+        pool::ReusePolicy {
+            enabled: false,
+            max_idle: 0,
+            ttl: Duration::ZERO,
+        },
+    )?;
+    let server = Server::new(&langs, registered, args.timeout, Arc::new(pool))?;
     let names: Vec<&str> = server.listed.iter().map(|t| t.name.as_ref()).collect();
     eprintln!(
         "bulwark mcp: serving {} tool{} on stdio: {}",
@@ -173,6 +195,7 @@ pub fn run(args: &McpArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let calls = Arc::clone(&server.calls);
+    let pool = Arc::clone(&server.pool);
     let served = runtime.block_on(serve(server));
     // Whatever ended the session, no call outlives it.
     calls.cancel_all();
@@ -184,6 +207,7 @@ pub fn run(args: &McpArgs) -> anyhow::Result<()> {
     });
     // Blocking threads still in a call are not waited for: their VMMs die with this process.
     runtime.shutdown_background();
+    pool.stop();
     served
 }
 
@@ -235,7 +259,12 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EofCancels<R> {
 }
 
 impl Server {
-    fn new(langs: &[Lang], registered: Vec<Registered>, timeout: Duration) -> anyhow::Result<Self> {
+    fn new(
+        langs: &[Lang],
+        registered: Vec<Registered>,
+        timeout: Duration,
+        pool: Arc<pool::Pool>,
+    ) -> anyhow::Result<Self> {
         let output_schema = Arc::new(schema_of::<RunResult>()?);
         let mut listed = Vec::new();
         let mut kinds = HashMap::new();
@@ -278,6 +307,7 @@ impl Server {
             kinds: Arc::new(kinds),
             timeout,
             calls: Arc::new(Calls::new()),
+            pool,
         })
     }
 
@@ -316,6 +346,7 @@ impl Server {
     async fn run_call(
         &self,
         spec: CallSpec,
+        runtime: Runtime,
         context: &RequestContext<RoleServer>,
     ) -> Result<Finished, CallError> {
         let ct = &context.ct;
@@ -325,10 +356,12 @@ impl Server {
         };
         let running = self.calls.start();
         let cancel = running.cancel.clone();
-        // The VMM dies with the thread that started it (PR_SET_PDEATHSIG): this blocking thread
-        // lives until the call returns.
-        let mut task =
-            tokio::task::spawn_blocking(move || call::call(spec, &cancel, &FreshReapedVm));
+        // A VM the call starts itself dies with the thread that started it (PR_SET_PDEATHSIG):
+        // this blocking thread lives until the call returns. Pooled VMs are the pool's.
+        let pool = Arc::clone(&self.pool);
+        let mut task = tokio::task::spawn_blocking(move || {
+            call::call(spec, &cancel, &pool.for_call(runtime, None))
+        });
         let joined = tokio::select! {
             joined = &mut task => joined,
             () = ct.cancelled() => {
@@ -435,7 +468,7 @@ impl ServerHandler for Server {
             ));
         };
         let result = match self.spec(kind, request.arguments) {
-            Ok(spec) => RunResult::of(&self.run_call(spec, &context).await),
+            Ok(spec) => RunResult::of(&self.run_call(spec, kind.runtime(), &context).await),
             Err(message) => RunResult::invalid_arguments(message),
         };
         Ok(result.into_tool_result().into())

@@ -9,7 +9,7 @@
 
 mod api;
 mod modules;
-mod pool;
+pub(crate) mod pool;
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
