@@ -55,12 +55,10 @@ fn quantile(v: &mut [f64], percent: usize) -> f64 {
     v[(v.len() - 1) * percent / 100]
 }
 
-/// A server with `args` and no Python or JavaScript pool (every call here is a Wasm module).
+/// A server with `args` (and no Python or JavaScript pool: [`Server::start`]).
 fn start(cache: &Path, args: &[&str]) -> Server {
     let socket = http::socket_dir("bench-serve").join("api.sock");
-    let mut args = args.to_vec();
-    args.extend(["--pool-python", "0", "--pool-javascript", "0"]);
-    Server::start(&socket, cache, &args)
+    Server::start(&socket, cache, args)
 }
 
 fn wait_pool_full(socket: &Path) {

@@ -202,7 +202,9 @@ pub struct Server {
 
 impl Server {
     /// Starts `bulwark serve --socket SOCKET ARGS` with the compile cache `cache` and the built
-    /// guest image, its log in `log` beside the socket, and waits until it answers.
+    /// guest image, its log in `log` beside the socket, and waits until it answers. Unless
+    /// `args` name them, the Python and JavaScript pools are off (`--pool-python 0
+    /// --pool-javascript 0`): a test that runs no language code boots no VM for them.
     pub fn start(socket: &Path, cache: &Path, args: &[&str]) -> Self {
         Self::start_with_env(socket, cache, args, &[])
     }
@@ -214,6 +216,12 @@ impl Server {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        let mut args = args.to_vec();
+        for flag in ["--pool-python", "--pool-javascript"] {
+            if !args.contains(&flag) {
+                args.extend([flag, "0"]);
+            }
+        }
         let log = socket.with_extension("log");
         let log_file = std::fs::File::create(&log)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
@@ -221,7 +229,7 @@ impl Server {
             .arg("serve")
             .arg("--socket")
             .arg(socket)
-            .args(args)
+            .args(&args)
             .current_dir(crate::repo_root())
             .env("BULWARK_GUEST", crate::guest_image())
             .env("BULWARK_CACHE_DIR", cache)
