@@ -553,6 +553,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "96MiB", value_parser = parse_size)]
     pub max_body: u64,
 
+    /// Most bytes the module store holds, uploaded modules (also `module_base64` runs) and
+    /// their compiled forms together; beyond it the modules used least recently are forgotten
+    /// (a call naming one is answered 404: upload it again).
+    #[arg(long, value_name = "SIZE", default_value = "2GiB", value_parser = parse_size)]
+    pub max_store: u64,
+
     /// Largest `timeout_ms` a call may ask for (a call asking more is refused, 400).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub max_timeout: std::time::Duration,

@@ -572,3 +572,83 @@ fn a_second_stop_signal_cancels_the_calls_still_running() {
     assert!(server.child.wait().unwrap().success());
     assert_eq!(vmm_children(server.child.id()), Vec::<u32>::new());
 }
+
+/// The module store stays within `--max-store`: the modules used least recently are forgotten
+/// (a run naming one is answered 404), one that is used stays; a module that cannot fit is
+/// refused. `GET /v1/health` shows the store.
+#[test]
+fn a_bounded_store_forgets_the_modules_used_least_recently() {
+    if !kvm_available() {
+        return;
+    }
+    let socket = socket_in("store");
+    // A cache of its own: the bound applies to everything in it.
+    let cache = scratch_dir("serve-store-cache");
+    let hello = std::fs::read_to_string(repo_root().join("examples/hello.wat")).unwrap();
+    let module = |i: usize| format!("{hello}\n;; {i}\n");
+    // What one module takes on this file system, compiled form included.
+    let each = {
+        let server = Server::start(&socket, &cache, &["--pool", "0"]);
+        assert_eq!(upload(&socket, module(0).as_bytes()).0, 201);
+        let (_, health) = request(&socket, "GET", "/v1/health", None);
+        drop(server);
+        health["store"]["bytes"].as_u64().unwrap()
+    };
+    assert!(each > 0);
+    // Room for four and a half: module 0 is in already.
+    let max = (each * 9 / 2).to_string();
+    let server = Server::start(&socket, &cache, &["--pool", "0", "--max-store", &max]);
+    let mut digests = Vec::new();
+    for i in 0..6 {
+        if i == 3 {
+            // Module 0 is used before 3, 4 and 5 arrive: it must outlive 1 and 2.
+            let (status, run) = request(
+                &socket,
+                "POST",
+                "/v1/runs",
+                Some(&json!({"module": digests[0]})),
+            );
+            assert_eq!((status, &run["status"]), (200, &json!("exited")), "{run}");
+        }
+        let (status, stored) = upload(&socket, module(i).as_bytes());
+        assert_eq!(status, if i == 0 { 200 } else { 201 }, "{stored}");
+        digests.push(stored["digest"].as_str().unwrap().to_owned());
+    }
+    let run = |digest: &str| {
+        request(
+            &socket,
+            "POST",
+            "/v1/runs",
+            Some(&json!({"module": digest})),
+        )
+    };
+    let (_, health) = request(&socket, "GET", "/v1/health", None);
+    let store = &health["store"];
+    assert_eq!(
+        (&store["modules"], &store["evicted"]),
+        (&json!(4), &json!(2)),
+        "{health}"
+    );
+    assert!(store["bytes"].as_u64().unwrap() <= each * 9 / 2, "{health}");
+    for forgotten in &digests[1..=2] {
+        let (status, body) = run(forgotten);
+        assert_eq!(status, 404, "{body}");
+    }
+    for kept in [&digests[0], &digests[3], &digests[5]] {
+        let (status, body) = run(kept);
+        assert_eq!((status, &body["status"]), (200, &json!("exited")), "{body}");
+    }
+    // A module bigger than half the store (its compiled form would not fit) is refused.
+    let big = format!(
+        "{hello}\n;; {}\n",
+        "x".repeat(usize::try_from(each * 3).unwrap())
+    );
+    let (status, body) = upload(&socket, big.as_bytes());
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("--max-store"),
+        "{body}"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&cache);
+}

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use utoipa::{OpenApi, ToSchema};
 
-use super::modules::{Store, StoreError, parse_digest};
+use super::modules::{Store, StoreError, StoreStatus, parse_digest};
 use super::pool::{Pool, PoolStatus, ReuseStatus, Runtime, RuntimeStatus};
 use crate::call::{self, CallError, CallLimits, CallSpec, Finished};
 use crate::cancel::{Cancel, Running};
@@ -303,6 +303,8 @@ pub struct Health {
     pub version: &'static str,
     /// Calls that may start now.
     pub free_slots: usize,
+    /// The module store.
+    pub store: StoreStatus,
 }
 
 /// An error answer.
@@ -386,6 +388,7 @@ impl Drop for CancelOnDrop {
         Language,
         ModuleStored,
         Health,
+        StoreStatus,
         ApiError,
         PoolStatus,
         RuntimeStatus,
@@ -407,6 +410,7 @@ pub async fn health(State(app): State<Arc<App>>) -> Json<Health> {
         status: "ok",
         version: env!("CARGO_PKG_VERSION"),
         free_slots: app.permits.available_permits(),
+        store: app.store.status(),
     })
 }
 
@@ -736,6 +740,7 @@ fn spec_of(app: &App, req: RunRequest, cancel: &Cancel) -> Result<Prepared, Reje
         (Some(digest), None, None, None) => {
             let digest = parse_digest(digest)
                 .ok_or_else(|| bad("module is not a SHA-256 in lowercase hex (64 digits)"))?;
+            app.store.touch(&digest);
             if !app.store.has(&digest) {
                 return Err(Reject(
                     StatusCode::NOT_FOUND,

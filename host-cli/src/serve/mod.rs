@@ -72,7 +72,7 @@ enum Listener {
 
 /// Starts the pool and serves the API on `listener` until Ctrl-C or SIGTERM.
 fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> anyhow::Result<()> {
-    let store = modules::Store::open()?;
+    let store = modules::Store::open(args.max_store)?;
     let language = |target| pool::RuntimePolicy {
         target,
         pages: HeapPages::Huge,

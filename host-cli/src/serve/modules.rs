@@ -1,10 +1,17 @@
 //! The server's module store: uploaded modules, kept by SHA-256 in a private directory under the
 //! compile cache (`<cache>/modules/<hex>.wasm`), and compiled for the guest when they arrive.
+//!
+//! The store is bounded (`bulwark serve --max-store`): what it holds, modules and their guest
+//! artifacts in the compile cache together, stays under the cap by forgetting the modules used
+//! least recently. A call already running keeps its open files; a later call naming a
+//! forgotten digest is answered 404 and must upload the module again.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use bulwark_engine::Metering;
@@ -20,6 +27,45 @@ const UPLOAD_COMPILE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Uploaded modules by digest.
 pub struct Store {
     dir: PathBuf,
+    /// The compile cache's artifacts, where the modules' compiled forms are.
+    artifacts: PathBuf,
+    /// Most bytes the store holds, artifacts included.
+    max_bytes: u64,
+    index: Mutex<Index>,
+}
+
+/// What the store holds, for its bound.
+#[derive(Default)]
+struct Index {
+    /// Each module: its bytes (module and artifacts) and when it was last stored or used.
+    modules: HashMap<[u8; 32], Held>,
+    /// Modules forgotten to stay under the bound.
+    evicted: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Held {
+    bytes: u64,
+    used: SystemTime,
+}
+
+/// The disk space a file takes (an artifact is sparse: its length overstates it).
+fn disk_bytes(meta: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.blocks().saturating_mul(512)
+}
+
+/// The store's figures, for `GET /v1/health`.
+#[derive(Clone, Copy, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct StoreStatus {
+    /// Modules held.
+    pub modules: usize,
+    /// Bytes of disk held, modules and their compiled forms.
+    pub bytes: u64,
+    /// The bound (`--max-store`).
+    pub max_bytes: u64,
+    /// Modules forgotten to stay under it, least recently used first.
+    pub evicted: u64,
 }
 
 /// Why an upload was not stored.
@@ -50,8 +96,9 @@ pub fn parse_digest(s: &str) -> Option<[u8; 32]> {
 }
 
 impl Store {
-    /// Opens (creating) the store beside the compile cache's artifacts.
-    pub fn open() -> anyhow::Result<Self> {
+    /// Opens (creating) the store beside the compile cache's artifacts, bounded to `max_bytes`
+    /// (modules and their artifacts).
+    pub fn open(max_bytes: u64) -> anyhow::Result<Self> {
         // Opening the cache checks that its root is ours and private.
         Cache::open()?;
         let dir = cache::dir().join("modules");
@@ -65,7 +112,125 @@ impl Store {
         let meta = std::fs::symlink_metadata(&dir)
             .with_context(|| format!("cannot read {}", dir.display()))?;
         cache::check_private(&dir, &meta)?;
-        Ok(Self { dir })
+        let store = Self {
+            artifacts: cache::dir().join("artifacts"),
+            dir,
+            max_bytes,
+            index: Mutex::default(),
+        };
+        store.load_index()?;
+        // A bound lowered since the last start applies now.
+        store.evict(None);
+        Ok(store)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads what the store holds: each `<hex>.wasm` with its artifacts, used as last modified.
+    fn load_index(&self) -> anyhow::Result<()> {
+        let entries = std::fs::read_dir(&self.dir)
+            .with_context(|| format!("cannot list {}", self.dir.display()))?;
+        let mut index = self.lock();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(digest) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".wasm"))
+                .and_then(parse_digest)
+            else {
+                continue;
+            };
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let held = Held {
+                bytes: disk_bytes(&meta) + self.artifact_bytes(&digest),
+                used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            };
+            index.modules.insert(digest, held);
+        }
+        Ok(())
+    }
+
+    /// The compiled forms of `digest` in the compile cache (every engine variant).
+    fn artifacts_of(&self, digest: &[u8; 32]) -> Vec<PathBuf> {
+        let prefix = format!("{}-", hex(digest));
+        std::fs::read_dir(&self.artifacts)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| {
+                        e.file_name()
+                            .to_str()
+                            .is_some_and(|n| n.starts_with(&prefix))
+                    })
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn artifact_bytes(&self, digest: &[u8; 32]) -> u64 {
+        self.artifacts_of(digest)
+            .iter()
+            .filter_map(|p| std::fs::symlink_metadata(p).ok())
+            .filter(std::fs::Metadata::is_file)
+            .map(|m| disk_bytes(&m))
+            .sum()
+    }
+
+    /// Notes that a call uses `digest` (it is forgotten last among the modules held).
+    pub fn touch(&self, digest: &[u8; 32]) {
+        if let Some(held) = self.lock().modules.get_mut(digest) {
+            held.used = SystemTime::now();
+        }
+    }
+
+    /// Forgets the least recently used modules (never `keep`) until the store is within its
+    /// bound: each one's file and its compiled forms are removed.
+    fn evict(&self, keep: Option<&[u8; 32]>) {
+        let doomed: Vec<[u8; 32]> = {
+            let mut index = self.lock();
+            let mut total: u64 = index.modules.values().map(|h| h.bytes).sum();
+            let mut order: Vec<([u8; 32], Held)> = index
+                .modules
+                .iter()
+                .filter(|(d, _)| Some(*d) != keep)
+                .map(|(d, h)| (*d, *h))
+                .collect();
+            order.sort_by_key(|(_, h)| h.used);
+            let mut doomed = Vec::new();
+            for (digest, held) in order {
+                if total <= self.max_bytes {
+                    break;
+                }
+                total = total.saturating_sub(held.bytes);
+                index.modules.remove(&digest);
+                index.evicted += 1;
+                doomed.push(digest);
+            }
+            doomed
+        };
+        for digest in doomed {
+            let _ = std::fs::remove_file(self.path(&digest));
+            for artifact in self.artifacts_of(&digest) {
+                let _ = std::fs::remove_file(artifact);
+            }
+        }
+    }
+
+    /// The store's figures now.
+    pub fn status(&self) -> StoreStatus {
+        let index = self.lock();
+        StoreStatus {
+            modules: index.modules.len(),
+            bytes: index.modules.values().map(|h| h.bytes).sum(),
+            max_bytes: self.max_bytes,
+            evicted: index.evicted,
+        }
     }
 
     /// Where the module with `digest` is kept.
@@ -86,6 +251,15 @@ impl Store {
             return Err(StoreError::Module(format!(
                 "the module is over the {} MiB limit",
                 MAX_MODULE_SIZE >> 20
+            )));
+        }
+        // Its compiled form is several times its size: one that could not fit is refused.
+        if bytes.len() as u64 > self.max_bytes / 2 {
+            return Err(StoreError::Module(format!(
+                "the module ({} bytes) does not fit the server's module store ({} bytes, \
+                 --max-store), compiled form included",
+                bytes.len(),
+                self.max_bytes
             )));
         }
         let digest = sha256(bytes);
@@ -109,7 +283,16 @@ impl Store {
             },
         );
         match compiled {
-            Ok(_) => Ok((digest, fresh)),
+            Ok(_) => {
+                let module = std::fs::symlink_metadata(&path).map_or(0, |m| disk_bytes(&m));
+                let held = Held {
+                    bytes: module + self.artifact_bytes(&digest),
+                    used: SystemTime::now(),
+                };
+                self.lock().modules.insert(digest, held);
+                self.evict(Some(&digest));
+                Ok((digest, fresh))
+            }
             Err(e) => {
                 // A module that cannot run is not kept (one whose compile was only stopped or
                 // timed out stays: another request may be using it).
@@ -133,7 +316,7 @@ impl Store {
 
     /// Writes `bytes` to `path` through a new temporary file renamed into place, so a reader
     /// never sees a partial module.
-    fn write(&self, path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    fn write(&self, path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         let tmp = self.dir.join(format!(
             ".upload-{}-{:x}",
             std::process::id(),
