@@ -2,7 +2,7 @@
 //! connection (`Connection: close`), over its Unix socket or TCP. Enough for JSON in and out;
 //! no chunked bodies, no keep-alive.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -49,8 +49,15 @@ pub fn exchange(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    stream.write_all(req.as_bytes())?;
-    stream.write_all(body)?;
+    let sent = stream
+        .write_all(req.as_bytes())
+        .and_then(|()| stream.write_all(body));
+    match sent {
+        // A server may answer before it reads the body (429 when it is full) and close the
+        // connection: what it said is still there to read.
+        Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => {}
+        other => other?,
+    }
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
