@@ -614,6 +614,13 @@ pub struct ServeArgs {
     /// With --reuse: a VM kept idle longer than this is killed.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration, requires = "reuse")]
     pub reuse_ttl: std::time::Duration,
+
+    /// With --reuse: a VM whose VMM holds more memory than this after its reset is killed
+    /// instead of kept (a reset keeps the pages a call touched, zeroed, so that the next call
+    /// does not pay their first touch: an idle kept VM would otherwise hold what its biggest
+    /// call touched).
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size, requires = "reuse")]
+    pub reuse_max_rss: u64,
 }
 
 /// What backs the heap of pooled VMs (`bulwark serve --pool-pages`).

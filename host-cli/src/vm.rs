@@ -910,10 +910,20 @@ impl Vm {
     /// The VMM's peak resident set size so far in KiB (`VmHWM` in its /proc status), if it can
     /// be read: guest RAM the guest touched, the artifact pages it read, and the VMM's own.
     pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// The VMM's resident set now, in KiB (`None` once it has ended).
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    /// A size in kB from the VMM's `/proc/PID/status`, by its field name.
+    fn status_kib(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 

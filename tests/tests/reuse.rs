@@ -453,6 +453,48 @@ fn a_vm_is_not_kept_after_a_trap_a_timeout_or_cut_output() {
     assert_eq!(status["reuse"]["started"], 4, "{status}");
 }
 
+/// A VM whose VMM holds more than `--reuse-max-rss` after its reset is killed, not kept: a
+/// reset keeps the pages a call touched (zeroed), so a kept VM would otherwise hold what its
+/// biggest call touched.
+#[test]
+fn a_vm_that_holds_too_much_memory_after_its_reset_is_not_kept() {
+    if !kvm_available() {
+        return;
+    }
+    let server = serve("reuse-max-rss", &["--reuse", "--reuse-max-rss", "24MiB"]);
+    let socket = server.socket.clone();
+    let grow = upload(&socket, GROW);
+    // One byte of input grows memory by 1 MiB, twenty by 20 MiB (each filled).
+    let call = |bytes: usize| {
+        run(
+            &socket,
+            &json!({"module": grow, "tenant": "acme", "stdin": "g".repeat(bytes), "limits": limits()}),
+        )
+    };
+    let sized = |r: &Value, pages: usize, reused: bool| {
+        assert_eq!(
+            (&r["stdout"], &r["reused"]),
+            (&json!(format!("{pages}\n")), &json!(reused)),
+            "{r}\n{}",
+            log(&server)
+        );
+    };
+    sized(&call(1), 17, false);
+    sized(&call(1), 17, true);
+    sized(&call(20), 321, true);
+    // That VM now holds the 20 MiB its call touched: it was killed after its reset.
+    sized(&call(1), 17, false);
+    sized(&call(1), 17, true);
+    let status = settled_pool(&socket);
+    assert_eq!(status["reuse"]["too_big"], 1, "{status}\n{}", log(&server));
+    assert_eq!(status["reuse"]["reset_failures"], 0, "{status}");
+    assert!(
+        log(&server).contains("--reuse-max-rss 24 MiB"),
+        "{}",
+        log(&server)
+    );
+}
+
 #[test]
 fn without_reuse_a_tenant_changes_nothing_and_bad_tenants_are_refused() {
     if !kvm_available() {

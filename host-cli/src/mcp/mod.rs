@@ -176,6 +176,7 @@ pub fn run(args: &McpArgs) -> anyhow::Result<()> {
             enabled: false,
             max_idle: 0,
             ttl: Duration::ZERO,
+            max_rss: 0,
         },
     )?;
     let server = Server::new(&langs, registered, args.timeout, Arc::new(pool))?;

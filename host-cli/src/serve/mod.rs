@@ -94,6 +94,7 @@ fn serve_on(args: &ServeArgs, token: Option<String>, listener: &Listener) -> any
             enabled: args.reuse,
             max_idle: args.reuse_idle,
             ttl: args.reuse_ttl,
+            max_rss: args.reuse_max_rss,
         },
     )?;
     let app = Arc::new(api::App {

@@ -106,6 +106,9 @@ pub struct ReusePolicy {
     pub max_idle: usize,
     /// A VM kept idle longer than this is killed.
     pub ttl: Duration,
+    /// A VM whose VMM holds more memory than this (bytes) after its reset is killed instead of
+    /// kept.
+    pub max_rss: u64,
 }
 
 /// The reuse figures in `GET /v1/pool`.
@@ -140,6 +143,9 @@ pub struct ReuseStatus {
     pub evicted: u64,
     /// Kept VMs killed after `--reuse-ttl` idle.
     pub expired: u64,
+    /// VMs killed after their reset instead of kept: their VMM held more than
+    /// `--reuse-max-rss`.
+    pub too_big: u64,
     /// Reusable VMs that failed to start, take their artifact or snapshot (the call then got
     /// a VM of its own).
     pub start_failures: u64,
@@ -263,7 +269,19 @@ fn reset_and_keep(inner: &Inner, reaper: &mpsc::Sender<Vm>, mut vm: Vm, key: Reu
             r.resets += 1;
             r.last_reset_us = Some(stats.micros);
             r.last_reset_pages = Some(stats.pages_written);
-            if state.stopping {
+            // Unknown counts as too big: a VM whose memory cannot be read is not kept.
+            let rss = vm
+                .rss_kib()
+                .map_or(u64::MAX, |kib| kib.saturating_mul(1024));
+            if rss > inner.reuse.max_rss {
+                r.too_big += 1;
+                eprintln!(
+                    "bulwark serve: reuse: a VM holding {} MiB after its reset was killed, not kept (--reuse-max-rss {} MiB)",
+                    rss >> 20,
+                    inner.reuse.max_rss >> 20
+                );
+                vec![vm]
+            } else if state.stopping {
                 vec![vm]
             } else {
                 state.kept.push_back(Kept {

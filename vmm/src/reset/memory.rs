@@ -261,29 +261,45 @@ impl MemorySnapshot {
 }
 
 /// A copy of all of guest RAM, to check a restore byte for byte (tests and the VMM's
-/// `--verify-reset`). Reading every page maps the never-touched ones to the shared zero page,
-/// which costs page tables but no memory, and does not count as a write.
+/// `--verify-reset`). Pages of zeros are not kept, only their absence noted: the copy costs the
+/// memory of the pages that hold data. Reading every page maps the never-touched ones to the
+/// shared zero page, which costs page tables but no memory, and does not count as a write.
 #[derive(Debug)]
 pub struct FullCopy {
-    /// Guest address and content of each region.
-    regions: Vec<(u64, Vec<u8>)>,
+    regions: Vec<RegionCopy>,
+}
+
+/// One region of a [`FullCopy`].
+#[derive(Debug)]
+struct RegionCopy {
+    /// Guest address.
+    addr: u64,
+    /// Length in bytes.
+    len: usize,
+    /// The pages that hold data: index in the region and content, ascending.
+    held: Vec<(usize, Box<[u8]>)>,
 }
 
 impl FullCopy {
     /// Copies all of `mem`.
     pub fn take(mem: &GuestMemory) -> Result<FullCopy, ResetError> {
         let mut regions = Vec::new();
+        let mut page = [0u8; PAGE_SIZE];
         for region in mem.iter() {
             let addr = region.start_addr().0;
             let len = usize::try_from(region.len())
                 .map_err(|_| ResetError::OutOfMemory { mib: usize::MAX })?;
-            let mut data = Vec::new();
-            data.try_reserve_exact(len)
-                .map_err(|_| ResetError::OutOfMemory { mib: len >> 20 })?;
-            data.resize(len, 0);
-            mem.read_slice(&mut data, GuestAddress(addr))
-                .map_err(|source| ResetError::Access { addr, source })?;
-            regions.push((addr, data));
+            let mut held = Vec::new();
+            for (i, at) in (0..len).step_by(PAGE_SIZE).enumerate() {
+                let seen = &mut page[..PAGE_SIZE.min(len - at)];
+                let addr = guest(addr, at);
+                mem.read_slice(seen, GuestAddress(addr))
+                    .map_err(|source| ResetError::Access { addr, source })?;
+                if seen.iter().any(|&b| b != 0) {
+                    held.push((i, Box::from(&*seen)));
+                }
+            }
+            regions.push(RegionCopy { addr, len, held });
         }
         Ok(FullCopy { regions })
     }
@@ -292,12 +308,23 @@ impl FullCopy {
     /// when all of RAM is the same. A page `mem` lacks (another layout) counts as different.
     pub fn first_difference(&self, mem: &GuestMemory) -> Option<u64> {
         let mut page = [0u8; PAGE_SIZE];
-        for (addr, data) in &self.regions {
-            for (i, expected) in data.chunks(PAGE_SIZE).enumerate() {
-                let at = guest(*addr, i * PAGE_SIZE);
-                let seen = &mut page[..expected.len()];
-                if mem.read_slice(seen, GuestAddress(at)).is_err() || seen != expected {
-                    return Some(at);
+        for RegionCopy { addr, len, held } in &self.regions {
+            let mut next = held.iter().peekable();
+            for (i, at) in (0..*len).step_by(PAGE_SIZE).enumerate() {
+                let guest_addr = guest(*addr, at);
+                let seen = &mut page[..PAGE_SIZE.min(len - at)];
+                if mem.read_slice(seen, GuestAddress(guest_addr)).is_err() {
+                    return Some(guest_addr);
+                }
+                let same = match next.peek() {
+                    Some((j, content)) if *j == i => {
+                        next.next();
+                        **content == *seen
+                    }
+                    _ => seen.iter().all(|&b| b == 0),
+                };
+                if !same {
+                    return Some(guest_addr);
                 }
             }
         }
