@@ -132,6 +132,22 @@ impl Store {
     fn load_index(&self) -> anyhow::Result<()> {
         let entries = std::fs::read_dir(&self.dir)
             .with_context(|| format!("cannot list {}", self.dir.display()))?;
+        // The artifacts' disk use by module, from one listing of the cache.
+        let mut compiled: HashMap<[u8; 32], u64> = HashMap::new();
+        if let Ok(artifacts) = std::fs::read_dir(&self.artifacts) {
+            for entry in artifacts.flatten() {
+                let name = entry.file_name();
+                let digest = name
+                    .to_str()
+                    .and_then(|n| n.get(..64))
+                    .and_then(parse_digest);
+                if let (Some(digest), Ok(meta)) = (digest, entry.metadata())
+                    && meta.is_file()
+                {
+                    *compiled.entry(digest).or_default() += disk_bytes(&meta);
+                }
+            }
+        }
         let mut index = self.lock();
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -147,7 +163,7 @@ impl Store {
                 continue;
             }
             let held = Held {
-                bytes: disk_bytes(&meta) + self.artifact_bytes(&digest),
+                bytes: disk_bytes(&meta) + compiled.get(&digest).copied().unwrap_or(0),
                 used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             };
             index.modules.insert(digest, held);
@@ -284,13 +300,20 @@ impl Store {
         );
         match compiled {
             Ok(_) => {
-                let module = std::fs::symlink_metadata(&path).map_or(0, |m| disk_bytes(&m));
-                let held = Held {
-                    bytes: module + self.artifact_bytes(&digest),
-                    used: SystemTime::now(),
-                };
-                self.lock().modules.insert(digest, held);
-                self.evict(Some(&digest));
+                // A module already held is only marked used: its size is known (a run of an
+                // inline module comes here every time, and listing the cache is not free).
+                let known = self.lock().modules.get_mut(&digest).map(|held| {
+                    held.used = SystemTime::now();
+                });
+                if known.is_none() {
+                    let module = std::fs::symlink_metadata(&path).map_or(0, |m| disk_bytes(&m));
+                    let held = Held {
+                        bytes: module + self.artifact_bytes(&digest),
+                        used: SystemTime::now(),
+                    };
+                    self.lock().modules.insert(digest, held);
+                    self.evict(Some(&digest));
+                }
                 Ok((digest, fresh))
             }
             Err(e) => {
