@@ -35,23 +35,11 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use bulwark_tests::bench::{env_count, ms};
 use bulwark_tests::*;
 
 fn bulwark() -> PathBuf {
     workspace_binary("bulwark", "BULWARK_CLI")
-}
-
-/// A number from the environment, at least 1, or `default`.
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(default)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// Min, median and max.

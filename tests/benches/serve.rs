@@ -30,23 +30,11 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bulwark_tests::bench::{env_count, ms};
 use bulwark_tests::http::{self, Server};
 use bulwark_tests::wat;
 use bulwark_tests::*;
 use serde_json::{Value, json};
-
-/// A number from the environment, at least 1, or `default`.
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(default)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// The value at `percent` of the sorted samples.
 fn quantile(v: &mut [f64], percent: usize) -> f64 {

@@ -4,6 +4,7 @@
 //! The guest image and the precompiled self-test are built by `images/build.sh` (run by
 //! `make test`) into `build/` at the repository root, or `$BULWARK_BUILD_DIR`.
 
+pub mod bench;
 pub mod http;
 pub mod waiting;
 pub mod wat;
